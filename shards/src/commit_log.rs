@@ -1,0 +1,561 @@
+//! The shard's commit log: one append-only sequence of entries that every
+//! queue on the shard writes to (RocketMQ's CommitLog), split into segments.
+//!
+//! Positions are global byte offsets in the log; a segment covers
+//! `[base, base + len)`. Appends are synchronous and only assign a position
+//! and queue the entry; one writer task per shard turns everything queued
+//! while the previous write was in flight into a single O_DIRECT write (group
+//! commit), then `fdatasync`s when a sync-flush producer waits or the flush
+//! interval has passed. Three watermarks, in order `synced <= written <= end`:
+//! `end` is where the next entry goes, `written` is what readers may see,
+//! `synced` is what survives a power cut.
+//!
+//! The block holding `written` is rewritten by the next write, so reads of
+//! recent entries are served from the tail cache (the batches' own `Bytes`)
+//! and the mapped file is only read below that block.
+
+use crate::batch::BatchHeader;
+use crate::error::{Result, ShardError};
+use crate::notify::Notify;
+use crate::segment::{self, align_down, align_up, Segment, BLOCK_BYTES, ENTRY_HEADER_BYTES};
+use crate::QueueKey;
+use bytes::Bytes;
+use futures::channel::oneshot;
+use glommio::io::DmaFile;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+pub struct LogConfig {
+    pub dir: PathBuf,
+    /// Size a segment file may reach before the log rolls to a new one.
+    pub segment_bytes: u64,
+    /// Longest time written data of async-flush topics waits for `fdatasync`.
+    pub flush_interval: Duration,
+    /// Recently written batches kept in memory for readers.
+    pub tail_cache_bytes: usize,
+    /// Largest batch the log accepts (bounds recovery's plausibility check).
+    pub batch_bytes_max: usize,
+}
+
+/// Per segment and queue: what retention needs to know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentQueueStats {
+    pub bytes: u64,
+    pub max_timestamp: i64,
+}
+
+/// An entry found valid at start-up.
+#[derive(Debug, Clone, Copy)]
+pub struct RecoveredEntry {
+    pub key: QueueKey,
+    pub batch_pos: u64,
+    pub header: BatchHeader,
+}
+
+/// What recovery dropped from one segment.
+#[derive(Debug, Clone)]
+pub struct DroppedTail {
+    pub path: PathBuf,
+    pub at_pos: u64,
+    pub bytes: u64,
+    pub reason: String,
+}
+
+#[derive(Default)]
+pub struct Recovery {
+    pub entries: Vec<RecoveredEntry>,
+    pub dropped: Vec<DroppedTail>,
+}
+
+struct Pending {
+    seg_base: u64,
+    header: [u8; ENTRY_HEADER_BYTES],
+    batch: Bytes,
+}
+
+struct LogState {
+    segments: BTreeMap<u64, Segment>,
+    stats: BTreeMap<u64, HashMap<QueueKey, SegmentQueueStats>>,
+    end: u64,
+    written: u64,
+    synced: u64,
+    /// Logical start of the segment appends go to, and its roll size.
+    active_base: u64,
+    active_roll_bytes: u64,
+    /// The open file of the segment the writer writes, and its base.
+    file: Option<(u64, Rc<DmaFile>)>,
+    /// File bytes from the start of the block holding `written` up to it.
+    tail_block: Vec<u8>,
+    pending: Vec<Pending>,
+    tail_cache: VecDeque<(u64, Bytes)>,
+    tail_cache_bytes: usize,
+    sync_waiters: Vec<(u64, oneshot::Sender<std::result::Result<(), String>>)>,
+    failed: Option<String>,
+    last_sync: Instant,
+}
+
+pub struct CommitLog {
+    cfg: LogConfig,
+    state: RefCell<LogState>,
+    /// Wakes the writer: entries queued or a durability waiter registered.
+    work: Notify,
+    /// Wakes readers: `written` moved.
+    written_moved: Notify,
+    stopping: Cell<bool>,
+    stopped: Notify,
+    writer_done: Cell<bool>,
+}
+
+impl CommitLog {
+    /// Opens (or creates) the log in `cfg.dir`, checks every entry, cuts a
+    /// torn tail off the last segment and returns what it found.
+    pub async fn open(cfg: LogConfig) -> Result<(Rc<CommitLog>, Recovery)> {
+        std::fs::create_dir_all(&cfg.dir)?;
+        let mut bases: Vec<u64> = std::fs::read_dir(&cfg.dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| segment::parse_file_name(&e.file_name().to_string_lossy()))
+            .collect();
+        bases.sort_unstable();
+        let mut rec = Recovery::default();
+        let mut segments = BTreeMap::new();
+        let mut stats: BTreeMap<u64, HashMap<QueueKey, SegmentQueueStats>> = BTreeMap::new();
+        let mut end = 0u64;
+        let mut tail_block = Vec::new();
+        let mut file = None;
+        for (i, &base) in bases.iter().enumerate() {
+            let path = cfg.dir.join(segment::file_name(base));
+            let size = std::fs::metadata(&path)?.len();
+            let last = i + 1 == bases.len();
+            let map_len = if last {
+                size.max(cfg.segment_bytes)
+            } else {
+                size
+            };
+            let seg = Segment::map(base, &path, map_len)?;
+            let scan = segment::scan(&seg.map[..size as usize], cfg.batch_bytes_max);
+            let seg_stats = stats.entry(base).or_default();
+            for e in &scan.entries {
+                let s = seg_stats.entry(e.key).or_default();
+                s.bytes += e.header.total_bytes() as u64;
+                s.max_timestamp = s.max_timestamp.max(e.header.max_timestamp);
+                rec.entries.push(RecoveredEntry {
+                    key: e.key,
+                    batch_pos: base + e.batch_rel,
+                    header: e.header,
+                });
+            }
+            if let Some(d) = &scan.damage {
+                tracing::error!(
+                    segment = %path.display(),
+                    at = base + d.at,
+                    bytes = d.bytes,
+                    reason = %d.reason,
+                    "dropping a damaged log tail",
+                );
+                rec.dropped.push(DroppedTail {
+                    path: path.clone(),
+                    at_pos: base + d.at,
+                    bytes: d.bytes,
+                    reason: d.reason.clone(),
+                });
+            }
+            end = base + scan.valid_end;
+            if last {
+                // Rewrite the block holding the valid end with zeros after it and
+                // cut the file there, so nothing past the end can come back.
+                let f = glommio::io::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .dma_open(&path)
+                    .await?;
+                let block_start = align_down(scan.valid_end);
+                tail_block = seg.map[block_start as usize..scan.valid_end as usize].to_vec();
+                if scan.damage.is_some() || size != align_up(scan.valid_end) {
+                    if !tail_block.is_empty() {
+                        let mut buf = f.alloc_dma_buffer(BLOCK_BYTES as usize);
+                        buf.as_bytes_mut().fill(0);
+                        buf.as_bytes_mut()[..tail_block.len()].copy_from_slice(&tail_block);
+                        f.write_at(buf, block_start).await?;
+                    }
+                    f.truncate(align_up(scan.valid_end)).await?;
+                    f.fdatasync().await?;
+                }
+                file = Some((base, Rc::new(f)));
+            }
+            segments.insert(base, seg);
+        }
+        let active_base = bases.last().copied().unwrap_or(0);
+        let log = CommitLog {
+            state: RefCell::new(LogState {
+                segments,
+                stats,
+                end,
+                written: end,
+                synced: end,
+                active_base,
+                active_roll_bytes: cfg.segment_bytes,
+                file,
+                tail_block,
+                pending: Vec::new(),
+                tail_cache: VecDeque::new(),
+                tail_cache_bytes: 0,
+                sync_waiters: Vec::new(),
+                failed: None,
+                last_sync: Instant::now(),
+            }),
+            cfg,
+            work: Notify::default(),
+            written_moved: Notify::default(),
+            stopping: Cell::new(false),
+            stopped: Notify::default(),
+            writer_done: Cell::new(false),
+        };
+        Ok((Rc::new(log), rec))
+    }
+
+    /// Queues `batch` for `key` and returns the log position of the batch
+    /// bytes. `roll_bytes` is the topic's segment size: the active segment
+    /// rolls once it holds that much.
+    pub fn append(
+        &self,
+        key: QueueKey,
+        batch: Bytes,
+        roll_bytes: u64,
+        max_timestamp: i64,
+    ) -> Result<u64> {
+        if self.stopping.get() {
+            return Err(ShardError::ShuttingDown);
+        }
+        let mut st = self.state.borrow_mut();
+        if let Some(e) = &st.failed {
+            return Err(ShardError::LogFailed(e.clone()));
+        }
+        let entry_bytes = (ENTRY_HEADER_BYTES + batch.len()) as u64;
+        let used = st.end - st.active_base;
+        if used > 0 && (used >= st.active_roll_bytes || used + entry_bytes > self.cfg.segment_bytes)
+        {
+            st.active_base = st.end;
+            st.active_roll_bytes = self.cfg.segment_bytes;
+        }
+        if roll_bytes > 0 {
+            st.active_roll_bytes = st.active_roll_bytes.min(roll_bytes);
+        }
+        let pos = st.end;
+        let batch_pos = pos + ENTRY_HEADER_BYTES as u64;
+        st.end += entry_bytes;
+        let seg_base = st.active_base;
+        let s = st
+            .stats
+            .entry(seg_base)
+            .or_default()
+            .entry(key)
+            .or_default();
+        s.bytes += batch.len() as u64;
+        s.max_timestamp = s.max_timestamp.max(max_timestamp);
+        st.tail_cache_bytes += batch.len();
+        st.tail_cache.push_back((batch_pos, batch.clone()));
+        st.pending.push(Pending {
+            seg_base,
+            header: segment::entry_header(key, &batch),
+            batch,
+        });
+        drop(st);
+        self.work.notify_all();
+        Ok(batch_pos)
+    }
+
+    /// Completes once every byte before `end` is written and synced.
+    pub async fn wait_durable(&self, end: u64) -> Result<()> {
+        let rx = {
+            let mut st = self.state.borrow_mut();
+            if st.synced >= end {
+                return Ok(());
+            }
+            if let Some(e) = &st.failed {
+                return Err(ShardError::LogFailed(e.clone()));
+            }
+            let (tx, rx) = oneshot::channel();
+            st.sync_waiters.push((end, tx));
+            rx
+        };
+        self.work.notify_all();
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ShardError::LogFailed(e)),
+            Err(_) => Err(ShardError::ShuttingDown),
+        }
+    }
+
+    /// Position where the next entry goes (everything queued ends before it).
+    pub fn end(&self) -> u64 {
+        self.state.borrow().end
+    }
+
+    /// Position up to which readers may see entries.
+    pub fn written(&self) -> u64 {
+        self.state.borrow().written
+    }
+
+    /// Position of the first byte still stored.
+    pub fn start(&self) -> u64 {
+        let st = self.state.borrow();
+        st.segments.keys().next().copied().unwrap_or(st.active_base)
+    }
+
+    /// Completes the next time `written` moves (or the log stops).
+    pub async fn written_moved(&self) {
+        self.written_moved.notified().await
+    }
+
+    /// The stored batch at `batch_pos`, without copying.
+    pub fn read(&self, batch_pos: u64, len: usize) -> Option<Bytes> {
+        let st = self.state.borrow();
+        let i = st.tail_cache.partition_point(|(p, _)| *p < batch_pos);
+        if let Some((p, b)) = st.tail_cache.get(i) {
+            if *p == batch_pos && b.len() == len {
+                return Some(b.clone());
+            }
+        }
+        let (_, seg) = st.segments.range(..=batch_pos).next_back()?;
+        seg.slice(batch_pos - seg.base, len)
+    }
+
+    /// Sealed segments, oldest first, with their per-queue statistics.
+    pub fn sealed_segments(&self) -> Vec<(u64, HashMap<QueueKey, SegmentQueueStats>)> {
+        let st = self.state.borrow();
+        let active = st
+            .file
+            .as_ref()
+            .map_or(st.active_base, |(b, _)| *b)
+            .min(st.active_base);
+        st.stats
+            .range(..active)
+            .filter(|(b, _)| st.segments.contains_key(b))
+            .map(|(b, s)| (*b, s.clone()))
+            .collect()
+    }
+
+    /// Deletes the oldest segment, which must be sealed; returns the new log start.
+    pub async fn delete_oldest(&self, base: u64) -> Result<u64> {
+        let seg = {
+            let mut st = self.state.borrow_mut();
+            let oldest = st.segments.keys().next().copied();
+            debug_assert_eq!(oldest, Some(base));
+            if oldest != Some(base) || st.file.as_ref().is_some_and(|(b, _)| *b == base) {
+                return Ok(self.start_locked(&st));
+            }
+            st.stats.remove(&base);
+            st.segments.remove(&base)
+        };
+        if let Some(seg) = seg {
+            tracing::info!(segment = %seg.path.display(), "retention deletes segment");
+            glommio::io::remove(&seg.path).await?;
+        }
+        Ok(self.start())
+    }
+
+    fn start_locked(&self, st: &LogState) -> u64 {
+        st.segments.keys().next().copied().unwrap_or(st.active_base)
+    }
+
+    /// Asks the writer to flush everything and stop; completes when it has.
+    pub async fn stop(&self) {
+        self.stopping.set(true);
+        self.work.notify_all();
+        while !self.writer_done.get() {
+            self.stopped.notified().await;
+        }
+    }
+
+    /// The shard's writer task: group commit until `stop`.
+    pub async fn run_writer(self: Rc<Self>) {
+        loop {
+            let (pending, must_sync, idle_wait) = {
+                let mut st = self.state.borrow_mut();
+                let pending = std::mem::take(&mut st.pending);
+                let waiting = !st.sync_waiters.is_empty();
+                let due =
+                    st.synced < st.written && st.last_sync.elapsed() >= self.cfg.flush_interval;
+                let idle_wait = (st.synced < st.written).then(|| {
+                    self.cfg
+                        .flush_interval
+                        .saturating_sub(st.last_sync.elapsed())
+                });
+                (pending, waiting || due || self.stopping.get(), idle_wait)
+            };
+            if pending.is_empty() && !must_sync {
+                let notified = self.work.notified();
+                match idle_wait {
+                    Some(wait) => {
+                        let _ =
+                            glommio::timer::timeout(wait.max(Duration::from_micros(100)), async {
+                                notified.await;
+                                Ok(())
+                            })
+                            .await;
+                    }
+                    None => notified.await,
+                }
+                continue;
+            }
+            let result = async {
+                if !pending.is_empty() {
+                    self.write(pending).await?;
+                }
+                if must_sync || self.has_waiters() {
+                    self.sync().await?;
+                }
+                Ok::<(), ShardError>(())
+            }
+            .await;
+            if let Err(e) = result {
+                self.fail(e.to_string());
+            }
+            self.written_moved.notify_all();
+            let st = self.state.borrow();
+            let done = self.stopping.get()
+                && st.pending.is_empty()
+                && (st.synced == st.written || st.failed.is_some());
+            drop(st);
+            if done {
+                break;
+            }
+        }
+        self.writer_done.set(true);
+        self.stopped.notify_all();
+        self.written_moved.notify_all();
+    }
+
+    fn has_waiters(&self) -> bool {
+        !self.state.borrow().sync_waiters.is_empty()
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "commit log write failed; the shard refuses writes");
+        let mut st = self.state.borrow_mut();
+        st.failed = Some(reason.clone());
+        st.pending.clear();
+        for (_, tx) in st.sync_waiters.drain(..) {
+            let _ = tx.send(Err(reason.clone()));
+        }
+    }
+
+    /// Writes queued entries, one O_DIRECT write per segment touched.
+    async fn write(&self, pending: Vec<Pending>) -> Result<()> {
+        let mut i = 0;
+        while i < pending.len() {
+            let seg_base = pending[i].seg_base;
+            let j = i + pending[i..]
+                .iter()
+                .take_while(|p| p.seg_base == seg_base)
+                .count();
+            let file = self.file_for(seg_base).await?;
+            let (file_off, mut buf_bytes) = {
+                let st = self.state.borrow();
+                let rel = st.written - seg_base;
+                debug_assert_eq!(st.tail_block.len() as u64, rel - align_down(rel));
+                (align_down(rel), st.tail_block.clone())
+            };
+            for p in &pending[i..j] {
+                buf_bytes.extend_from_slice(&p.header);
+                buf_bytes.extend_from_slice(&p.batch);
+            }
+            let used = buf_bytes.len();
+            let mut buf = file.alloc_dma_buffer(align_up(used as u64) as usize);
+            let dst = buf.as_bytes_mut();
+            dst[..used].copy_from_slice(&buf_bytes);
+            dst[used..].fill(0);
+            file.write_at(buf, file_off).await?;
+            let mut st = self.state.borrow_mut();
+            let new_rel = file_off + used as u64;
+            let keep_from = (align_down(new_rel) - file_off) as usize;
+            st.tail_block = buf_bytes[keep_from..].to_vec();
+            st.written = seg_base + new_rel;
+            self.evict_tail_cache(&mut st);
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// The open file of segment `seg_base`, sealing the previous one first.
+    async fn file_for(&self, seg_base: u64) -> Result<Rc<DmaFile>> {
+        let current = self.state.borrow().file.clone();
+        if let Some((base, f)) = current {
+            if base == seg_base {
+                return Ok(f);
+            }
+            // Seal: everything of the old segment is written; make it durable
+            // and give back the space reserved beyond its end.
+            f.fdatasync().await?;
+            let rel_end = self.state.borrow().written - base;
+            f.truncate(align_up(rel_end)).await?;
+            let mut st = self.state.borrow_mut();
+            st.synced = st.synced.max(st.written);
+            st.tail_block.clear();
+            st.file = None;
+            drop(st);
+            // Close explicitly: a dropped glommio file is closed lazily.
+            // Close explicitly: a dropped glommio file is closed lazily.
+            if let Ok(f) = Rc::try_unwrap(f) {
+                f.close().await?;
+            }
+        }
+        let path = self.cfg.dir.join(segment::file_name(seg_base));
+        let f = DmaFile::create(&path).await?;
+        // Reserve the extent now so appends do not allocate blocks one by one.
+        let _ = f.pre_allocate(self.cfg.segment_bytes, true).await;
+        let dir = glommio::io::Directory::open(&self.cfg.dir).await?;
+        dir.sync().await?;
+        dir.close().await?;
+        let seg = Segment::map(seg_base, &path, self.cfg.segment_bytes)?;
+        let f = Rc::new(f);
+        let mut st = self.state.borrow_mut();
+        st.segments.insert(seg_base, seg);
+        st.file = Some((seg_base, f.clone()));
+        st.tail_block.clear();
+        // The writer resumes at the segment start.
+        st.written = st.written.max(seg_base);
+        Ok(f)
+    }
+
+    async fn sync(&self) -> Result<()> {
+        let (file, target) = {
+            let st = self.state.borrow();
+            (st.file.clone(), st.written)
+        };
+        if let Some((_, f)) = file {
+            f.fdatasync().await?;
+        }
+        let mut st = self.state.borrow_mut();
+        st.synced = st.synced.max(target);
+        st.last_sync = Instant::now();
+        let synced = st.synced;
+        let waiters = std::mem::take(&mut st.sync_waiters);
+        for (end, tx) in waiters {
+            if end <= synced {
+                let _ = tx.send(Ok(()));
+            } else {
+                st.sync_waiters.push((end, tx));
+            }
+        }
+        Ok(())
+    }
+
+    fn evict_tail_cache(&self, st: &mut LogState) {
+        // Only batches that lie wholly before the block being rewritten may
+        // leave the cache: below it, the mapped file is stable.
+        let stable = st.written.saturating_sub(BLOCK_BYTES);
+        while st.tail_cache_bytes > self.cfg.tail_cache_bytes {
+            match st.tail_cache.front() {
+                Some((p, b)) if p + b.len() as u64 <= stable => {
+                    st.tail_cache_bytes -= b.len();
+                    st.tail_cache.pop_front();
+                }
+                _ => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! What one coremq core owns, and may touch without synchronisation.
+//!
+//! A shard is one pinned glommio executor. It owns one commit log that every
+//! queue placed on it appends to (`commit_log`, made of `segment`s), one
+//! consume-queue index per queue (`consume_queue`), the idempotent-producer
+//! table of each queue (`producer_state`) and the consumer groups' committed
+//! offsets for its queues (`group_offsets`). `shard::Shard` ties them
+//! together behind the operations the network layer calls. Nothing here is
+//! `Send`: data crosses cores only as explicit messages from `src/`.
+
+pub mod batch;
+pub mod commit_log;
+pub mod consume_queue;
+pub mod durable_file;
+pub mod error;
+pub mod group_offsets;
+pub mod notify;
+pub mod producer_state;
+pub mod segment;
+pub mod shard;
+
+pub use error::ShardError;
+
+/// A queue as the shard knows it: the topic's id (never reused, so a
+/// re-created topic never sees an old topic's data) and the queue index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueKey {
+    pub topic_id: u32,
+    pub queue: u32,
+}

@@ -1,0 +1,617 @@
+//! One shard: the queues a core owns and the operations on them.
+//!
+//! A produce validates the batch, checks the producer's sequence, gives the
+//! batch the queue's next offset (written into the batch's base-offset field,
+//! outside its CRC), appends it to the commit log and indexes it — all
+//! without awaiting, so batches are ordered as they arrived. Only then does
+//! the caller await durability (sync flush). A fetch looks the offset up in
+//! the queue's consume-queue index and returns the stored batches as `Bytes`
+//! over the log's memory. Retention deletes whole sealed segments once no
+//! queue still needs them.
+
+use crate::batch::{self, BatchHeader};
+use crate::commit_log::{CommitLog, LogConfig, Recovery};
+use crate::consume_queue::{ConsumeQueue, IndexEntry};
+use crate::durable_file;
+use crate::error::{Result, ShardError};
+use crate::group_offsets::GroupOffsets;
+use crate::producer_state::{ProducerTable, SequenceCheck};
+use crate::QueueKey;
+use bytes::Bytes;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Format version of the queue checkpoint file.
+const CHECKPOINT_VERSION: u8 = 1;
+
+pub struct ShardConfig {
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+    pub flush_interval: Duration,
+    pub tail_cache_bytes: usize,
+    /// Largest record batch accepted (Kafka's message.max.bytes).
+    pub max_message_bytes: usize,
+}
+
+/// How a queue's topic wants its data kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePolicy {
+    pub sync_flush: bool,
+    /// Segment roll size for this topic's data (0 = the shard's default).
+    pub segment_bytes: u64,
+    /// 0 = forever.
+    pub retention_ms: u64,
+    /// 0 = unlimited; per queue.
+    pub retention_bytes: u64,
+}
+
+#[derive(Default)]
+struct QueueState {
+    index: ConsumeQueue,
+    producers: ProducerTable,
+}
+
+/// A produce that is stored (or known duplicate) and may still await durability.
+pub struct Produced {
+    pub base_offset: i64,
+    pub duplicate: bool,
+    durable_end: Option<u64>,
+}
+
+/// Result of a fetch.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub log_start: i64,
+    pub next_offset: i64,
+    pub batches: Vec<Bytes>,
+}
+
+/// What retention did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub segments_deleted: usize,
+    pub log_start: u64,
+}
+
+pub struct Shard {
+    cfg: ShardConfig,
+    log: Rc<CommitLog>,
+    queues: RefCell<HashMap<QueueKey, QueueState>>,
+    offsets: RefCell<GroupOffsets>,
+    /// A commit writes the offsets file; one at a time keeps writes ordered.
+    offsets_lock: glommio::sync::Semaphore,
+    recovery: Recovery,
+}
+
+impl Shard {
+    /// Opens the shard's files, recovers the log and rebuilds every index.
+    /// The caller must spawn `writer()` on the shard's executor.
+    pub async fn open(cfg: ShardConfig) -> Result<Rc<Shard>> {
+        std::fs::create_dir_all(&cfg.dir)?;
+        let (log, recovery) = CommitLog::open(LogConfig {
+            dir: cfg.dir.join("log"),
+            segment_bytes: cfg.segment_bytes,
+            flush_interval: cfg.flush_interval,
+            tail_cache_bytes: cfg.tail_cache_bytes,
+            batch_bytes_max: cfg.max_message_bytes.max(batch::BATCH_HEADER_BYTES),
+        })
+        .await?;
+        let mut queues: HashMap<QueueKey, QueueState> = HashMap::new();
+        for e in &recovery.entries {
+            let q = queues.entry(e.key).or_default();
+            let base = e.header.base_offset;
+            if base < q.index.next_offset() {
+                // Cannot happen for a log this code wrote; never index backwards.
+                tracing::warn!(?e.key, base, "skipping a batch below the queue's next offset");
+                continue;
+            }
+            q.index.push(index_entry(&e.header, e.batch_pos));
+            q.producers.record(&e.header, base);
+        }
+        // Queues emptied by retention continue from their checkpointed offset.
+        for (key, _start, next) in read_checkpoint(&cfg.dir.join("queues.checkpoint"))? {
+            queues.entry(key).or_default().index.advance_to(next);
+        }
+        let offsets = GroupOffsets::open(cfg.dir.join("offsets"))?;
+        let shard = Shard {
+            cfg,
+            log,
+            queues: RefCell::new(queues),
+            offsets: RefCell::new(offsets),
+            offsets_lock: glommio::sync::Semaphore::new(1),
+            recovery,
+        };
+        Ok(Rc::new(shard))
+    }
+
+    /// The log's group-commit writer; spawn it once on the shard's executor.
+    pub fn writer(&self) -> impl std::future::Future<Output = ()> {
+        self.log.clone().run_writer()
+    }
+
+    /// What start-up recovery found: entries indexed, tails dropped.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// Stores a batch (phase one, ordered, no await). Await `durable` next.
+    pub fn produce(&self, key: QueueKey, batch: Bytes, policy: QueuePolicy) -> Result<Produced> {
+        if batch.len() > self.cfg.max_message_bytes {
+            return Err(ShardError::TooLarge {
+                len: batch.len(),
+                max: self.cfg.max_message_bytes,
+            });
+        }
+        let header = batch::validate(&batch)?;
+        if header.total_bytes() != batch.len() {
+            return Err(ShardError::InvalidBatch("trailing bytes after the batch"));
+        }
+        if header.records_count <= 0 {
+            return Err(ShardError::InvalidBatch(
+                "a batch needs at least one record",
+            ));
+        }
+        if header.is_transactional() || header.is_control() {
+            return Err(ShardError::InvalidBatch(
+                "transactional batches are not supported yet",
+            ));
+        }
+        let mut queues = self.queues.borrow_mut();
+        let q = queues.entry(key).or_default();
+        if let SequenceCheck::Duplicate { base_offset } = q.producers.check(&header)? {
+            return Ok(Produced {
+                base_offset,
+                duplicate: true,
+                // The original may still be in flight: wait until all written so far is durable.
+                durable_end: policy.sync_flush.then(|| self.log.end()),
+            });
+        }
+        let base_offset = q.index.next_offset();
+        let mut owned = match batch.try_into_mut() {
+            Ok(m) => m,
+            Err(shared) => bytes::BytesMut::from(&shared[..]),
+        };
+        batch::set_base_offset(&mut owned, base_offset);
+        let stored = owned.freeze();
+        let len = stored.len();
+        let batch_pos = self
+            .log
+            .append(key, stored, policy.segment_bytes, header.max_timestamp)?;
+        let mut h = header;
+        h.base_offset = base_offset;
+        q.index.push(index_entry(&h, batch_pos));
+        q.producers.record(&h, base_offset);
+        Ok(Produced {
+            base_offset,
+            duplicate: false,
+            durable_end: policy.sync_flush.then_some(batch_pos + len as u64),
+        })
+    }
+
+    /// Phase two of a produce: completes when the batch is as durable as its topic asks.
+    pub async fn durable(&self, produced: &Produced) -> Result<()> {
+        match produced.durable_end {
+            Some(end) => self.log.wait_durable(end).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The queue's (first stored offset, next offset), as readers see them.
+    pub fn queue_offsets(&self, key: QueueKey) -> (i64, i64) {
+        let queues = self.queues.borrow();
+        match queues.get(&key) {
+            Some(q) => (
+                q.index.start_offset(),
+                q.index.visible_next_offset(self.log.written()),
+            ),
+            None => (0, 0),
+        }
+    }
+
+    /// Reads from `offset`: whole batches, up to `max_bytes`; waits up to
+    /// `max_wait` when the queue has nothing at `offset` yet.
+    pub async fn fetch(
+        &self,
+        key: QueueKey,
+        offset: i64,
+        max_bytes: usize,
+        max_wait: Duration,
+    ) -> Result<Fetched> {
+        let deadline = std::time::Instant::now() + max_wait;
+        loop {
+            let moved = self.log.written_moved();
+            let written = self.log.written();
+            let (start, next, entries) = {
+                let queues = self.queues.borrow();
+                match queues.get(&key) {
+                    Some(q) => (
+                        q.index.start_offset(),
+                        q.index.visible_next_offset(written),
+                        q.index.lookup(offset, written, max_bytes),
+                    ),
+                    None => (0, 0, Vec::new()),
+                }
+            };
+            if offset < start || offset > next {
+                return Err(ShardError::OffsetOutOfRange {
+                    offset,
+                    start,
+                    next,
+                });
+            }
+            if !entries.is_empty() {
+                let mut batches = Vec::with_capacity(entries.len());
+                for e in entries {
+                    match self.log.read(e.batch_pos, e.batch_len as usize) {
+                        Some(b) => batches.push(b),
+                        None => break,
+                    }
+                }
+                return Ok(Fetched {
+                    log_start: start,
+                    next_offset: next,
+                    batches,
+                });
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Ok(Fetched {
+                    log_start: start,
+                    next_offset: next,
+                    batches: Vec::new(),
+                });
+            }
+            let _ = glommio::timer::timeout(deadline - now, async {
+                moved.await;
+                Ok(())
+            })
+            .await;
+        }
+    }
+
+    pub fn committed_offset(&self, group: &str, key: QueueKey) -> Option<i64> {
+        self.offsets.borrow().get(group, key)
+    }
+
+    /// Commits a group's offset durably.
+    pub async fn commit_offset(&self, group: &str, key: QueueKey, offset: i64) -> Result<()> {
+        // One commit at a time, so the file is rewritten in commit order.
+        let _permit = self.offsets_lock.acquire_permit(1).await;
+        let (path, snapshot) = self.offsets.borrow_mut().set(group, key, offset);
+        durable_file::write_atomic(&path, &snapshot).await
+    }
+
+    /// Forgets queues (and their committed offsets) that `keep` rejects.
+    pub fn retain_queues(&self, keep: impl Fn(QueueKey) -> bool) {
+        self.queues.borrow_mut().retain(|k, _| keep(*k));
+        self.offsets.borrow_mut().retain(keep);
+    }
+
+    /// Deletes sealed segments, oldest first, while every queue with data in
+    /// them is past its retention. `policy_of` returns `None` for queues
+    /// whose topic is gone (their data never holds a segment back).
+    pub async fn enforce_retention(
+        &self,
+        now_ms: i64,
+        policy_of: impl Fn(QueueKey) -> Option<QueuePolicy>,
+    ) -> Result<RetentionReport> {
+        let mut report = RetentionReport {
+            segments_deleted: 0,
+            log_start: self.log.start(),
+        };
+        for (base, stats) in self.log.sealed_segments() {
+            let expired = {
+                let queues = self.queues.borrow();
+                stats.iter().all(|(key, s)| {
+                    let Some(p) = policy_of(*key) else {
+                        return true;
+                    };
+                    let by_time = p.retention_ms > 0
+                        && now_ms.saturating_sub(s.max_timestamp) > p.retention_ms as i64;
+                    let by_size = p.retention_bytes > 0
+                        && queues.get(key).is_some_and(|q| {
+                            q.index.bytes_from(base) - s.bytes >= p.retention_bytes
+                        });
+                    by_time || by_size
+                })
+            };
+            if !expired {
+                break;
+            }
+            // Remember every queue's offsets before its data goes, so a queue
+            // emptied by retention keeps counting from where it was.
+            self.save_checkpoint().await?;
+            let start = self.log.delete_oldest(base).await?;
+            for q in self.queues.borrow_mut().values_mut() {
+                q.index.truncate_before(start);
+            }
+            report.segments_deleted += 1;
+            report.log_start = start;
+        }
+        if report.segments_deleted > 0 {
+            self.save_checkpoint().await?;
+        }
+        Ok(report)
+    }
+
+    async fn save_checkpoint(&self) -> Result<()> {
+        let mut out = vec![CHECKPOINT_VERSION];
+        {
+            let queues = self.queues.borrow();
+            out.extend_from_slice(&(queues.len() as u32).to_be_bytes());
+            for (k, q) in queues.iter() {
+                out.extend_from_slice(&k.topic_id.to_be_bytes());
+                out.extend_from_slice(&k.queue.to_be_bytes());
+                out.extend_from_slice(&q.index.start_offset().to_be_bytes());
+                out.extend_from_slice(&q.index.next_offset().to_be_bytes());
+            }
+        }
+        durable_file::write_atomic(&self.cfg.dir.join("queues.checkpoint"), &out).await
+    }
+
+    /// Flushes and syncs everything, then stops the writer.
+    pub async fn stop(&self) {
+        self.log.stop().await
+    }
+}
+
+fn index_entry(h: &BatchHeader, batch_pos: u64) -> IndexEntry {
+    IndexEntry {
+        base_offset: h.base_offset,
+        batch_pos,
+        batch_len: h.total_bytes() as u32,
+        record_count: h.records_count as u32,
+        max_timestamp: h.max_timestamp,
+    }
+}
+
+fn read_checkpoint(path: &std::path::Path) -> Result<Vec<(QueueKey, i64, i64)>> {
+    let Some(data) = durable_file::read_checked(path)? else {
+        return Ok(Vec::new());
+    };
+    let bad = || ShardError::CorruptFile {
+        path: path.display().to_string(),
+        reason: "undecodable queue checkpoint".into(),
+    };
+    if data.first() != Some(&CHECKPOINT_VERSION) || data.len() < 5 {
+        return Err(bad());
+    }
+    let n = u32::from_be_bytes(data[1..5].try_into().expect("4 bytes")) as usize;
+    let rows = &data[5..];
+    if rows.len() != n * 24 {
+        return Err(bad());
+    }
+    Ok(rows
+        .chunks_exact(24)
+        .map(|r| {
+            let u32_at = |i: usize| u32::from_be_bytes(r[i..i + 4].try_into().expect("4 bytes"));
+            let i64_at = |i: usize| i64::from_be_bytes(r[i..i + 8].try_into().expect("8 bytes"));
+            (
+                QueueKey {
+                    topic_id: u32_at(0),
+                    queue: u32_at(4),
+                },
+                i64_at(8),
+                i64_at(16),
+            )
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchBuilder, Compression};
+
+    fn cfg(dir: &std::path::Path) -> ShardConfig {
+        ShardConfig {
+            dir: dir.to_path_buf(),
+            segment_bytes: 1 << 20,
+            flush_interval: Duration::from_millis(5),
+            tail_cache_bytes: 64 << 10,
+            max_message_bytes: 1 << 20,
+        }
+    }
+
+    fn batch(values: &[&str], ts: i64) -> Bytes {
+        let mut b = BatchBuilder::new(Compression::None);
+        for v in values {
+            b.push(ts, None, Some(v.as_bytes()), &[]);
+        }
+        b.build()
+    }
+
+    const SYNC: QueuePolicy = QueuePolicy {
+        sync_flush: true,
+        segment_bytes: 0,
+        retention_ms: 0,
+        retention_bytes: 0,
+    };
+    const K: QueueKey = QueueKey {
+        topic_id: 1,
+        queue: 0,
+    };
+
+    fn run<F: std::future::Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    async fn values(shard: &Shard, key: QueueKey, from: i64) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut offset = from;
+        loop {
+            let f = shard
+                .fetch(key, offset, 1 << 20, Duration::ZERO)
+                .await
+                .unwrap();
+            if f.batches.is_empty() {
+                return out;
+            }
+            for b in &f.batches {
+                let (_, recs) = batch::decode_records(b).unwrap();
+                for r in recs {
+                    if r.offset >= offset {
+                        out.push(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
+                        offset = r.offset + 1;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn produce_fetch_and_recover_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            let mut expected = Vec::new();
+            // Small topic segments force many rolls.
+            let policy = QueuePolicy {
+                segment_bytes: 10_000,
+                ..SYNC
+            };
+            for i in 0..200 {
+                let v = format!("message-{i:04}-{}", "x".repeat(i % 300));
+                let p = shard.produce(K, batch(&[&v], i as i64), policy).unwrap();
+                assert_eq!(p.base_offset, i as i64);
+                shard.durable(&p).await.unwrap();
+                expected.push(v);
+            }
+            assert_eq!(values(&shard, K, 0).await, expected);
+            assert_eq!(values(&shard, K, 150).await, expected[150..]);
+            shard.stop().await;
+            let segments = std::fs::read_dir(d.join("log")).unwrap().count();
+            assert!(segments > 3, "{segments} segments");
+
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            assert!(shard.recovery().dropped.is_empty());
+            assert_eq!(values(&shard, K, 0).await, expected);
+            let p = shard.produce(K, batch(&["after"], 1), SYNC).unwrap();
+            assert_eq!(p.base_offset, 200);
+            shard.durable(&p).await.unwrap();
+            shard.stop().await;
+        });
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let d2 = d.clone();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            for i in 0..10 {
+                let p = shard
+                    .produce(K, batch(&[&format!("m{i}")], 0), SYNC)
+                    .unwrap();
+                shard.durable(&p).await.unwrap();
+            }
+            shard.stop().await;
+        });
+        // Corrupt a byte inside the last entry.
+        let seg = std::fs::read_dir(d2.join("log"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut data = std::fs::read(&seg).unwrap();
+        let end = data.iter().rposition(|&b| b != 0).unwrap();
+        data[end - 3] ^= 0xff;
+        std::fs::write(&seg, data).unwrap();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d2)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            assert_eq!(shard.recovery().dropped.len(), 1);
+            let got = values(&shard, K, 0).await;
+            assert_eq!(got, (0..9).map(|i| format!("m{i}")).collect::<Vec<_>>());
+            // New data continues after the cut, and survives another restart.
+            let p = shard.produce(K, batch(&["new"], 0), SYNC).unwrap();
+            assert_eq!(p.base_offset, 9);
+            shard.durable(&p).await.unwrap();
+            shard.stop().await;
+            let shard = Shard::open(cfg(&d2)).await.unwrap();
+            assert!(shard.recovery().dropped.is_empty());
+            assert_eq!(values(&shard, K, 9).await, vec!["new".to_string()]);
+        });
+    }
+
+    #[test]
+    fn retention_deletes_old_segments_and_moves_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            let policy = QueuePolicy {
+                sync_flush: true,
+                segment_bytes: 4096,
+                retention_ms: 0,
+                retention_bytes: 8192,
+            };
+            for i in 0..100 {
+                let p = shard
+                    .produce(K, batch(&[&"y".repeat(500)], i), policy)
+                    .unwrap();
+                shard.durable(&p).await.unwrap();
+            }
+            let r = shard.enforce_retention(0, |_| Some(policy)).await.unwrap();
+            assert!(r.segments_deleted > 5, "{r:?}");
+            let (start, next) = shard.queue_offsets(K);
+            assert!(start > 50, "start {start}");
+            assert_eq!(next, 100);
+            assert!(matches!(
+                shard.fetch(K, 0, 1000, Duration::ZERO).await,
+                Err(ShardError::OffsetOutOfRange { .. })
+            ));
+            assert_eq!(values(&shard, K, start).await.len() as i64, 100 - start);
+            // Time retention with a deleted topic's data: everything sealed goes.
+            let r = shard.enforce_retention(i64::MAX, |_| None).await.unwrap();
+            assert!(r.segments_deleted > 0);
+            shard.stop().await;
+            // Offsets keep counting after a restart even though the data is gone.
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            let p = shard.produce(K, batch(&["z"], 0), policy).unwrap();
+            assert_eq!(p.base_offset, 100);
+            shard.durable(&p).await.unwrap();
+            shard.stop().await;
+        });
+    }
+
+    #[test]
+    fn idempotent_retry_is_stored_once_across_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let mut b = BatchBuilder::new(Compression::None).producer(99, 0, 0);
+            b.push(0, None, Some(b"once"), &[]);
+            let once = b.build();
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            let p = shard.produce(K, once.clone(), SYNC).unwrap();
+            shard.durable(&p).await.unwrap();
+            let p2 = shard.produce(K, once.clone(), SYNC).unwrap();
+            assert!(p2.duplicate);
+            assert_eq!(p2.base_offset, 0);
+            shard.stop().await;
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            let p3 = shard.produce(K, once, SYNC).unwrap();
+            assert!(p3.duplicate);
+            assert_eq!(values(&shard, K, 0).await, vec!["once".to_string()]);
+            shard.stop().await;
+        });
+    }
+}

@@ -1,0 +1,151 @@
+//! The control-plane client: topics, node metadata and consumer-group offsets.
+//!
+//! Every method is one blocking round trip on a [`Connection`]; `&self`
+//! methods can be called from several threads at once and are pipelined.
+//! A reply of the wrong kind (which `decode_response` rules out for a
+//! correct broker) is reported as [`ClientError::UnexpectedReply`], never a panic.
+
+use crate::protocol::{ApiKey, NodeInfo, Reply, Request, TopicInfo, TopicSpec};
+
+use super::connection::{ClientError, Connection, Timeouts};
+
+/// Committed offset on the wire when a group has none for the queue.
+pub const NO_COMMITTED_OFFSET: i64 = -1;
+
+/// Administrative requests to one broker.
+#[derive(Debug)]
+pub struct Admin {
+    conn: Connection,
+}
+
+impl Admin {
+    /// Connects with the default timeouts.
+    pub fn connect(addr: &str) -> Result<Admin, ClientError> {
+        Self::connect_with(addr, Timeouts::default())
+    }
+
+    pub fn connect_with(addr: &str, timeouts: Timeouts) -> Result<Admin, ClientError> {
+        Ok(Admin {
+            conn: Connection::connect(addr, timeouts)?,
+        })
+    }
+
+    /// Wraps an existing connection.
+    pub fn from_connection(conn: Connection) -> Admin {
+        Admin { conn }
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub fn create_topic(&self, spec: TopicSpec) -> Result<TopicInfo, ClientError> {
+        match self.conn.call(&Request::CreateTopic(spec))? {
+            Reply::Topic(info) => Ok(info),
+            _ => Err(ClientError::UnexpectedReply(ApiKey::CreateTopic)),
+        }
+    }
+
+    pub fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        match self.conn.call(&Request::DeleteTopic {
+            name: name.to_string(),
+        })? {
+            Reply::Done => Ok(()),
+            _ => Err(ClientError::UnexpectedReply(ApiKey::DeleteTopic)),
+        }
+    }
+
+    pub fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
+        match self.conn.call(&Request::ListTopics)? {
+            Reply::Topics(list) => Ok(list),
+            _ => Err(ClientError::UnexpectedReply(ApiKey::ListTopics)),
+        }
+    }
+
+    pub fn describe_topic(&self, name: &str) -> Result<TopicInfo, ClientError> {
+        describe_topic(&self.conn, name)
+    }
+
+    pub fn metadata(&self) -> Result<NodeInfo, ClientError> {
+        match self.conn.call(&Request::Metadata)? {
+            Reply::Metadata(info) => Ok(info),
+            _ => Err(ClientError::UnexpectedReply(ApiKey::Metadata)),
+        }
+    }
+
+    /// Stores `offset` (the next offset the group will read) for one queue.
+    pub fn commit_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+        offset: i64,
+    ) -> Result<(), ClientError> {
+        match self.conn.call(&commit_request(group, topic, queue, offset))? {
+            Reply::Done => Ok(()),
+            _ => Err(ClientError::UnexpectedReply(ApiKey::CommitOffset)),
+        }
+    }
+
+    /// The group's committed offset for one queue, `None` if it has none.
+    pub fn fetch_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue: u32,
+    ) -> Result<Option<i64>, ClientError> {
+        offset_reply(self.conn.call(&fetch_offset_request(group, topic, queue))?)
+    }
+}
+
+/// Describes a topic on any connection (shared with producer and consumer).
+pub(crate) fn describe_topic(conn: &Connection, name: &str) -> Result<TopicInfo, ClientError> {
+    match conn.call(&Request::DescribeTopic {
+        name: name.to_string(),
+    })? {
+        Reply::Topic(info) => Ok(info),
+        _ => Err(ClientError::UnexpectedReply(ApiKey::DescribeTopic)),
+    }
+}
+
+pub(crate) fn commit_request(group: &str, topic: &str, queue: u32, offset: i64) -> Request {
+    Request::CommitOffset {
+        group: group.to_string(),
+        topic: topic.to_string(),
+        queue,
+        offset,
+    }
+}
+
+pub(crate) fn fetch_offset_request(group: &str, topic: &str, queue: u32) -> Request {
+    Request::FetchOffset {
+        group: group.to_string(),
+        topic: topic.to_string(),
+        queue,
+    }
+}
+
+/// Maps a FetchOffset reply: the wire's -1 (or any negative) means "none".
+pub(crate) fn offset_reply(reply: Reply) -> Result<Option<i64>, ClientError> {
+    match reply {
+        Reply::Offset(o) if o <= NO_COMMITTED_OFFSET => Ok(None),
+        Reply::Offset(o) => Ok(Some(o)),
+        _ => Err(ClientError::UnexpectedReply(ApiKey::FetchOffset)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minus_one_is_no_offset() {
+        assert_eq!(offset_reply(Reply::Offset(-1)).unwrap(), None);
+        assert_eq!(offset_reply(Reply::Offset(0)).unwrap(), Some(0));
+        assert_eq!(offset_reply(Reply::Offset(17)).unwrap(), Some(17));
+        assert!(matches!(
+            offset_reply(Reply::Done),
+            Err(ClientError::UnexpectedReply(ApiKey::FetchOffset))
+        ));
+    }
+}

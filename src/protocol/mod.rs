@@ -1,0 +1,14 @@
+//! The native wire protocol (docs/protocol.md): length-prefixed frames with a
+//! request id for pipelining, typed error codes, and request/response bodies.
+//! Shared by the server (`crate::server`) and the client (`crate::client`).
+
+pub mod error_code;
+pub mod frame;
+pub mod messages;
+
+pub use error_code::ErrorCode;
+pub use frame::{FrameError, RequestHeader, API_VERSION, FRAME_BYTES_MAX_DEFAULT};
+pub use messages::{
+    ApiKey, DecodeError, ErrorReply, Flush, NodeInfo, QueueInfo, Reply, Request, Response,
+    TopicInfo, TopicSpec,
+};

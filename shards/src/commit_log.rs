@@ -492,19 +492,27 @@ impl CommitLog {
             f.fdatasync().await?;
             let rel_end = self.state.borrow().written - base;
             f.truncate(align_up(rel_end)).await?;
-            let mut st = self.state.borrow_mut();
-            st.synced = st.synced.max(st.written);
-            st.tail_block.clear();
-            st.file = None;
-            drop(st);
-            // Close explicitly: a dropped glommio file is closed lazily.
+            {
+                let mut st = self.state.borrow_mut();
+                st.synced = st.synced.max(st.written);
+                st.tail_block.clear();
+                st.file = None;
+            }
             // Close explicitly: a dropped glommio file is closed lazily.
             if let Ok(f) = Rc::try_unwrap(f) {
                 f.close().await?;
             }
         }
         let path = self.cfg.dir.join(segment::file_name(seg_base));
-        let f = DmaFile::create(&path).await?;
+        // Read-write, not DmaFile::create's write-only: glommio probes the
+        // device for polled I/O with a read.
+        let f = glommio::io::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(&path)
+            .await?;
         // Reserve the extent now so appends do not allocate blocks one by one.
         let _ = f.pre_allocate(self.cfg.segment_bytes, true).await;
         let dir = glommio::io::Directory::open(&self.cfg.dir).await?;

@@ -81,7 +81,10 @@ impl Admin {
         queue: u32,
         offset: i64,
     ) -> Result<(), ClientError> {
-        match self.conn.call(&commit_request(group, topic, queue, offset))? {
+        match self
+            .conn
+            .call(&commit_request(group, topic, queue, offset))?
+        {
             Reply::Done => Ok(()),
             _ => Err(ClientError::UnexpectedReply(ApiKey::CommitOffset)),
         }

@@ -26,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use coremq_shards::batch::BatchError;
 
 use crate::protocol::frame::{
-    self, peek_frame_len, put_request_header, RequestHeader, FRAME_LEN_BYTES,
+    self, peek_frame_len, put_request_header, RequestHeader, FRAME_LEN_BYTES, REQUEST_HEADER_BYTES,
 };
 use crate::protocol::messages::decode_response;
 use crate::protocol::{ApiKey, DecodeError, ErrorCode, ErrorReply, Reply, Request, API_VERSION};
@@ -39,6 +39,8 @@ pub const RESPONSE_FRAME_BYTES_MAX: usize = 64 << 20;
 pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 /// Default time a request may wait for its reply (and a frame write may block).
 pub const REQUEST_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Bytes of a request frame before its body: length prefix and header.
+const HEADER_BYTES: usize = FRAME_LEN_BYTES + REQUEST_HEADER_BYTES;
 /// Read buffer of the reader thread, in bytes.
 const READ_BUFFER_BYTES: usize = 64 << 10;
 
@@ -161,6 +163,9 @@ pub struct Connection {
     addr: String,
     timeouts: Timeouts,
     writer: Mutex<TcpStream>,
+    /// A handle used only to shut the socket down, so `close` never waits
+    /// behind a writer blocked on a full socket.
+    control: TcpStream,
     next_id: AtomicU32,
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
@@ -211,6 +216,7 @@ impl Connection {
         // A broker that stops reading must not block a writer forever.
         stream.set_write_timeout(Some(timeouts.request))?;
         let read_half = stream.try_clone()?;
+        let control = stream.try_clone()?;
         let shared = Arc::new(Shared {
             waiters: Mutex::new(Waiters::default()),
         });
@@ -222,6 +228,7 @@ impl Connection {
             addr: addr.to_string(),
             timeouts,
             writer: Mutex::new(stream),
+            control,
             next_id: AtomicU32::new(1),
             shared,
             reader: Some(reader),
@@ -245,8 +252,7 @@ impl Connection {
     /// Shuts the socket down: the reader thread stops and every waiter
     /// completes with [`ClientError::Disconnected`].
     pub fn close(&self) {
-        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = w.shutdown(Shutdown::Both);
+        let _ = self.control.shutdown(Shutdown::Both);
     }
 
     /// Sends a request; `on_reply` runs exactly once, on the reader thread,
@@ -258,9 +264,11 @@ impl Connection {
         F: FnOnce(Completion) + Send + 'static,
     {
         let api = req.api();
-        let mut frame = BytesMut::new();
-        let mut body = BytesMut::new();
-        req.encode_body(&mut body);
+        // The body is encoded once, after room for the header, which is
+        // filled in when the request id is known (no second copy of a batch).
+        let mut frame = BytesMut::zeroed(HEADER_BYTES);
+        req.encode_body(&mut frame);
+        let body_len = frame.len() - HEADER_BYTES;
 
         let id = {
             let mut waiters = self.shared.lock();
@@ -282,16 +290,17 @@ impl Connection {
             id
         };
 
+        let mut header = BytesMut::with_capacity(HEADER_BYTES);
         put_request_header(
-            &mut frame,
+            &mut header,
             RequestHeader {
                 api: api as u16,
                 api_version: API_VERSION,
                 request_id: id,
             },
-            body.len(),
+            body_len,
         );
-        frame.extend_from_slice(&body);
+        frame[..HEADER_BYTES].copy_from_slice(&header);
 
         let written = {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,1 +1,41 @@
-//! placeholder
+//! The blocking client library: admin, producer and consumer over the
+//! native protocol, on `std::net` threads (no async runtime), usable from
+//! any thread.
+//!
+//! A request flows like this: the caller encodes a [`Request`] into one
+//! frame (header with a fresh request id, then the body) and, after
+//! registering a waiter for that id, writes it under the connection's
+//! writer mutex; it does not wait for earlier requests, so many are in
+//! flight at once (pipelining). The connection's reader thread reads
+//! response frames, looks up the waiter by request id — replies may come
+//! back in any order, e.g. from different shards — and completes it; the
+//! caller decodes the body into a [`Reply`], or a broker error code into
+//! [`ClientError::Broker`]. When the socket fails every waiter completes
+//! with [`ClientError::Disconnected`].
+//!
+//! On top of [`Connection`]: [`Admin`] does one round trip per call;
+//! [`Producer`] batches records into Kafka v2 record batches per queue and
+//! ships them from a background thread with retries and idempotent
+//! sequence numbers; [`Consumer`] long-polls every assigned queue and tracks
+//! the group's positions.
+//!
+//! [`Request`]: crate::protocol::Request
+//! [`Reply`]: crate::protocol::Reply
+
+pub mod admin;
+pub mod connection;
+pub mod consumer;
+pub mod producer;
+
+pub use admin::Admin;
+pub use connection::{
+    ClientError, Completion, Connection, PendingReply, Timeouts, RESPONSE_FRAME_BYTES_MAX,
+};
+pub use consumer::{ConsumedRecord, Consumer, ConsumerConfig, StartFrom};
+pub use coremq_shards::batch::Compression;
+pub use producer::{Message, ProduceSummary, Producer, ProducerConfig};
+
+#[cfg(test)]
+pub(crate) mod fake_broker;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,634 @@
+//! The group consumer: long-poll fetches over a set of queues of one topic.
+//!
+//! Each assigned queue has a position (the next offset to hand out) and at
+//! most one fetch in flight; fetches of all queues are pipelined on one
+//! connection and handled in the order they complete, so a busy queue cannot
+//! starve a quiet one. A fetch returns whole stored batches, so records
+//! below the position are skipped.
+//!
+//! Invariants: a position only moves forward by records [`Consumer::poll`]
+//! has returned (or by a reset/seek); a fetch reply is applied only if it
+//! answers the queue's current fetch (its token), so a reply to a fetch
+//! issued before a seek or reconnect is dropped; when an error comes with
+//! records already decoded, the records are returned and the error is
+//! reported by the next poll, so no record is skipped unseen.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use coremq_shards::batch::{decode_records, split_batches, BatchError};
+
+use crate::protocol::messages::GROUP_NAME_BYTES_MAX;
+use crate::protocol::{ApiKey, ErrorCode, Reply, Request};
+
+use super::admin::{commit_request, describe_topic, fetch_offset_request, offset_reply};
+use super::connection::{
+    ClientError, Connection, Timeouts, REQUEST_TIMEOUT_DEFAULT, RESPONSE_FRAME_BYTES_MAX,
+};
+
+/// Default time the broker holds a fetch open waiting for data.
+pub const MAX_WAIT_MS_DEFAULT: u32 = 500;
+/// Default bytes a fetch asks for per queue.
+pub const FETCH_BYTES_MAX_DEFAULT: u32 = 1 << 20;
+/// Ceiling of a queue's fetch size when one batch is larger than `max_bytes`
+/// (the fetch grows so it can return at least that batch).
+pub const FETCH_BYTES_GROWN_MAX: u32 = (RESPONSE_FRAME_BYTES_MAX - (64 << 10)) as u32;
+/// Pause before refetching a queue whose fetch came back empty early (a
+/// broker that does not hold fetches open must not make us spin).
+const EMPTY_FETCH_PAUSE: Duration = Duration::from_millis(10);
+
+/// Where a group with no committed offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartFrom {
+    /// The queue's log start: everything still stored.
+    #[default]
+    Earliest,
+    /// The queue's end: only messages produced from now on.
+    Latest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    /// Consumer group whose committed offsets are read and written.
+    pub group: String,
+    pub from: StartFrom,
+    /// Queues to read; all queues of the topic when `None`.
+    pub queues: Option<Vec<u32>>,
+    /// How long the broker may hold a fetch open waiting for data.
+    pub max_wait_ms: u32,
+    /// Bytes a fetch asks for per queue.
+    pub max_bytes: u32,
+    /// Time a reply may take beyond `max_wait_ms`.
+    pub request_timeout: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(group: impl Into<String>) -> ConsumerConfig {
+        ConsumerConfig {
+            group: group.into(),
+            ..ConsumerConfig::default()
+        }
+    }
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            group: String::new(),
+            from: StartFrom::Earliest,
+            queues: None,
+            max_wait_ms: MAX_WAIT_MS_DEFAULT,
+            max_bytes: FETCH_BYTES_MAX_DEFAULT,
+            request_timeout: REQUEST_TIMEOUT_DEFAULT,
+        }
+    }
+}
+
+/// One record as the consumer hands it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumedRecord {
+    pub queue: u32,
+    pub offset: i64,
+    pub timestamp: i64,
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    pub headers: Vec<(String, Option<Bytes>)>,
+}
+
+/// Where a position goes after OFFSET_OUT_OF_RANGE: the log start if it fell
+/// behind (retention deleted its data), the log end if it is past it (the
+/// log was truncated or recreated); `None` if it is in range after all.
+pub fn out_of_range_reset(position: i64, log_start: i64, next_offset: i64) -> Option<i64> {
+    if position < log_start {
+        Some(log_start)
+    } else if position > next_offset {
+        Some(next_offset)
+    } else {
+        None
+    }
+}
+
+/// What one fetch reply yields for a queue.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FetchOutcome {
+    /// Records at or after the position, in offset order.
+    pub records: Vec<ConsumedRecord>,
+    /// The position after them.
+    pub position: i64,
+    /// Set when not one whole batch came back: the bytes the first batch needs.
+    pub needed_bytes: Option<usize>,
+}
+
+/// Decodes the batches of a fetch reply for `queue`: records below
+/// `position` are skipped (a fetch returns whole batches), control batches
+/// only move the position. A partial batch at the end is normal (the fetch
+/// size cut it) and is left for the next fetch.
+pub fn records_from_fetch(
+    queue: u32,
+    position: i64,
+    data: &[Bytes],
+) -> Result<FetchOutcome, BatchError> {
+    let mut out = FetchOutcome {
+        position,
+        ..FetchOutcome::default()
+    };
+    let mut whole_batches = 0usize;
+    for chunk in data {
+        for batch in split_batches(chunk) {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(BatchError::Truncated { needed, .. }) => {
+                    if whole_batches == 0 {
+                        out.needed_bytes = Some(needed);
+                    }
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            whole_batches += 1;
+            let (header, records) = decode_records(batch)?;
+            if !header.is_control() {
+                for r in records {
+                    if r.offset < out.position {
+                        continue;
+                    }
+                    out.position = r.offset + 1;
+                    out.records.push(ConsumedRecord {
+                        queue,
+                        offset: r.offset,
+                        timestamp: r.timestamp,
+                        key: r.key,
+                        value: r.value,
+                        headers: r.headers,
+                    });
+                }
+            }
+            // Also past offsets the batch reserved without records (control, compaction).
+            out.position = out.position.max(header.last_offset() + 1);
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    token: u64,
+    sent_at: Instant,
+}
+
+#[derive(Debug)]
+struct Cursor {
+    queue: u32,
+    position: i64,
+    fetch: Option<InFlight>,
+    max_bytes: u32,
+    /// No fetch before this instant (after an early empty reply).
+    not_before: Option<Instant>,
+}
+
+struct FetchEvent {
+    idx: usize,
+    token: u64,
+    result: Result<Reply, ClientError>,
+}
+
+/// Reads a topic's queues for a consumer group. Not `Sync`: one thread polls.
+pub struct Consumer {
+    addr: String,
+    topic: String,
+    config: ConsumerConfig,
+    conn: Option<Connection>,
+    cursors: Vec<Cursor>,
+    tx: mpsc::Sender<FetchEvent>,
+    rx: mpsc::Receiver<FetchEvent>,
+    next_token: u64,
+    resets: u64,
+    /// An error met while records were being returned; reported next poll.
+    pending_error: Option<ClientError>,
+    /// Queue index the next round of fetches starts at (rotates the write order).
+    next_first: usize,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("addr", &self.addr)
+            .field("topic", &self.topic)
+            .field("group", &self.config.group)
+            .field("positions", &self.positions())
+            .finish()
+    }
+}
+
+impl Consumer {
+    /// Connects, looks the topic up and sets every assigned queue's position
+    /// to the group's committed offset, else to its start or end.
+    pub fn connect(
+        addr: &str,
+        topic: &str,
+        config: ConsumerConfig,
+    ) -> Result<Consumer, ClientError> {
+        if config.group.is_empty() || config.group.len() > GROUP_NAME_BYTES_MAX {
+            return Err(ClientError::Config(format!(
+                "group name must be 1 to {GROUP_NAME_BYTES_MAX} bytes"
+            )));
+        }
+        if config.max_bytes == 0 {
+            return Err(ClientError::Config("max_bytes must be positive".into()));
+        }
+        let conn = Connection::connect(addr, timeouts(&config))?;
+        let info = describe_topic(&conn, topic)?;
+        let assigned: Vec<u32> = match &config.queues {
+            Some(qs) => {
+                let mut qs = qs.clone();
+                qs.sort_unstable();
+                qs.dedup();
+                qs
+            }
+            None => info.queues.iter().map(|q| q.queue).collect(),
+        };
+        // Ask for every committed offset at once, then collect.
+        let mut pending = Vec::with_capacity(assigned.len());
+        for &q in &assigned {
+            let Some(qi) = info.queues.iter().find(|qi| qi.queue == q) else {
+                return Err(ClientError::Config(format!(
+                    "queue {q} does not exist (topic {topic} has {} queues)",
+                    info.queues.len()
+                )));
+            };
+            let p = conn.send(&fetch_offset_request(&config.group, topic, q))?;
+            pending.push((qi.clone(), p));
+        }
+        let mut cursors = Vec::with_capacity(pending.len());
+        for (qi, p) in pending {
+            let committed = offset_reply(p.wait(conn.timeouts().request)?)?;
+            let position = committed.unwrap_or(match config.from {
+                StartFrom::Earliest => qi.start_offset,
+                StartFrom::Latest => qi.end_offset,
+            });
+            cursors.push(Cursor {
+                queue: qi.queue,
+                position,
+                fetch: None,
+                max_bytes: config.max_bytes,
+                not_before: None,
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        Ok(Consumer {
+            addr: addr.to_string(),
+            topic: topic.to_string(),
+            config,
+            conn: Some(conn),
+            cursors,
+            tx,
+            rx,
+            next_token: 0,
+            resets: 0,
+            pending_error: None,
+            next_first: 0,
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub fn group(&self) -> &str {
+        &self.config.group
+    }
+
+    /// Every assigned queue with its position (the next offset to read).
+    pub fn positions(&self) -> Vec<(u32, i64)> {
+        self.cursors.iter().map(|c| (c.queue, c.position)).collect()
+    }
+
+    /// How many times a position was reset after OFFSET_OUT_OF_RANGE.
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+
+    /// Moves a queue's position; a fetch in flight for it is abandoned.
+    pub fn seek(&mut self, queue: u32, offset: i64) -> Result<(), ClientError> {
+        let c = self
+            .cursors
+            .iter_mut()
+            .find(|c| c.queue == queue)
+            .ok_or_else(|| ClientError::Config(format!("queue {queue} is not assigned")))?;
+        c.position = offset;
+        c.fetch = None;
+        c.not_before = None;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for records of any assigned queue; returns
+    /// what is there as soon as anything is (empty on timeout).
+    pub fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumedRecord>, ClientError> {
+        if let Some(e) = self.pending_error.take() {
+            return Err(e);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        let mut reconnected = false;
+        loop {
+            if self.conn.as_ref().is_none_or(Connection::is_closed) {
+                // One reconnect per poll: a broker that keeps dropping us is an error.
+                if reconnected {
+                    return Err(ClientError::Disconnected);
+                }
+                self.reconnect()?;
+                reconnected = true;
+            }
+            let now = Instant::now();
+            self.issue_fetches(now);
+            if self.conn.as_ref().is_none_or(Connection::is_closed) {
+                continue; // broke while sending: reconnect (once) at the top
+            }
+
+            let mut wake = deadline;
+            let allowance = self.reply_allowance();
+            for c in &self.cursors {
+                match (c.fetch, c.not_before) {
+                    (Some(f), _) => wake = wake.min(f.sent_at + allowance),
+                    (None, Some(t)) => wake = wake.min(t),
+                    (None, None) => {}
+                }
+            }
+            let overdue = self
+                .cursors
+                .iter()
+                .any(|c| c.fetch.is_some_and(|f| f.sent_at + allowance <= now));
+            if overdue {
+                // The broker is not answering: drop the connection.
+                self.drop_connection();
+                return Err(ClientError::Timeout);
+            }
+
+            match self.rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(ev) => {
+                    self.handle(ev, &mut out);
+                    while let Ok(ev) = self.rx.try_recv() {
+                        self.handle(ev, &mut out);
+                    }
+                    if !out.is_empty() {
+                        return Ok(out);
+                    }
+                    if let Some(e) = self.pending_error.take() {
+                        return Err(e);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // Unreachable: `self.tx` keeps the channel open.
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(ClientError::Disconnected),
+            }
+            if Instant::now() >= deadline {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Commits every assigned queue's position for the group.
+    pub fn commit(&mut self) -> Result<(), ClientError> {
+        if self.conn.as_ref().is_none_or(Connection::is_closed) {
+            self.reconnect()?;
+        }
+        let Some(conn) = &self.conn else {
+            return Err(ClientError::Disconnected);
+        };
+        let mut pending = Vec::with_capacity(self.cursors.len());
+        for c in &self.cursors {
+            let req = commit_request(&self.config.group, &self.topic, c.queue, c.position);
+            pending.push(conn.send(&req)?);
+        }
+        let mut first_err = None;
+        for p in pending {
+            match p.wait(conn.timeouts().request) {
+                Ok(Reply::Done) => {}
+                Ok(_) => {
+                    first_err.get_or_insert(ClientError::UnexpectedReply(ApiKey::CommitOffset));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Time a fetch may take before the connection is presumed dead.
+    fn reply_allowance(&self) -> Duration {
+        Duration::from_millis(u64::from(self.config.max_wait_ms)) + self.config.request_timeout
+    }
+
+    fn reconnect(&mut self) -> Result<(), ClientError> {
+        self.drop_connection();
+        self.conn = Some(Connection::connect(&self.addr, timeouts(&self.config))?);
+        Ok(())
+    }
+
+    /// Closes the connection; fetches in flight on it are forgotten.
+    fn drop_connection(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.close();
+        }
+        for c in &mut self.cursors {
+            c.fetch = None;
+        }
+    }
+
+    /// Sends a fetch for every queue that has none in flight.
+    fn issue_fetches(&mut self, now: Instant) {
+        let Some(conn) = &self.conn else { return };
+        let n = self.cursors.len();
+        let first = self.next_first % n.max(1);
+        self.next_first = self.next_first.wrapping_add(1);
+        for k in 0..n {
+            let idx = (first + k) % n;
+            let c = &mut self.cursors[idx];
+            if c.fetch.is_some() || c.not_before.is_some_and(|t| t > now) {
+                continue;
+            }
+            c.not_before = None;
+            let token = self.next_token;
+            self.next_token += 1;
+            let req = Request::Fetch {
+                topic: self.topic.clone(),
+                queue: c.queue,
+                offset: c.position,
+                max_bytes: c.max_bytes,
+                max_wait_ms: self.config.max_wait_ms,
+            };
+            let tx = self.tx.clone();
+            let sent = conn.send_with(&req, move |comp| {
+                let _ = tx.send(FetchEvent {
+                    idx,
+                    token,
+                    result: comp.into_reply(),
+                });
+            });
+            match sent {
+                Ok(_) => {
+                    c.fetch = Some(InFlight {
+                        token,
+                        sent_at: now,
+                    })
+                }
+                // The connection broke; the next round reconnects.
+                Err(e) => {
+                    tracing::debug!(queue = c.queue, "fetch not sent: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies one fetch reply.
+    fn handle(&mut self, ev: FetchEvent, out: &mut Vec<ConsumedRecord>) {
+        let Some(c) = self.cursors.get_mut(ev.idx) else {
+            return;
+        };
+        let Some(f) = c.fetch.filter(|f| f.token == ev.token) else {
+            return; // stale: superseded by a seek or reconnect
+        };
+        c.fetch = None;
+        let mut error = None;
+        match ev.result {
+            Ok(Reply::Fetch { batches, .. }) => {
+                match records_from_fetch(c.queue, c.position, &batches) {
+                    Ok(o) => {
+                        if let Some(needed) = o.needed_bytes {
+                            let grown = (needed as u64).max(u64::from(c.max_bytes) * 2);
+                            c.max_bytes = grown.min(u64::from(FETCH_BYTES_GROWN_MAX)) as u32;
+                        }
+                        let early = f.sent_at.elapsed()
+                            < Duration::from_millis(u64::from(self.config.max_wait_ms));
+                        if o.records.is_empty() && o.position == c.position && early {
+                            c.not_before = Some(Instant::now() + EMPTY_FETCH_PAUSE);
+                        }
+                        c.position = o.position;
+                        out.extend(o.records);
+                    }
+                    Err(e) => error = Some(ClientError::Batch(e)),
+                }
+            }
+            Ok(_) => error = Some(ClientError::UnexpectedReply(ApiKey::Fetch)),
+            Err(ClientError::Broker(e)) if e.code == ErrorCode::OffsetOutOfRange => {
+                match e.offsets.and_then(|(start, next)| {
+                    out_of_range_reset(c.position, start, next).map(|p| (p, start))
+                }) {
+                    Some((p, log_start)) => {
+                        tracing::warn!(
+                            topic = %self.topic,
+                            queue = c.queue,
+                            "offset {} is out of range; the log now starts at {log_start}; resetting to {p}",
+                            c.position
+                        );
+                        c.position = p;
+                        self.resets += 1;
+                    }
+                    None => error = Some(ClientError::Broker(e)),
+                }
+            }
+            // The connection is gone; the poll loop reconnects and refetches.
+            Err(ClientError::Disconnected | ClientError::Io(_)) => {}
+            Err(e) => error = Some(e),
+        }
+        if let Some(e) = error {
+            self.pending_error.get_or_insert(e);
+        }
+    }
+}
+
+fn timeouts(config: &ConsumerConfig) -> Timeouts {
+    Timeouts {
+        request: config.request_timeout,
+        ..Timeouts::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coremq_shards::batch::{set_base_offset, BatchBuilder, Compression};
+
+    /// A stored batch of `values` starting at `base`.
+    fn batch(base: i64, values: &[&str]) -> Bytes {
+        let mut b = BatchBuilder::new(Compression::None);
+        for v in values {
+            b.push(1000, Some(b"k"), Some(v.as_bytes()), &[]);
+        }
+        let mut raw = b.build().to_vec();
+        set_base_offset(&mut raw, base);
+        Bytes::from(raw)
+    }
+
+    fn offsets(o: &FetchOutcome) -> Vec<i64> {
+        o.records.iter().map(|r| r.offset).collect()
+    }
+
+    #[test]
+    fn records_below_position_are_skipped() {
+        let mut data = batch(10, &["a", "b", "c"]).to_vec();
+        data.extend_from_slice(&batch(13, &["d", "e"]));
+        let o = records_from_fetch(3, 12, &[Bytes::from(data)]).unwrap();
+        assert_eq!(offsets(&o), vec![12, 13, 14]);
+        assert_eq!(o.position, 15);
+        assert_eq!(o.records[0].value.as_deref(), Some(&b"c"[..]));
+        assert_eq!(o.records[0].queue, 3);
+        assert_eq!(o.needed_bytes, None);
+    }
+
+    #[test]
+    fn a_batch_entirely_below_position_yields_nothing() {
+        let o = records_from_fetch(0, 20, &[batch(10, &["a", "b"])]).unwrap();
+        assert!(o.records.is_empty());
+        assert_eq!(o.position, 20);
+    }
+
+    #[test]
+    fn trailing_partial_batch_is_left_for_next_fetch() {
+        let mut data = batch(0, &["a"]).to_vec();
+        let second = batch(1, &["b"]);
+        data.extend_from_slice(&second[..second.len() - 3]);
+        let o = records_from_fetch(0, 0, &[Bytes::from(data)]).unwrap();
+        assert_eq!(offsets(&o), vec![0]);
+        assert_eq!(o.position, 1);
+        assert_eq!(o.needed_bytes, None);
+
+        // Only a partial batch: the outcome says how much one batch needs.
+        let o = records_from_fetch(0, 1, &[second.slice(..second.len() - 3)]).unwrap();
+        assert!(o.records.is_empty());
+        assert_eq!(o.position, 1);
+        assert_eq!(o.needed_bytes, Some(second.len()));
+    }
+
+    #[test]
+    fn corrupt_batch_is_an_error() {
+        let mut raw = batch(0, &["a"]).to_vec();
+        let last = raw.len() - 1;
+        raw[last] ^= 0xff;
+        assert!(records_from_fetch(0, 0, &[Bytes::from(raw)]).is_err());
+    }
+
+    #[test]
+    fn out_of_range_resets() {
+        // Behind the log start (retention): jump to the start.
+        assert_eq!(out_of_range_reset(5, 100, 200), Some(100));
+        // Past the end (log truncated): back to the end.
+        assert_eq!(out_of_range_reset(500, 100, 200), Some(200));
+        // In range: not a reset, the error stands.
+        assert_eq!(out_of_range_reset(150, 100, 200), None);
+        assert_eq!(out_of_range_reset(200, 100, 200), None);
+    }
+
+    #[test]
+    fn config_defaults() {
+        let c = ConsumerConfig::new("g");
+        assert_eq!(c.group, "g");
+        assert_eq!(c.from, StartFrom::Earliest);
+        assert_eq!(c.queues, None);
+        assert_eq!(c.max_wait_ms, 500);
+        assert_eq!(c.max_bytes, 1 << 20);
+    }
+}

@@ -1,0 +1,343 @@
+//! A tiny in-memory broker for the client's tests (compiled only under
+//! `cfg(test)`): one thread per connection, requests answered in order, the
+//! idempotent-producer sequence check, committed offsets, and knobs to
+//! inject faults (drop a connection after storing a batch, reject a queue's
+//! produces, move a queue's log start).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use coremq_shards::batch::{set_base_offset, split_batches, BatchHeader};
+
+use crate::protocol::frame::{parse_request, put_response_header};
+use crate::protocol::messages::{encode_error, encode_reply};
+use crate::protocol::{
+    ErrorCode, ErrorReply, Flush, QueueInfo, Reply, Request, TopicInfo, TopicSpec,
+};
+
+/// Poll interval of a fetch waiting for data.
+const FETCH_WAIT_STEP: Duration = Duration::from_millis(2);
+
+#[derive(Default)]
+struct Queue {
+    /// (base offset, stored bytes)
+    batches: Vec<(i64, Bytes)>,
+    next_offset: i64,
+    log_start: i64,
+    /// (producer id) -> (next expected sequence, base offsets by base sequence)
+    producers: HashMap<i64, (i32, HashMap<i32, i64>)>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    topic: Option<TopicSpec>,
+    queues: Vec<Queue>,
+    offsets: HashMap<(String, u32), i64>,
+    /// Store the next N produce requests, then close the connection unanswered.
+    pub drop_after_store: u32,
+    /// Store the next N produce requests and never answer them (connection stays open).
+    pub swallow_after_store: u32,
+    /// Reject every produce to this queue with MESSAGE_TOO_LARGE.
+    pub reject_queue: Option<u32>,
+    pub produce_requests: u64,
+    /// Set by a produce that is to be swallowed, read by its connection.
+    swallow_now: bool,
+}
+
+#[derive(Clone)]
+pub(crate) struct FakeBroker {
+    pub addr: String,
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeBroker {
+    /// Starts a broker with one topic of `queues` queues.
+    pub fn start(topic: &str, queues: u32) -> FakeBroker {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let state = Arc::new(Mutex::new(State {
+            topic: Some(TopicSpec {
+                name: topic.into(),
+                queues,
+                flush: Flush::Async,
+                segment_bytes: 0,
+                retention_ms: 0,
+                retention_bytes: 0,
+            }),
+            queues: (0..queues).map(|_| Queue::default()).collect(),
+            ..State::default()
+        }));
+        let s = Arc::clone(&state);
+        thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(conn) = conn else { return };
+                let s = Arc::clone(&s);
+                thread::spawn(move || serve(conn, s));
+            }
+        });
+        FakeBroker { addr, state }
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// Every stored record value of a queue, in offset order.
+    pub fn values(&self, queue: u32) -> Vec<(i64, Bytes)> {
+        let st = self.state();
+        let mut out = Vec::new();
+        for (_, b) in &st.queues[queue as usize].batches {
+            let (_, recs) = coremq_shards::batch::decode_records(b).unwrap();
+            out.extend(recs.into_iter().map(|r| (r.offset, r.value.unwrap())));
+        }
+        out
+    }
+
+    pub fn set_log_start(&self, queue: u32, start: i64) {
+        self.state().queues[queue as usize].log_start = start;
+    }
+}
+
+fn serve(mut s: TcpStream, state: Arc<Mutex<State>>) {
+    loop {
+        let mut len = [0u8; 4];
+        if s.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        if s.read_exact(&mut body).is_err() {
+            return;
+        }
+        let Ok((h, body)) = parse_request(Bytes::from(body)) else {
+            return;
+        };
+        let Ok(req) = Request::decode(h.api, body) else {
+            return;
+        };
+        let (resp, hang_up) = answer(&state, req);
+        if hang_up {
+            let _ = s.shutdown(Shutdown::Both);
+            return;
+        }
+        if resp.is_ok() && std::mem::take(&mut state.lock().unwrap().swallow_now) {
+            continue;
+        }
+        let mut body = BytesMut::new();
+        let code = match &resp {
+            Ok(r) => {
+                for extra in encode_reply(r, &mut body) {
+                    body.extend_from_slice(&extra);
+                }
+                0
+            }
+            Err(e) => {
+                encode_error(e, &mut body);
+                e.code as u16
+            }
+        };
+        let mut out = BytesMut::new();
+        put_response_header(&mut out, h.request_id, code, body.len());
+        out.extend_from_slice(&body);
+        if s.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+fn err(code: ErrorCode, msg: &str) -> Result<Reply, ErrorReply> {
+    Err(ErrorReply::new(code, msg))
+}
+
+fn topic_info(st: &State) -> TopicInfo {
+    let spec = st.topic.clone().unwrap();
+    TopicInfo {
+        queues: st
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QueueInfo {
+                queue: i as u32,
+                shard: i as u32 % 2,
+                shard_port: 0,
+                start_offset: q.log_start,
+                end_offset: q.next_offset,
+            })
+            .collect(),
+        spec,
+        id: 1,
+    }
+}
+
+/// Returns the response, and whether to close the connection instead of answering.
+fn answer(state: &Mutex<State>, req: Request) -> (Result<Reply, ErrorReply>, bool) {
+    let topic_ok = |st: &State, t: &str| st.topic.as_ref().is_some_and(|s| s.name == t);
+    match req {
+        Request::DescribeTopic { name } => {
+            let st = state.lock().unwrap();
+            if !topic_ok(&st, &name) {
+                return (err(ErrorCode::UnknownTopic, "no such topic"), false);
+            }
+            (Ok(Reply::Topic(topic_info(&st))), false)
+        }
+        Request::ListTopics => {
+            let st = state.lock().unwrap();
+            (Ok(Reply::Topics(vec![topic_info(&st)])), false)
+        }
+        Request::CreateTopic(spec) => {
+            let mut st = state.lock().unwrap();
+            st.queues = (0..spec.queues).map(|_| Queue::default()).collect();
+            st.topic = Some(spec);
+            (Ok(Reply::Topic(topic_info(&st))), false)
+        }
+        Request::DeleteTopic { name } => {
+            let mut st = state.lock().unwrap();
+            if !topic_ok(&st, &name) {
+                return (err(ErrorCode::UnknownTopic, "no such topic"), false);
+            }
+            st.topic = None;
+            (Ok(Reply::Done), false)
+        }
+        Request::Produce {
+            topic,
+            queue,
+            batch,
+        } => {
+            let mut st = state.lock().unwrap();
+            st.produce_requests += 1;
+            if !topic_ok(&st, &topic) {
+                return (err(ErrorCode::UnknownTopic, "no such topic"), false);
+            }
+            if st.reject_queue == Some(queue) {
+                return (err(ErrorCode::MessageTooLarge, "rejected"), false);
+            }
+            let hang_up = if st.drop_after_store > 0 {
+                st.drop_after_store -= 1;
+                true
+            } else {
+                false
+            };
+            if st.swallow_after_store > 0 {
+                st.swallow_after_store -= 1;
+                st.swallow_now = true;
+            }
+            let Some(q) = st.queues.get_mut(queue as usize) else {
+                return (err(ErrorCode::UnknownQueue, "no such queue"), false);
+            };
+            let Ok(h) = BatchHeader::parse(&batch) else {
+                return (err(ErrorCode::CorruptBatch, "bad batch"), false);
+            };
+            if h.producer_id >= 0 {
+                let (expected, seen) = q.producers.entry(h.producer_id).or_default();
+                if h.base_sequence < *expected {
+                    let base = seen.get(&h.base_sequence).copied().unwrap_or(-1);
+                    return (
+                        Ok(Reply::Produce {
+                            base_offset: base,
+                            duplicate: true,
+                        }),
+                        hang_up,
+                    );
+                }
+                if h.base_sequence > *expected {
+                    return (err(ErrorCode::OutOfOrderSequence, "gap"), hang_up);
+                }
+                *expected += h.records_count;
+                seen.insert(h.base_sequence, q.next_offset);
+            }
+            let base = q.next_offset;
+            let mut raw = batch.to_vec();
+            set_base_offset(&mut raw, base);
+            q.batches.push((base, Bytes::from(raw)));
+            q.next_offset += i64::from(h.records_count);
+            (
+                Ok(Reply::Produce {
+                    base_offset: base,
+                    duplicate: false,
+                }),
+                hang_up,
+            )
+        }
+        Request::Fetch {
+            topic,
+            queue,
+            offset,
+            max_bytes,
+            max_wait_ms,
+        } => {
+            let until = Instant::now() + Duration::from_millis(u64::from(max_wait_ms));
+            loop {
+                {
+                    let st = state.lock().unwrap();
+                    if !topic_ok(&st, &topic) {
+                        return (err(ErrorCode::UnknownTopic, "no such topic"), false);
+                    }
+                    let Some(q) = st.queues.get(queue as usize) else {
+                        return (err(ErrorCode::UnknownQueue, "no such queue"), false);
+                    };
+                    if offset < q.log_start || offset > q.next_offset {
+                        let mut e = ErrorReply::new(ErrorCode::OffsetOutOfRange, "out of range");
+                        e.offsets = Some((q.log_start, q.next_offset));
+                        return (Err(e), false);
+                    }
+                    let mut data = BytesMut::new();
+                    for (base, b) in &q.batches {
+                        let h = BatchHeader::parse(b).unwrap();
+                        if *base + i64::from(h.last_offset_delta) < offset {
+                            continue;
+                        }
+                        if !data.is_empty() && data.len() + b.len() > max_bytes as usize {
+                            break;
+                        }
+                        data.extend_from_slice(b);
+                    }
+                    if !data.is_empty() || Instant::now() >= until {
+                        debug_assert!(split_batches(&data).all(|b| b.is_ok()));
+                        return (
+                            Ok(Reply::Fetch {
+                                log_start: q.log_start,
+                                next_offset: q.next_offset,
+                                batches: vec![data.freeze()],
+                            }),
+                            false,
+                        );
+                    }
+                }
+                thread::sleep(FETCH_WAIT_STEP);
+            }
+        }
+        Request::CommitOffset {
+            group,
+            queue,
+            offset,
+            ..
+        } => {
+            state.lock().unwrap().offsets.insert((group, queue), offset);
+            (Ok(Reply::Done), false)
+        }
+        Request::FetchOffset { group, queue, .. } => {
+            let st = state.lock().unwrap();
+            let o = st.offsets.get(&(group, queue)).copied().unwrap_or(-1);
+            (Ok(Reply::Offset(o)), false)
+        }
+        Request::Metadata => (
+            Ok(Reply::Metadata(crate::protocol::NodeInfo {
+                shards: 2,
+                shard_ports: vec![0, 0],
+                max_message_bytes: 1 << 20,
+                max_frame_bytes: 16 << 20,
+            })),
+            false,
+        ),
+    }
+}
+
+impl State {
+    pub fn committed(&self, group: &str, queue: u32) -> Option<i64> {
+        self.offsets.get(&(group.to_string(), queue)).copied()
+    }
+}

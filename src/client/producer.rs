@@ -1,0 +1,1400 @@
+//! The batching, pipelining, idempotent producer.
+//!
+//! [`Producer::send`] only appends a record to its queue's open batch (under
+//! one mutex); a background sender thread owns all network I/O. It seals a
+//! batch when it is full or has lingered for `linger`, sends sealed batches
+//! without waiting for acks (at most `max_in_flight_per_queue` per queue),
+//! collects the acks through the connection's reply callbacks, retries
+//! failures and reconnects when the connection breaks.
+//!
+//! Invariants:
+//! - Per queue, batches are sealed, sent and resent in sequence order. A
+//!   failed batch is resent together with every later batch of its queue
+//!   that was in flight, never overtaking them.
+//! - A sealed batch's bytes never change: a retry resends the very same
+//!   batch (same producer id, epoch and base sequence), so the broker
+//!   recognises a batch it already stored and answers `duplicate: true`.
+//! - Per queue and producer id, base sequences are contiguous from 0: a
+//!   batch's base sequence is the number of messages batched for the queue
+//!   before it. When a batch fails for good (a non-retriable error, or
+//!   retries exhausted) the broker never stored it, so its sequence range
+//!   can never be filled; the queue then switches to a fresh producer id and
+//!   starts again at sequence 0, so later batches are not rejected forever.
+//! - Every sealed batch is resolved exactly once: acked (counted in the next
+//!   [`ProduceSummary`]) or failed (reported by the next [`Producer::flush`]).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use coremq_shards::batch::{BatchBuilder, Compression, RECORDS_PER_BATCH_MAX};
+
+use crate::protocol::{ApiKey, ErrorCode, Reply, Request};
+
+use super::admin::describe_topic;
+use super::connection::{ClientError, Connection, Timeouts, REQUEST_TIMEOUT_DEFAULT};
+
+/// Default size at which an open batch is sealed (uncompressed bytes, header included).
+pub const BATCH_BYTES_MAX_DEFAULT: usize = 64 << 10;
+/// Default number of messages at which an open batch is sealed.
+pub const BATCH_MESSAGES_MAX_DEFAULT: usize = 10_000;
+/// Default time a batch may wait for more messages before it is sent.
+pub const LINGER_DEFAULT: Duration = Duration::from_millis(5);
+/// Default number of times a batch is resent after a retriable failure.
+pub const RETRIES_DEFAULT: u32 = 10;
+/// Default wait before the first retry; doubles per attempt up to the max.
+pub const RETRY_BACKOFF_DEFAULT: Duration = Duration::from_millis(100);
+/// Default cap of the exponential retry backoff.
+pub const RETRY_BACKOFF_MAX_DEFAULT: Duration = Duration::from_secs(1);
+/// Default number of unacknowledged batches per queue.
+pub const MAX_IN_FLIGHT_PER_QUEUE_DEFAULT: usize = 5;
+/// Default bytes of sealed, unacknowledged batches before `send` blocks.
+pub const BUFFER_BYTES_MAX_DEFAULT: usize = 32 << 20;
+/// The epoch of every producer id this client picks.
+pub const PRODUCER_EPOCH: i16 = 0;
+/// Per-record bytes added to key and value when estimating whether a record
+/// still fits the open batch (varint lengths, deltas, attributes).
+const RECORD_OVERHEAD_BYTES: usize = 24;
+
+/// How the producer batches, retries and times out.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Seal a batch once it holds this many bytes (uncompressed).
+    pub batch_bytes_max: usize,
+    /// Seal a batch once it holds this many messages.
+    pub batch_messages_max: usize,
+    /// Send a batch at the latest this long after its first message.
+    pub linger: Duration,
+    pub compression: Compression,
+    /// Stamp batches with a producer id and sequence so retries are deduplicated.
+    pub idempotent: bool,
+    /// Resends of one batch after retriable failures before giving up on it.
+    pub retries: u32,
+    /// Wait before the first resend; doubles per attempt.
+    pub retry_backoff: Duration,
+    /// Cap of the doubling retry backoff.
+    pub retry_backoff_max: Duration,
+    /// Time a batch may wait for its ack before the connection is presumed dead.
+    pub request_timeout: Duration,
+    /// Batches of one queue sent and not yet acknowledged, at most.
+    pub max_in_flight_per_queue: usize,
+    /// `send` blocks while sealed, unacknowledged batches hold this many bytes.
+    pub buffer_bytes_max: usize,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            batch_bytes_max: BATCH_BYTES_MAX_DEFAULT,
+            batch_messages_max: BATCH_MESSAGES_MAX_DEFAULT,
+            linger: LINGER_DEFAULT,
+            compression: Compression::None,
+            idempotent: true,
+            retries: RETRIES_DEFAULT,
+            retry_backoff: RETRY_BACKOFF_DEFAULT,
+            retry_backoff_max: RETRY_BACKOFF_MAX_DEFAULT,
+            request_timeout: REQUEST_TIMEOUT_DEFAULT,
+            max_in_flight_per_queue: MAX_IN_FLIGHT_PER_QUEUE_DEFAULT,
+            buffer_bytes_max: BUFFER_BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
+impl ProducerConfig {
+    fn validate(&self) -> Result<(), ClientError> {
+        let bad = |what: &str| Err(ClientError::Config(format!("producer config: {what}")));
+        if self.batch_bytes_max == 0 {
+            return bad("batch_bytes_max must be positive");
+        }
+        if self.batch_messages_max == 0 || self.batch_messages_max > RECORDS_PER_BATCH_MAX as usize
+        {
+            return bad("batch_messages_max must be between 1 and 2^24");
+        }
+        if self.max_in_flight_per_queue == 0 {
+            return bad("max_in_flight_per_queue must be positive");
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request_timeout must be positive");
+        }
+        Ok(())
+    }
+
+    /// The wait before resend number `attempt` (1-based): doubling, capped.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(20);
+        self.retry_backoff
+            .saturating_mul(1 << doublings)
+            .min(self.retry_backoff_max.max(self.retry_backoff))
+    }
+}
+
+/// One message to produce.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Message {
+    pub key: Option<Bytes>,
+    pub value: Bytes,
+    /// Send to this queue; otherwise by key hash, otherwise round robin.
+    pub queue: Option<u32>,
+    /// Record timestamp; the current time when absent.
+    pub timestamp_ms: Option<i64>,
+}
+
+impl Message {
+    /// A message with only a value.
+    pub fn new(value: impl Into<Bytes>) -> Message {
+        Message {
+            value: value.into(),
+            ..Message::default()
+        }
+    }
+
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Message {
+        self.key = Some(key.into());
+        self
+    }
+
+    pub fn with_queue(mut self, queue: u32) -> Message {
+        self.queue = Some(queue);
+        self
+    }
+}
+
+/// What a flush saw acknowledged since the previous flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProduceSummary {
+    /// Messages the broker acknowledged (duplicates included).
+    pub acked_messages: u64,
+    /// Of those, messages in batches the broker had already stored (retries).
+    pub duplicates: u64,
+}
+
+/// Picks the queue of a message: explicit queue, else key hash, else round robin.
+#[derive(Debug, Clone)]
+pub struct Partitioner {
+    queues: u32,
+    next: u32,
+}
+
+impl Partitioner {
+    pub fn new(queues: u32) -> Partitioner {
+        Partitioner { queues, next: 0 }
+    }
+
+    pub fn queues(&self) -> u32 {
+        self.queues
+    }
+
+    pub fn pick(&mut self, explicit: Option<u32>, key: Option<&[u8]>) -> Result<u32, ClientError> {
+        if self.queues == 0 {
+            return Err(ClientError::Config("the topic has no queues".into()));
+        }
+        if let Some(q) = explicit {
+            if q >= self.queues {
+                return Err(ClientError::Config(format!(
+                    "queue {q} does not exist (the topic has {} queues)",
+                    self.queues
+                )));
+            }
+            return Ok(q);
+        }
+        if let Some(k) = key {
+            return Ok(key_queue(k, self.queues));
+        }
+        let q = self.next % self.queues;
+        self.next = self.next.wrapping_add(1);
+        Ok(q)
+    }
+}
+
+/// The queue a key maps to: CRC-32 of the key modulo the queue count.
+/// Stable across runs and processes, so a key always lands in one queue.
+pub fn key_queue(key: &[u8], queues: u32) -> u32 {
+    crc32fast::hash(key) % queues.max(1)
+}
+
+/// Adds `by` to a base sequence, wrapping from `i32::MAX` to 0 as Kafka does.
+pub fn increment_sequence(seq: i32, by: i32) -> i32 {
+    if seq > i32::MAX - by {
+        by - (i32::MAX - seq) - 1
+    } else {
+        seq + by
+    }
+}
+
+/// A random 63-bit producer id (never 0 or negative, which mean "none").
+fn new_producer_id() -> i64 {
+    ((rand::random::<u64>() >> 1) as i64).max(1)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The batch of a queue that is still accepting messages.
+#[derive(Debug)]
+struct OpenBatch {
+    builder: BatchBuilder,
+    opened_at: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchState {
+    /// Sealed, to be sent (first time or again).
+    Waiting,
+    /// Sent as attempt `token`; a reply to any other token is stale.
+    InFlight { token: u64, sent_at: Instant },
+    /// Acknowledged, but an earlier batch of the queue is not yet.
+    Acked,
+}
+
+#[derive(Debug)]
+struct SealedBatch {
+    no: u64,
+    producer_id: i64,
+    base_seq: i32,
+    messages: u64,
+    bytes: Bytes,
+    /// Resends so far.
+    attempts: u32,
+    state: BatchState,
+}
+
+#[derive(Debug)]
+struct QueueState {
+    /// The producer id new batches of this queue are stamped with.
+    producer_id: i64,
+    /// Base sequence of the next sealed batch.
+    next_seq: i32,
+    open: Option<OpenBatch>,
+    /// Sealed, unresolved batches in sequence order (acked ones linger until the front clears).
+    batches: VecDeque<SealedBatch>,
+    /// No (re)send from this queue before this instant (retry backoff).
+    retry_at: Option<Instant>,
+}
+
+impl QueueState {
+    fn new(producer_id: i64) -> QueueState {
+        QueueState {
+            producer_id,
+            next_seq: 0,
+            open: None,
+            batches: VecDeque::new(),
+            retry_at: None,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.batches
+            .iter()
+            .filter(|b| matches!(b.state, BatchState::InFlight { .. }))
+            .count()
+    }
+
+    fn has_waiting(&self) -> bool {
+        self.batches.iter().any(|b| b.state == BatchState::Waiting)
+    }
+}
+
+/// A batch the sender thread is about to write.
+#[derive(Debug)]
+struct Outgoing {
+    queue: u32,
+    no: u64,
+    token: u64,
+    bytes: Bytes,
+}
+
+/// Everything the producer's threads share, behind one mutex.
+#[derive(Debug)]
+struct State {
+    queues: Vec<QueueState>,
+    partitioner: Partitioner,
+    conn: Option<Arc<Connection>>,
+    /// No connect attempt before this instant (backoff after failures).
+    next_connect_at: Option<Instant>,
+    connect_failures: u32,
+    next_batch_no: u64,
+    next_token: u64,
+    /// Numbers of sealed batches not yet acked or failed.
+    unresolved: BTreeSet<u64>,
+    /// Bytes of the unresolved batches.
+    buffered_bytes: usize,
+    acked_messages: u64,
+    duplicates: u64,
+    failed_messages: u64,
+    first_error: Option<ClientError>,
+    shutdown: bool,
+    sender_exited: bool,
+}
+
+impl State {
+    fn new(queues: u32, producer_id: i64) -> State {
+        State {
+            queues: (0..queues).map(|_| QueueState::new(producer_id)).collect(),
+            partitioner: Partitioner::new(queues),
+            conn: None,
+            next_connect_at: None,
+            connect_failures: 0,
+            next_batch_no: 0,
+            next_token: 0,
+            unresolved: BTreeSet::new(),
+            buffered_bytes: 0,
+            acked_messages: 0,
+            duplicates: 0,
+            failed_messages: 0,
+            first_error: None,
+            shutdown: false,
+            sender_exited: false,
+        }
+    }
+
+    /// Appends a message to its queue's open batch. Returns whether the
+    /// sender thread must be woken (a batch was opened or sealed).
+    fn append(
+        &mut self,
+        cfg: &ProducerConfig,
+        msg: Message,
+        now: Instant,
+    ) -> Result<bool, ClientError> {
+        let q = self.partitioner.pick(msg.queue, msg.key.as_deref())? as usize;
+        let key_len = msg.key.as_ref().map_or(0, |k| k.len());
+        if key_len > i32::MAX as usize || msg.value.len() > i32::MAX as usize {
+            return Err(ClientError::Config("message over 2 GiB".into()));
+        }
+        let record_bytes = key_len + msg.value.len() + RECORD_OVERHEAD_BYTES;
+        let ts = msg.timestamp_ms.unwrap_or_else(now_ms);
+        let mut wake = false;
+
+        let full = self.queues[q].open.as_ref().is_some_and(|o| {
+            !o.builder.is_empty()
+                && o.builder.estimated_bytes() + record_bytes > cfg.batch_bytes_max
+        });
+        if full {
+            self.seal(cfg, q);
+            wake = true;
+        }
+        let open = self.queues[q].open.get_or_insert_with(|| {
+            wake = true;
+            OpenBatch {
+                builder: BatchBuilder::new(cfg.compression),
+                opened_at: now,
+            }
+        });
+        open.builder
+            .push(ts, msg.key.as_deref(), Some(&msg.value), &[]);
+        if open.builder.len() >= cfg.batch_messages_max
+            || open.builder.estimated_bytes() >= cfg.batch_bytes_max
+            || cfg.linger.is_zero()
+        {
+            self.seal(cfg, q);
+            wake = true;
+        }
+        Ok(wake)
+    }
+
+    /// Closes queue `q`'s open batch: stamps producer id and base sequence,
+    /// encodes it and queues it for sending.
+    fn seal(&mut self, cfg: &ProducerConfig, q: usize) {
+        let qs = &mut self.queues[q];
+        let Some(open) = qs.open.take() else { return };
+        if open.builder.is_empty() {
+            return;
+        }
+        let messages = open.builder.len();
+        let base_seq = qs.next_seq;
+        let builder = if cfg.idempotent {
+            open.builder
+                .producer(qs.producer_id, PRODUCER_EPOCH, base_seq)
+        } else {
+            open.builder
+        };
+        qs.next_seq = increment_sequence(base_seq, messages as i32);
+        let bytes = builder.build();
+        let no = self.next_batch_no;
+        self.next_batch_no += 1;
+        self.unresolved.insert(no);
+        self.buffered_bytes += bytes.len();
+        qs.batches.push_back(SealedBatch {
+            no,
+            producer_id: qs.producer_id,
+            base_seq,
+            messages: messages as u64,
+            bytes,
+            attempts: 0,
+            state: BatchState::Waiting,
+        });
+    }
+
+    /// Seals open batches whose linger has passed (all of them if `force`).
+    fn seal_due(&mut self, cfg: &ProducerConfig, now: Instant, force: bool) {
+        for q in 0..self.queues.len() {
+            let due = self.queues[q]
+                .open
+                .as_ref()
+                .is_some_and(|o| force || o.opened_at + cfg.linger <= now);
+            if due {
+                self.seal(cfg, q);
+            }
+        }
+    }
+
+    fn has_waiting(&self) -> bool {
+        self.queues.iter().any(QueueState::has_waiting)
+    }
+
+    /// Marks the batches that may be sent now as in flight, in queue order.
+    fn take_sendable(&mut self, cfg: &ProducerConfig, now: Instant) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for (q, qs) in self.queues.iter_mut().enumerate() {
+            if qs.retry_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            let mut in_flight = qs.in_flight();
+            for b in qs.batches.iter_mut() {
+                if in_flight >= cfg.max_in_flight_per_queue {
+                    break;
+                }
+                if b.state == BatchState::Waiting {
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    b.state = BatchState::InFlight {
+                        token,
+                        sent_at: now,
+                    };
+                    in_flight += 1;
+                    out.push(Outgoing {
+                        queue: q as u32,
+                        no: b.no,
+                        token,
+                        bytes: b.bytes.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a batch has waited for its ack longer than the request timeout.
+    fn any_overdue(&self, cfg: &ProducerConfig, now: Instant) -> bool {
+        self.queues.iter().flat_map(|q| q.batches.iter()).any(|b| {
+            matches!(b.state, BatchState::InFlight { sent_at, .. } if sent_at + cfg.request_timeout <= now)
+        })
+    }
+
+    /// The connection carrying every in-flight batch is being dropped: each
+    /// in-flight batch fails now (Timeout if overdue, else Disconnected) and
+    /// is resent on the next connection. Applying this at once, rather than
+    /// waiting for the old connection's Disconnected callbacks, keeps an
+    /// overdue batch from also condemning the new connection.
+    fn fail_in_flight(&mut self, cfg: &ProducerConfig, now: Instant) {
+        let mut failed = Vec::new();
+        for (q, qs) in self.queues.iter().enumerate() {
+            for b in &qs.batches {
+                if let BatchState::InFlight { token, sent_at } = b.state {
+                    failed.push((q, b.no, token, sent_at + cfg.request_timeout <= now));
+                }
+            }
+        }
+        // In queue order: the first failure of a queue resets the later
+        // batches, whose own failures are then stale and ignored.
+        for (q, no, token, overdue) in failed {
+            let e = if overdue {
+                ClientError::Timeout
+            } else {
+                ClientError::Disconnected
+            };
+            self.on_reply(cfg, q, no, token, Err(e), now);
+        }
+    }
+
+    /// When the sender thread must look again even if no reply arrives.
+    fn next_deadline(&self, cfg: &ProducerConfig, now: Instant) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for qs in &self.queues {
+            if let Some(o) = &qs.open {
+                consider(o.opened_at + cfg.linger);
+            }
+            if let Some(t) = qs.retry_at {
+                if t > now && qs.has_waiting() {
+                    consider(t);
+                }
+            }
+            if self.conn.is_some() {
+                for b in &qs.batches {
+                    if let BatchState::InFlight { sent_at, .. } = b.state {
+                        consider(sent_at + cfg.request_timeout);
+                    }
+                }
+            }
+        }
+        if self.conn.is_none() && self.has_waiting() {
+            consider(self.next_connect_at.unwrap_or(now));
+        }
+        next
+    }
+
+    /// Applies the outcome of one send attempt of batch `no` of queue `q`.
+    fn on_reply(
+        &mut self,
+        cfg: &ProducerConfig,
+        q: usize,
+        no: u64,
+        token: u64,
+        result: Result<Reply, ClientError>,
+        now: Instant,
+    ) {
+        let Some(qs) = self.queues.get_mut(q) else {
+            return;
+        };
+        // Absent: already acked or failed.
+        let Some(idx) = qs.batches.iter().position(|b| b.no == no) else {
+            return;
+        };
+        let state = qs.batches[idx].state;
+        if state == BatchState::Acked {
+            return; // a late reply to an earlier attempt of an acked batch
+        }
+        let current = matches!(state, BatchState::InFlight { token: t, .. } if t == token);
+        match result {
+            // Even a stale success means the broker stored the batch.
+            Ok(Reply::Produce { duplicate, .. }) => self.ack(q, idx, duplicate),
+            // An old duplicate the broker no longer has offsets for: stored.
+            Err(ClientError::Broker(e)) if e.code == ErrorCode::DuplicateSequence => {
+                self.ack(q, idx, true)
+            }
+            Ok(_) if current => {
+                self.fail(cfg, q, idx, ClientError::UnexpectedReply(ApiKey::Produce))
+            }
+            Err(e) if current => {
+                let qs = &mut self.queues[q];
+                // A sequence gap behind a batch still being retried heals once that one lands.
+                let earlier_pending = qs
+                    .batches
+                    .iter()
+                    .take(idx)
+                    .any(|b| b.state != BatchState::Acked);
+                let retriable = e.is_retriable()
+                    || (e.broker_code() == Some(ErrorCode::OutOfOrderSequence) && earlier_pending);
+                let b = &mut qs.batches[idx];
+                if retriable && b.attempts < cfg.retries {
+                    b.attempts += 1;
+                    tracing::debug!(
+                        queue = q,
+                        base_sequence = b.base_seq,
+                        attempt = b.attempts,
+                        "produce failed, will resend: {e}"
+                    );
+                    let wait = cfg.backoff(b.attempts);
+                    // Resend this batch and everything after it, in order.
+                    for later in qs.batches.iter_mut().skip(idx) {
+                        if matches!(later.state, BatchState::InFlight { .. }) {
+                            later.state = BatchState::Waiting;
+                        }
+                    }
+                    qs.retry_at = Some(now + wait);
+                } else {
+                    self.fail(cfg, q, idx, e);
+                }
+            }
+            // A stale failure: the batch was already reset for a resend.
+            _ => {}
+        }
+    }
+
+    fn ack(&mut self, q: usize, idx: usize, duplicate: bool) {
+        let qs = &mut self.queues[q];
+        let b = &mut qs.batches[idx];
+        b.state = BatchState::Acked;
+        self.acked_messages += b.messages;
+        if duplicate {
+            self.duplicates += b.messages;
+        }
+        self.unresolved.remove(&b.no);
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(b.bytes.len());
+        while qs
+            .batches
+            .front()
+            .is_some_and(|b| b.state == BatchState::Acked)
+        {
+            qs.batches.pop_front();
+        }
+    }
+
+    /// Gives up on a batch: its messages are reported lost.
+    fn fail(&mut self, cfg: &ProducerConfig, q: usize, idx: usize, e: ClientError) {
+        let qs = &mut self.queues[q];
+        let Some(b) = qs.batches.remove(idx) else {
+            return;
+        };
+        tracing::warn!(
+            queue = q,
+            base_sequence = b.base_seq,
+            messages = b.messages,
+            "produce failed for good: {e}"
+        );
+        // The broker never stored this sequence range; later batches of the
+        // same producer id could never follow it. Start a fresh id at 0.
+        if cfg.idempotent && b.producer_id == qs.producer_id {
+            qs.producer_id = new_producer_id();
+            qs.next_seq = 0;
+        }
+        self.failed_messages += b.messages;
+        self.unresolved.remove(&b.no);
+        self.buffered_bytes = self.buffered_bytes.saturating_sub(b.bytes.len());
+        if self.first_error.is_none() {
+            self.first_error = Some(e);
+        }
+        while qs
+            .batches
+            .front()
+            .is_some_and(|b| b.state == BatchState::Acked)
+        {
+            qs.batches.pop_front();
+        }
+    }
+
+    /// A connect attempt failed: it counts as an attempt of every batch
+    /// waiting to be sent; those out of retries fail with this error.
+    fn on_connect_failure(&mut self, cfg: &ProducerConfig, e: ClientError, now: Instant) {
+        self.connect_failures += 1;
+        self.next_connect_at = Some(now + cfg.backoff(self.connect_failures));
+        tracing::debug!(attempt = self.connect_failures, "connect failed: {e}");
+        let mut err = Some(e);
+        for q in 0..self.queues.len() {
+            let mut idx = 0;
+            while idx < self.queues[q].batches.len() {
+                let b = &mut self.queues[q].batches[idx];
+                if b.state == BatchState::Waiting {
+                    if b.attempts >= cfg.retries {
+                        let e = err.take().unwrap_or(ClientError::Disconnected);
+                        self.fail(cfg, q, idx, e);
+                        continue;
+                    }
+                    b.attempts += 1;
+                }
+                idx += 1;
+            }
+        }
+    }
+}
+
+enum Event {
+    /// Something changed (a batch opened or sealed, flush, shutdown).
+    Wake,
+    Reply {
+        queue: u32,
+        no: u64,
+        token: u64,
+        result: Result<Reply, ClientError>,
+    },
+}
+
+struct Shared {
+    addr: String,
+    topic: String,
+    config: ProducerConfig,
+    state: Mutex<State>,
+    /// Signalled whenever batches resolve or the sender thread exits.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(guard).unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            request: self.config.request_timeout,
+            ..Timeouts::default()
+        }
+    }
+}
+
+/// Sends messages of one topic. `Send + Sync`: call [`Producer::send`] from
+/// any number of threads.
+pub struct Producer {
+    shared: Arc<Shared>,
+    events: mpsc::Sender<Event>,
+    sender: Option<JoinHandle<()>>,
+    producer_id: i64,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("addr", &self.shared.addr)
+            .field("topic", &self.shared.topic)
+            .field("producer_id", &self.producer_id)
+            .finish()
+    }
+}
+
+impl Producer {
+    /// Connects, looks the topic up for its queue count and starts the sender thread.
+    pub fn connect(
+        addr: &str,
+        topic: &str,
+        config: ProducerConfig,
+    ) -> Result<Producer, ClientError> {
+        config.validate()?;
+        let timeouts = Timeouts {
+            request: config.request_timeout,
+            ..Timeouts::default()
+        };
+        let conn = Connection::connect(addr, timeouts)?;
+        let info = describe_topic(&conn, topic)?;
+        let queues = info.queues.len() as u32;
+        if queues == 0 {
+            return Err(ClientError::Config(format!("topic {topic} has no queues")));
+        }
+        let producer_id = new_producer_id();
+        let mut state = State::new(queues, producer_id);
+        state.conn = Some(Arc::new(conn));
+        let shared = Arc::new(Shared {
+            addr: addr.to_string(),
+            topic: topic.to_string(),
+            config,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+        });
+        let (tx, rx) = mpsc::channel();
+        let thread_shared = Arc::clone(&shared);
+        let thread_tx = tx.clone();
+        let sender = thread::Builder::new()
+            .name(format!("coremq-producer-{topic}"))
+            .spawn(move || run_sender(thread_shared, thread_tx, rx))?;
+        Ok(Producer {
+            shared,
+            events: tx,
+            sender: Some(sender),
+            producer_id,
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.shared.topic
+    }
+
+    pub fn queues(&self) -> u32 {
+        self.shared.lock().partitioner.queues()
+    }
+
+    /// The producer id batches are stamped with at start (a queue switches
+    /// to a fresh one after a batch of it fails for good).
+    pub fn producer_id(&self) -> i64 {
+        self.producer_id
+    }
+
+    /// Queues a message; it is sent with its batch. Blocks only while the
+    /// unacknowledged bytes are over `buffer_bytes_max`.
+    pub fn send(&self, msg: Message) -> Result<(), ClientError> {
+        let cfg = &self.shared.config;
+        let mut st = self.shared.lock();
+        while st.buffered_bytes >= cfg.buffer_bytes_max && !st.sender_exited {
+            st = self.shared.wait(st);
+        }
+        if st.sender_exited {
+            return Err(ClientError::Disconnected);
+        }
+        let wake = st.append(cfg, msg, Instant::now())?;
+        drop(st);
+        if wake {
+            let _ = self.events.send(Event::Wake);
+        }
+        Ok(())
+    }
+
+    /// Sends every open batch and waits until every batch sealed so far is
+    /// acknowledged or given up on. Returns what was acknowledged since the
+    /// previous flush, or the first error if any message was lost.
+    pub fn flush(&self) -> Result<ProduceSummary, ClientError> {
+        let cfg = &self.shared.config;
+        let mut st = self.shared.lock();
+        st.seal_due(cfg, Instant::now(), true);
+        let target = st.next_batch_no;
+        let _ = self.events.send(Event::Wake);
+        while st.unresolved.range(..target).next().is_some() {
+            if st.sender_exited {
+                return Err(ClientError::Disconnected);
+            }
+            st = self.shared.wait(st);
+        }
+        let summary = ProduceSummary {
+            acked_messages: std::mem::take(&mut st.acked_messages),
+            duplicates: std::mem::take(&mut st.duplicates),
+        };
+        if let Some(e) = st.first_error.take() {
+            let failed = std::mem::take(&mut st.failed_messages);
+            tracing::warn!(
+                failed,
+                acked = summary.acked_messages,
+                "messages were not acknowledged"
+            );
+            return Err(e);
+        }
+        Ok(summary)
+    }
+
+    /// Flushes and stops the sender thread.
+    pub fn close(self) -> Result<ProduceSummary, ClientError> {
+        self.flush()
+        // Drop stops the thread.
+    }
+
+    /// Raw escape hatch for tests: sends a pre-built batch to `queue` on the
+    /// producer's connection and waits for its reply, bypassing batching,
+    /// sequencing and retries.
+    pub fn send_batch(&self, queue: u32, batch: Bytes) -> Result<Reply, ClientError> {
+        let conn = {
+            let mut st = self.shared.lock();
+            match &st.conn {
+                Some(c) if !c.is_closed() => Arc::clone(c),
+                _ => {
+                    let c = Arc::new(Connection::connect(
+                        &self.shared.addr,
+                        self.shared.timeouts(),
+                    )?);
+                    st.conn = Some(Arc::clone(&c));
+                    c
+                }
+            }
+        };
+        conn.call(&Request::Produce {
+            topic: self.shared.topic.clone(),
+            queue,
+            batch,
+        })
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        let _ = self.events.send(Event::Wake);
+        if let Some(h) = self.sender.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Marks the sender thread gone (also on panic) so no caller waits forever.
+struct ExitGuard(Arc<Shared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        let conn = {
+            let mut st = self.0.lock();
+            st.sender_exited = true;
+            let sealed: u64 = st
+                .queues
+                .iter()
+                .flat_map(|q| q.batches.iter())
+                .filter(|b| b.state != BatchState::Acked)
+                .map(|b| b.messages)
+                .sum();
+            let open: u64 = st
+                .queues
+                .iter()
+                .filter_map(|q| q.open.as_ref())
+                .map(|o| o.builder.len() as u64)
+                .sum();
+            let lost = sealed + open;
+            if lost > 0 {
+                tracing::warn!(lost, "producer closed with unacknowledged messages");
+            }
+            st.conn.take()
+        };
+        drop(conn);
+        self.0.changed.notify_all();
+    }
+}
+
+/// The sender thread: seals lingering batches, connects, sends, applies replies.
+fn run_sender(shared: Arc<Shared>, tx: mpsc::Sender<Event>, rx: mpsc::Receiver<Event>) {
+    let _guard = ExitGuard(Arc::clone(&shared));
+    let cfg = &shared.config;
+    loop {
+        let now = Instant::now();
+        let mut st = shared.lock();
+        if st.shutdown {
+            return;
+        }
+        st.seal_due(cfg, now, false);
+
+        // A dead or overdue connection is closed and replaced; its in-flight
+        // batches are resent on the new one.
+        let mut stale = None;
+        if st.conn.as_ref().is_some_and(|c| c.is_closed()) || st.any_overdue(cfg, now) {
+            stale = st.conn.take();
+            st.fail_in_flight(cfg, now);
+        }
+        let need_conn =
+            st.conn.is_none() && st.has_waiting() && st.next_connect_at.is_none_or(|t| t <= now);
+        if need_conn || stale.is_some() {
+            drop(st);
+            if let Some(c) = stale {
+                c.close();
+            }
+            if need_conn {
+                let result = Connection::connect(&shared.addr, shared.timeouts());
+                let mut st = shared.lock();
+                match result {
+                    Ok(c) => {
+                        st.conn = Some(Arc::new(c));
+                        st.connect_failures = 0;
+                        st.next_connect_at = None;
+                    }
+                    Err(e) => st.on_connect_failure(cfg, e, Instant::now()),
+                }
+            }
+            // Batches may have run out of retries above.
+            shared.changed.notify_all();
+            continue;
+        }
+
+        let (conn, outgoing) = match &st.conn {
+            Some(c) => (Some(Arc::clone(c)), st.take_sendable(cfg, now)),
+            None => (None, Vec::new()),
+        };
+        let deadline = st.next_deadline(cfg, now);
+        drop(st);
+
+        if let Some(conn) = conn {
+            for o in outgoing {
+                let req = Request::Produce {
+                    topic: shared.topic.clone(),
+                    queue: o.queue,
+                    batch: o.bytes,
+                };
+                let reply_tx = tx.clone();
+                let (queue, no, token) = (o.queue, o.no, o.token);
+                let sent = conn.send_with(&req, move |c| {
+                    let _ = reply_tx.send(Event::Reply {
+                        queue,
+                        no,
+                        token,
+                        result: c.into_reply(),
+                    });
+                });
+                if let Err(e) = sent {
+                    let _ = tx.send(Event::Reply {
+                        queue,
+                        no,
+                        token,
+                        result: Err(e),
+                    });
+                }
+            }
+        }
+
+        let first = match deadline {
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        let mut events = match first {
+            Ok(e) => vec![e],
+            Err(RecvTimeoutError::Timeout) => Vec::new(),
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        events.extend(rx.try_iter());
+        let mut resolved = false;
+        if events.iter().any(|e| matches!(e, Event::Reply { .. })) {
+            let mut st = shared.lock();
+            let now = Instant::now();
+            for e in events.drain(..) {
+                if let Event::Reply {
+                    queue,
+                    no,
+                    token,
+                    result,
+                } = e
+                {
+                    st.on_reply(cfg, queue as usize, no, token, result, now);
+                    resolved = true;
+                }
+            }
+        }
+        if resolved {
+            shared.changed.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorReply;
+    use coremq_shards::batch::{decode_records, BatchHeader};
+
+    fn cfg() -> ProducerConfig {
+        ProducerConfig {
+            linger: Duration::from_secs(3600),
+            ..ProducerConfig::default()
+        }
+    }
+
+    fn ack() -> Result<Reply, ClientError> {
+        Ok(Reply::Produce {
+            base_offset: 0,
+            duplicate: false,
+        })
+    }
+
+    fn header(b: &Bytes) -> BatchHeader {
+        BatchHeader::parse(b).unwrap()
+    }
+
+    #[test]
+    fn round_robin_spreads_evenly() {
+        let mut p = Partitioner::new(4);
+        let mut counts = [0u32; 4];
+        for _ in 0..400 {
+            counts[p.pick(None, None).unwrap() as usize] += 1;
+        }
+        assert_eq!(counts, [100; 4]);
+    }
+
+    #[test]
+    fn key_hash_is_stable_and_explicit_queue_wins() {
+        let mut p = Partitioner::new(8);
+        let q = p.pick(None, Some(b"order-17")).unwrap();
+        for _ in 0..10 {
+            assert_eq!(p.pick(None, Some(b"order-17")).unwrap(), q);
+        }
+        assert_eq!(q, crc32fast::hash(b"order-17") % 8);
+        // Pinned so a change of hash function (which would move keys) is noticed.
+        assert_eq!(key_queue(b"a", 1000), 0xe8b7be43 % 1000);
+        assert_eq!(p.pick(Some(5), Some(b"order-17")).unwrap(), 5);
+        assert!(matches!(p.pick(Some(8), None), Err(ClientError::Config(_))));
+    }
+
+    #[test]
+    fn sequence_increment_wraps_like_kafka() {
+        assert_eq!(increment_sequence(0, 5), 5);
+        assert_eq!(increment_sequence(i32::MAX - 2, 2), i32::MAX);
+        assert_eq!(increment_sequence(i32::MAX - 2, 3), 0);
+        assert_eq!(increment_sequence(i32::MAX, 4), 3);
+    }
+
+    #[test]
+    fn base_sequence_counts_messages_batched_before() {
+        let cfg = ProducerConfig {
+            batch_messages_max: 3,
+            ..cfg()
+        };
+        let mut st = State::new(2, 77);
+        let now = Instant::now();
+        for i in 0..8u32 {
+            st.append(&cfg, Message::new(format!("m{i}")).with_queue(0), now)
+                .unwrap();
+        }
+        st.append(&cfg, Message::new("x").with_queue(1), now)
+            .unwrap();
+        st.seal_due(&cfg, now, true);
+        let q0: Vec<_> = st.queues[0]
+            .batches
+            .iter()
+            .map(|b| {
+                let h = header(&b.bytes);
+                (
+                    h.producer_id,
+                    h.producer_epoch,
+                    h.base_sequence,
+                    h.records_count,
+                )
+            })
+            .collect();
+        assert_eq!(q0, vec![(77, 0, 0, 3), (77, 0, 3, 3), (77, 0, 6, 2)]);
+        let q1 = header(&st.queues[1].batches[0].bytes);
+        assert_eq!((q1.base_sequence, q1.records_count), (0, 1));
+        // Values survive in order.
+        let (_, recs) = decode_records(&st.queues[0].batches[1].bytes).unwrap();
+        let values: Vec<_> = recs.iter().map(|r| r.value.clone().unwrap()).collect();
+        assert_eq!(values, vec!["m3", "m4", "m5"]);
+        assert_eq!(st.unresolved.len(), 4);
+    }
+
+    #[test]
+    fn batch_is_sealed_before_it_would_overflow_bytes() {
+        let cfg = ProducerConfig {
+            batch_bytes_max: 200,
+            ..cfg()
+        };
+        let mut st = State::new(1, 1);
+        let now = Instant::now();
+        for _ in 0..5 {
+            st.append(&cfg, Message::new(vec![b'x'; 60]), now).unwrap();
+        }
+        for b in &st.queues[0].batches {
+            assert!(b.bytes.len() <= 200, "{} bytes", b.bytes.len());
+        }
+        assert!(!st.queues[0].batches.is_empty());
+    }
+
+    #[test]
+    fn non_idempotent_batches_carry_no_producer() {
+        let cfg = ProducerConfig {
+            idempotent: false,
+            ..cfg()
+        };
+        let mut st = State::new(1, 5);
+        st.append(&cfg, Message::new("a"), Instant::now()).unwrap();
+        st.seal_due(&cfg, Instant::now(), true);
+        let h = header(&st.queues[0].batches[0].bytes);
+        assert_eq!((h.producer_id, h.base_sequence), (-1, -1));
+    }
+
+    #[test]
+    fn linger_seals_only_when_due() {
+        let cfg = ProducerConfig {
+            linger: Duration::from_millis(5),
+            ..ProducerConfig::default()
+        };
+        let mut st = State::new(1, 1);
+        let t0 = Instant::now();
+        assert!(st.append(&cfg, Message::new("a"), t0).unwrap());
+        assert!(!st.append(&cfg, Message::new("b"), t0).unwrap());
+        assert_eq!(st.next_deadline(&cfg, t0), Some(t0 + cfg.linger));
+        st.seal_due(&cfg, t0 + Duration::from_millis(1), false);
+        assert!(st.queues[0].batches.is_empty());
+        st.seal_due(&cfg, t0 + cfg.linger, false);
+        assert_eq!(st.queues[0].batches.len(), 1);
+    }
+
+    /// Sealed state with `n` batches of one message in queue 0.
+    fn sealed(cfg: &ProducerConfig, n: usize) -> State {
+        let mut st = State::new(1, 9);
+        for i in 0..n {
+            st.append(cfg, Message::new(format!("{i}")), Instant::now())
+                .unwrap();
+            st.seal_due(cfg, Instant::now(), true);
+        }
+        st
+    }
+
+    #[test]
+    fn in_flight_is_capped_per_queue_and_sent_in_order() {
+        let cfg = ProducerConfig {
+            max_in_flight_per_queue: 2,
+            ..cfg()
+        };
+        let mut st = sealed(&cfg, 4);
+        let now = Instant::now();
+        let first: Vec<u64> = st.take_sendable(&cfg, now).iter().map(|o| o.no).collect();
+        assert_eq!(first, vec![0, 1]);
+        assert!(st.take_sendable(&cfg, now).is_empty());
+        st.on_reply(&cfg, 0, 0, 0, ack(), now);
+        let next: Vec<u64> = st.take_sendable(&cfg, now).iter().map(|o| o.no).collect();
+        assert_eq!(next, vec![2]);
+    }
+
+    #[test]
+    fn retriable_failure_resends_it_and_everything_after_with_same_bytes() {
+        let cfg = cfg();
+        let mut st = sealed(&cfg, 3);
+        let now = Instant::now();
+        let sent = st.take_sendable(&cfg, now);
+        let bytes1 = sent[1].bytes.clone();
+        // Batch 0 acked, batch 1 fails retriably, batch 2's failure is then stale.
+        st.on_reply(&cfg, 0, 0, sent[0].token, ack(), now);
+        st.on_reply(
+            &cfg,
+            0,
+            1,
+            sent[1].token,
+            Err(ClientError::Disconnected),
+            now,
+        );
+        st.on_reply(
+            &cfg,
+            0,
+            2,
+            sent[2].token,
+            Err(ClientError::Disconnected),
+            now,
+        );
+        assert_eq!(st.queues[0].batches[0].attempts, 1);
+        assert_eq!(st.queues[0].batches[1].attempts, 0);
+        // Nothing before the backoff, then 1 and 2 again, in order, same bytes.
+        assert!(st.take_sendable(&cfg, now).is_empty());
+        let later = now + cfg.backoff(1);
+        let again = st.take_sendable(&cfg, later);
+        assert_eq!(again.iter().map(|o| o.no).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(again[0].bytes, bytes1);
+        st.on_reply(
+            &cfg,
+            0,
+            1,
+            again[0].token,
+            Ok(Reply::Produce {
+                base_offset: 1,
+                duplicate: true,
+            }),
+            later,
+        );
+        st.on_reply(&cfg, 0, 2, again[1].token, ack(), later);
+        assert_eq!((st.acked_messages, st.duplicates), (3, 1));
+        assert!(st.unresolved.is_empty());
+        assert_eq!(st.buffered_bytes, 0);
+        assert!(st.first_error.is_none());
+    }
+
+    #[test]
+    fn retries_run_out_and_fatal_errors_fail_at_once() {
+        let cfg = ProducerConfig {
+            retries: 2,
+            ..cfg()
+        };
+        let mut st = sealed(&cfg, 2);
+        let mut now = Instant::now();
+        let mut sent = Vec::new();
+        for _ in 0..3 {
+            now += Duration::from_secs(10);
+            sent = st.take_sendable(&cfg, now);
+            assert_eq!(sent[0].no, 0);
+            st.on_reply(&cfg, 0, 0, sent[0].token, Err(ClientError::Timeout), now);
+        }
+        assert_eq!(st.failed_messages, 1);
+        assert!(matches!(st.first_error, Some(ClientError::Timeout)));
+        // The queue restarted its sequence under a new producer id.
+        assert_ne!(st.queues[0].producer_id, 9);
+        assert_eq!(st.queues[0].next_seq, 0);
+
+        // A non-retriable broker error fails without a retry (batch 1 is
+        // still in flight from the last round).
+        assert_eq!(sent[1].no, 1);
+        let err = ErrorReply::new(ErrorCode::MessageTooLarge, "big");
+        st.on_reply(
+            &cfg,
+            0,
+            1,
+            sent[1].token,
+            Err(ClientError::Broker(err)),
+            now,
+        );
+        assert_eq!(st.failed_messages, 2);
+        assert!(st.unresolved.is_empty());
+    }
+
+    #[test]
+    fn out_of_order_behind_a_retried_batch_is_retried() {
+        let cfg = cfg();
+        let mut st = sealed(&cfg, 2);
+        let now = Instant::now();
+        let sent = st.take_sendable(&cfg, now);
+        let ooo = ErrorReply::new(ErrorCode::OutOfOrderSequence, "gap");
+        st.on_reply(
+            &cfg,
+            0,
+            1,
+            sent[1].token,
+            Err(ClientError::Broker(ooo.clone())),
+            now,
+        );
+        assert_eq!(st.failed_messages, 0);
+        assert_eq!(st.queues[0].batches[1].state, BatchState::Waiting);
+        // With nothing pending before it, the same error is fatal.
+        st.on_reply(&cfg, 0, 0, sent[0].token, ack(), now);
+        let later = now + Duration::from_secs(5);
+        let again = st.take_sendable(&cfg, later);
+        st.on_reply(
+            &cfg,
+            0,
+            1,
+            again[0].token,
+            Err(ClientError::Broker(ooo)),
+            later,
+        );
+        assert_eq!(st.failed_messages, 1);
+    }
+
+    #[test]
+    fn stale_success_still_acks_once() {
+        let cfg = cfg();
+        let mut st = sealed(&cfg, 1);
+        let now = Instant::now();
+        let s1 = st.take_sendable(&cfg, now);
+        st.on_reply(&cfg, 0, 0, s1[0].token, Err(ClientError::Disconnected), now);
+        let later = now + Duration::from_secs(5);
+        let s2 = st.take_sendable(&cfg, later);
+        // The first attempt's success arrives late, then the resend's duplicate.
+        st.on_reply(&cfg, 0, 0, s1[0].token, ack(), later);
+        st.on_reply(
+            &cfg,
+            0,
+            0,
+            s2[0].token,
+            Ok(Reply::Produce {
+                base_offset: 0,
+                duplicate: true,
+            }),
+            later,
+        );
+        assert_eq!((st.acked_messages, st.duplicates), (1, 0));
+    }
+
+    #[test]
+    fn connect_failures_use_up_retries_of_waiting_batches() {
+        let cfg = ProducerConfig {
+            retries: 1,
+            ..cfg()
+        };
+        let mut st = sealed(&cfg, 2);
+        let now = Instant::now();
+        let refused = || ClientError::Io(std::io::ErrorKind::ConnectionRefused.into());
+        st.on_connect_failure(&cfg, refused(), now);
+        assert_eq!(st.failed_messages, 0);
+        assert!(st.next_connect_at.is_some());
+        st.on_connect_failure(&cfg, refused(), now);
+        assert_eq!(st.failed_messages, 2);
+        assert!(matches!(st.first_error, Some(ClientError::Io(_))));
+    }
+
+    #[test]
+    fn dropping_the_connection_resends_everything_in_flight() {
+        let cfg = cfg();
+        let mut st = sealed(&cfg, 3);
+        let t0 = Instant::now();
+        let sent = st.take_sendable(&cfg, t0);
+        assert_eq!(sent.len(), 3);
+        let late = t0 + cfg.request_timeout;
+        assert!(st.any_overdue(&cfg, late));
+        st.fail_in_flight(&cfg, late);
+        assert!(!st.any_overdue(&cfg, late));
+        let attempts: Vec<u32> = st.queues[0].batches.iter().map(|b| b.attempts).collect();
+        assert_eq!(attempts, vec![1, 0, 0]);
+        // The old connection's Disconnected callbacks are stale now.
+        for o in &sent {
+            st.on_reply(&cfg, 0, o.no, o.token, Err(ClientError::Disconnected), late);
+        }
+        assert_eq!(st.queues[0].batches[0].attempts, 1);
+        let again = st.take_sendable(&cfg, late + cfg.backoff(1));
+        assert_eq!(
+            again.iter().map(|o| o.no).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let cfg = ProducerConfig {
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_millis(350),
+            ..cfg()
+        };
+        let ms: Vec<u128> = (1..=4).map(|a| cfg.backoff(a).as_millis()).collect();
+        assert_eq!(ms, vec![100, 200, 350, 350]);
+    }
+}

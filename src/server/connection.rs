@@ -1,0 +1,193 @@
+//! One client connection on one shard.
+//!
+//! The read loop buffers bytes until a whole frame is there (refusing one
+//! over `max_frame_bytes` from its length prefix alone), decodes it, and
+//! hands it to `ShardCtx::dispatch`, awaiting only the ordered first phase.
+//! The rest of each request runs as its own task, so a pipelining client
+//! gets replies as they complete, matched by request id. A writer task owns
+//! the socket's write half and sends replies; fetched batches go to the
+//! socket straight from the log's memory (no copy into a reply buffer).
+//! A malformed frame gets an error reply and the connection is closed:
+//! after garbage, frame boundaries cannot be trusted.
+
+use super::shard_context::ShardCtx;
+use crate::protocol::frame::{self, FrameError, FRAME_LEN_BYTES, REQUEST_HEADER_BYTES};
+use crate::protocol::messages::{encode_error, encode_reply};
+use crate::protocol::{ErrorCode, ErrorReply, Request, Response, API_VERSION};
+use bytes::{Bytes, BytesMut};
+use futures::channel::mpsc;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use glommio::net::TcpStream;
+use std::rc::Rc;
+
+/// Requests one connection may have in progress; reading pauses beyond it.
+pub const IN_FLIGHT_PER_CONNECTION_MAX: u64 = 1024;
+/// Bytes read from the socket per read call (more when a frame needs it).
+const READ_CHUNK_BYTES: usize = 64 << 10;
+
+struct Outgoing {
+    request_id: u32,
+    response: Response,
+    /// Holds one unit of the connection's in-flight limit.
+    counted: bool,
+}
+
+pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.split();
+    let (tx, mut rx) = mpsc::unbounded::<Outgoing>();
+    let in_flight = Rc::new(glommio::sync::Semaphore::new(IN_FLIGHT_PER_CONNECTION_MAX));
+    let writer_permits = in_flight.clone();
+    let writer_task = glommio::spawn_local(async move {
+        let mut head = BytesMut::with_capacity(256);
+        while let Some(out) = rx.next().await {
+            head.clear();
+            let batches = encode(&out, &mut head);
+            let mut ok = writer.write_all(&head).await.is_ok();
+            for b in &batches {
+                ok = ok && writer.write_all(b).await.is_ok();
+            }
+            if out.counted {
+                writer_permits.signal(1);
+            }
+            if !ok {
+                break;
+            }
+        }
+        let _ = writer.close().await;
+    });
+
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let max_frame = ctx.config.max_frame_bytes;
+    'conn: loop {
+        // Parse every whole frame already buffered.
+        loop {
+            let len = match frame::peek_frame_len(&buf, max_frame) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
+                Err(FrameError::TooLarge { len, max }) => {
+                    let id = request_id_of(&buf);
+                    refuse(
+                        &tx,
+                        id,
+                        ErrorCode::FrameTooLarge,
+                        format!("frame of {len} bytes is over the limit of {max} bytes"),
+                    );
+                    break 'conn;
+                }
+                Err(e) => {
+                    refuse(&tx, 0, ErrorCode::Malformed, e.to_string());
+                    break 'conn;
+                }
+            };
+            if buf.len() < FRAME_LEN_BYTES + len {
+                buf.reserve(FRAME_LEN_BYTES + len - buf.len());
+                break;
+            }
+            let mut frame_bytes = buf.split_to(FRAME_LEN_BYTES + len);
+            let _ = frame_bytes.split_to(FRAME_LEN_BYTES);
+            let (header, body) = match frame::parse_request(frame_bytes.freeze()) {
+                Ok(x) => x,
+                Err(e) => {
+                    refuse(&tx, 0, ErrorCode::Malformed, e.to_string());
+                    break 'conn;
+                }
+            };
+            if header.api_version != API_VERSION {
+                refuse(
+                    &tx,
+                    header.request_id,
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "api version {} is not supported (this broker speaks {API_VERSION})",
+                        header.api_version
+                    ),
+                );
+                continue;
+            }
+            let req = match Request::decode(header.api, body) {
+                Ok(r) => r,
+                Err(crate::protocol::DecodeError::UnknownApi(api)) => {
+                    refuse(
+                        &tx,
+                        header.request_id,
+                        ErrorCode::UnknownApi,
+                        format!("unknown api {api}"),
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    refuse(&tx, header.request_id, ErrorCode::Malformed, e.to_string());
+                    break 'conn;
+                }
+            };
+            // The writer gives the unit back once the reply is sent.
+            if in_flight.acquire(1).await.is_err() {
+                break 'conn;
+            }
+            let pending = ctx.dispatch(req).await;
+            let tx = tx.clone();
+            let request_id = header.request_id;
+            glommio::spawn_local(async move {
+                let response = pending.await;
+                let _ = tx.unbounded_send(Outgoing {
+                    request_id,
+                    response,
+                    counted: true,
+                });
+            })
+            .detach();
+        }
+        // Read more.
+        let start = buf.len();
+        let want = READ_CHUNK_BYTES.max(buf.capacity() - start);
+        buf.resize(start + want, 0);
+        match reader.read(&mut buf[start..]).await {
+            Ok(0) | Err(_) => {
+                buf.truncate(start);
+                if !buf.is_empty() {
+                    tracing::debug!(?peer, bytes = buf.len(), "client left mid-frame");
+                }
+                break;
+            }
+            Ok(n) => buf.truncate(start + n),
+        }
+    }
+    drop(tx);
+    // Replies still in progress finish and are sent before the socket closes.
+    writer_task.await;
+}
+
+fn request_id_of(buf: &[u8]) -> u32 {
+    if buf.len() >= FRAME_LEN_BYTES + REQUEST_HEADER_BYTES {
+        u32::from_be_bytes(buf[8..12].try_into().expect("4 bytes"))
+    } else {
+        0
+    }
+}
+
+fn refuse(tx: &mpsc::UnboundedSender<Outgoing>, request_id: u32, code: ErrorCode, message: String) {
+    tracing::debug!(%code, %message, "refusing a request");
+    let _ = tx.unbounded_send(Outgoing {
+        request_id,
+        response: Err(ErrorReply::new(code, message)),
+        counted: false,
+    });
+}
+
+/// Encodes a reply's header and small body into `head`; returns the batches to send after it.
+fn encode(out: &Outgoing, head: &mut BytesMut) -> Vec<Bytes> {
+    let mut body = BytesMut::new();
+    let (code, batches) = match &out.response {
+        Ok(reply) => (ErrorCode::None, encode_reply(reply, &mut body)),
+        Err(e) => {
+            encode_error(e, &mut body);
+            (e.code, Vec::new())
+        }
+    };
+    let batch_bytes: usize = batches.iter().map(Bytes::len).sum();
+    frame::put_response_header(head, out.request_id, code as u16, body.len() + batch_bytes);
+    head.extend_from_slice(&body);
+    batches
+}

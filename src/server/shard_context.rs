@@ -1,0 +1,338 @@
+//! What the network layer of one shard knows: its storage (`Shard`), the
+//! node's metadata, and the channels to the other shards. `dispatch` is the
+//! one entry point for a decoded request: it routes it to the owning shard
+//! (here, or across a channel) and runs its ordered first phase before it
+//! returns, so the caller can read the next frame and still keep produce
+//! order per connection; the returned future is the rest (durability, long
+//! poll) and resolves to the reply.
+
+use super::router::ShardMsg;
+use crate::config::Config;
+use crate::metadata::{MetaStore, Metadata, TopicMeta};
+use crate::protocol::{
+    ErrorCode, ErrorReply, Flush, NodeInfo, QueueInfo, Reply, Request, Response, TopicInfo,
+};
+use coremq_shards::shard::{QueuePolicy, Shard};
+use coremq_shards::{QueueKey, ShardError};
+use futures::channel::oneshot;
+use futures::future::{ready, FutureExt, LocalBoxFuture};
+use glommio::channels::shared_channel::ConnectedSender;
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Longest long-poll a fetch may ask for.
+pub const FETCH_WAIT_MS_MAX: u32 = 30_000;
+
+pub struct ShardCtx {
+    pub id: u32,
+    pub shard: Rc<Shard>,
+    pub meta: Arc<MetaStore>,
+    pub config: Arc<Config>,
+    pub peers: Vec<Option<ConnectedSender<ShardMsg>>>,
+    /// Every shard's own port, known once all shards have bound.
+    pub shard_ports: Arc<OnceLock<Vec<u16>>>,
+}
+
+pub fn policy(t: &TopicMeta) -> QueuePolicy {
+    QueuePolicy {
+        sync_flush: t.spec.flush == Flush::Sync,
+        segment_bytes: t.spec.segment_bytes,
+        retention_ms: t.spec.retention_ms,
+        retention_bytes: t.spec.retention_bytes,
+    }
+}
+
+pub fn shard_error(e: ShardError) -> ErrorReply {
+    let code = match &e {
+        ShardError::Io(_) | ShardError::LogFailed(_) | ShardError::CorruptFile { .. } => {
+            ErrorCode::StorageError
+        }
+        ShardError::Batch(_) => ErrorCode::CorruptBatch,
+        ShardError::TooLarge { .. } => ErrorCode::MessageTooLarge,
+        ShardError::InvalidBatch(_) => ErrorCode::InvalidRequest,
+        ShardError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        ShardError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+        ShardError::InvalidProducerEpoch { .. } => ErrorCode::InvalidProducerEpoch,
+        ShardError::DuplicateSequence { .. } => ErrorCode::DuplicateSequence,
+        ShardError::ShuttingDown => ErrorCode::ShuttingDown,
+    };
+    let mut reply = ErrorReply::new(code, e.to_string());
+    if let ShardError::OffsetOutOfRange { start, next, .. } = e {
+        reply.offsets = Some((start, next));
+    }
+    reply
+}
+
+fn shutting_down() -> ErrorReply {
+    ErrorReply::new(ErrorCode::ShuttingDown, "the broker is shutting down")
+}
+
+/// The queue a request addresses, checked against the metadata.
+fn queue_of(
+    meta: &Metadata,
+    topic: &str,
+    queue: u32,
+) -> Result<(QueueKey, u32, QueuePolicy), ErrorReply> {
+    let t = meta.topic(topic)?;
+    let owner = t.placement.get(queue as usize).copied().ok_or_else(|| {
+        ErrorReply::new(
+            ErrorCode::UnknownQueue,
+            format!(
+                "topic {topic:?} has queues 0..{}, not {queue}",
+                t.placement.len()
+            ),
+        )
+    })?;
+    Ok((
+        QueueKey {
+            topic_id: t.id,
+            queue,
+        },
+        owner,
+        policy(t),
+    ))
+}
+
+impl ShardCtx {
+    /// Routes a request and runs its ordered phase; the future is the rest.
+    pub async fn dispatch(self: &Rc<Self>, req: Request) -> LocalBoxFuture<'static, Response> {
+        let target = match &req {
+            Request::Produce { topic, queue, .. }
+            | Request::Fetch { topic, queue, .. }
+            | Request::CommitOffset { topic, queue, .. }
+            | Request::FetchOffset { topic, queue, .. } => {
+                match queue_of(&self.meta.snapshot(), topic, *queue) {
+                    Ok((_, owner, _)) => Some(owner),
+                    Err(e) => return ready(Err(e)).boxed_local(),
+                }
+            }
+            _ => None,
+        };
+        match target {
+            Some(owner) if owner != self.id => self.forward(owner, req).await,
+            Some(_) => self.handle_local(req),
+            None => self.clone().handle_control(req).boxed_local(),
+        }
+    }
+
+    async fn forward(&self, owner: u32, req: Request) -> LocalBoxFuture<'static, Response> {
+        let Some(Some(peer)) = self.peers.get(owner as usize) else {
+            return ready(Err(ErrorReply::new(
+                ErrorCode::Internal,
+                format!("no shard {owner}"),
+            )))
+            .boxed_local();
+        };
+        let (tx, rx) = oneshot::channel();
+        if peer
+            .send(ShardMsg::Request { req, reply: tx })
+            .await
+            .is_err()
+        {
+            return ready(Err(shutting_down())).boxed_local();
+        }
+        async move { rx.await.unwrap_or_else(|_| Err(shutting_down())) }.boxed_local()
+    }
+
+    /// Serves a message another shard sent here.
+    pub fn handle_peer(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Request { req, reply } => {
+                let fut = self.handle_local(req);
+                glommio::spawn_local(async move {
+                    let _ = reply.send(fut.await);
+                })
+                .detach();
+            }
+            ShardMsg::QueueOffsets { key, reply } => {
+                let _ = reply.send(self.shard.queue_offsets(key));
+            }
+        }
+    }
+
+    /// A queue request for a queue this shard owns: phase one now, the rest in the future.
+    pub fn handle_local(self: &Rc<Self>, req: Request) -> LocalBoxFuture<'static, Response> {
+        let meta = self.meta.snapshot();
+        let shard = self.shard.clone();
+        match req {
+            Request::Produce {
+                topic,
+                queue,
+                batch,
+            } => {
+                let produced = queue_of(&meta, &topic, queue).and_then(|(key, _, policy)| {
+                    shard.produce(key, batch, policy).map_err(shard_error)
+                });
+                match produced {
+                    Err(e) => ready(Err(e)).boxed_local(),
+                    Ok(p) => async move {
+                        shard.durable(&p).await.map_err(shard_error)?;
+                        Ok(Reply::Produce {
+                            base_offset: p.base_offset,
+                            duplicate: p.duplicate,
+                        })
+                    }
+                    .boxed_local(),
+                }
+            }
+            Request::Fetch {
+                topic,
+                queue,
+                offset,
+                max_bytes,
+                max_wait_ms,
+            } => {
+                let max_bytes = (max_bytes as usize)
+                    .min(self.config.max_frame_bytes / 2)
+                    .max(1);
+                let wait = Duration::from_millis(u64::from(max_wait_ms.min(FETCH_WAIT_MS_MAX)));
+                async move {
+                    let (key, _, _) = queue_of(&meta, &topic, queue)?;
+                    let f = shard
+                        .fetch(key, offset, max_bytes, wait)
+                        .await
+                        .map_err(shard_error)?;
+                    Ok(Reply::Fetch {
+                        log_start: f.log_start,
+                        next_offset: f.next_offset,
+                        batches: f.batches,
+                    })
+                }
+                .boxed_local()
+            }
+            Request::CommitOffset {
+                group,
+                topic,
+                queue,
+                offset,
+            } => async move {
+                validate_group(&group)?;
+                let (key, _, _) = queue_of(&meta, &topic, queue)?;
+                let (start, next) = shard.queue_offsets(key);
+                if offset < 0 || offset > next {
+                    return Err(ErrorReply::new(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "cannot commit offset {offset}: queue {queue} holds [{start}, {next})"
+                        ),
+                    ));
+                }
+                shard
+                    .commit_offset(&group, key, offset)
+                    .await
+                    .map_err(shard_error)?;
+                Ok(Reply::Done)
+            }
+            .boxed_local(),
+            Request::FetchOffset {
+                group,
+                topic,
+                queue,
+            } => {
+                let r = validate_group(&group)
+                    .and_then(|_| queue_of(&meta, &topic, queue))
+                    .map(|(key, _, _)| {
+                        Reply::Offset(shard.committed_offset(&group, key).unwrap_or(-1))
+                    });
+                ready(r).boxed_local()
+            }
+            other => self.clone().handle_control(other).boxed_local(),
+        }
+    }
+
+    async fn handle_control(self: Rc<Self>, req: Request) -> Response {
+        match req {
+            Request::CreateTopic(spec) => {
+                let t = self.meta.create_topic(spec)?;
+                tracing::info!(topic = %t.spec.name, queues = t.spec.queues, flush = %t.spec.flush, "topic created");
+                Ok(Reply::Topic(self.topic_info(&t).await))
+            }
+            Request::DeleteTopic { name } => {
+                self.meta.delete_topic(&name)?;
+                tracing::info!(topic = %name, "topic deleted");
+                Ok(Reply::Done)
+            }
+            Request::DescribeTopic { name } => {
+                let meta = self.meta.snapshot();
+                let t = meta.topic(&name)?;
+                Ok(Reply::Topic(self.topic_info(t).await))
+            }
+            Request::ListTopics => {
+                let meta = self.meta.snapshot();
+                let mut out = Vec::with_capacity(meta.topics.len());
+                for t in meta.topics.values() {
+                    out.push(self.topic_info(t).await);
+                }
+                Ok(Reply::Topics(out))
+            }
+            Request::Metadata => Ok(Reply::Metadata(NodeInfo {
+                shards: self.config.shards as u32,
+                shard_ports: self.ports(),
+                max_message_bytes: self.config.max_message_bytes as u64,
+                max_frame_bytes: self.config.max_frame_bytes as u64,
+            })),
+            // Queue requests never reach here: dispatch routes them.
+            other => Err(ErrorReply::new(
+                ErrorCode::Internal,
+                format!("{:?} is not a control request", other.api()),
+            )),
+        }
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        self.shard_ports.get().cloned().unwrap_or_default()
+    }
+
+    async fn topic_info(&self, t: &TopicMeta) -> TopicInfo {
+        let ports = self.ports();
+        let mut queues = Vec::with_capacity(t.placement.len());
+        for (q, &owner) in t.placement.iter().enumerate() {
+            let key = QueueKey {
+                topic_id: t.id,
+                queue: q as u32,
+            };
+            let (start, end) = self.queue_offsets(owner, key).await;
+            queues.push(QueueInfo {
+                queue: q as u32,
+                shard: owner,
+                shard_port: ports.get(owner as usize).copied().unwrap_or(0),
+                start_offset: start,
+                end_offset: end,
+            });
+        }
+        TopicInfo {
+            spec: t.spec.clone(),
+            id: t.id,
+            queues,
+        }
+    }
+
+    async fn queue_offsets(&self, owner: u32, key: QueueKey) -> (i64, i64) {
+        if owner == self.id {
+            return self.shard.queue_offsets(key);
+        }
+        let Some(Some(peer)) = self.peers.get(owner as usize) else {
+            return (0, 0);
+        };
+        let (tx, rx) = oneshot::channel();
+        if peer
+            .send(ShardMsg::QueueOffsets { key, reply: tx })
+            .await
+            .is_err()
+        {
+            return (0, 0);
+        }
+        rx.await.unwrap_or((0, 0))
+    }
+}
+
+fn validate_group(group: &str) -> Result<(), ErrorReply> {
+    if group.is_empty() || group.chars().any(char::is_control) {
+        return Err(ErrorReply::new(
+            ErrorCode::InvalidRequest,
+            format!("invalid group name {group:?}"),
+        ));
+    }
+    Ok(())
+}

@@ -185,10 +185,8 @@ mod tests {
     #[test]
     fn forgotten_duplicates_are_refused_not_stored() {
         let mut t = ProducerTable::default();
-        let mut seq = 0;
-        for i in 0..10 {
-            t.record(&header(1, 0, seq, 1), i);
-            seq += 1;
+        for seq in 0..10 {
+            t.record(&header(1, 0, seq, 1), i64::from(seq));
         }
         assert!(matches!(
             t.check(&header(1, 0, 0, 1)),

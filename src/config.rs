@@ -18,6 +18,8 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 1 << 30;
 pub const SEGMENT_BYTES_MIN: u64 = 1 << 20;
 /// Default longest wait before async-flush data is `fdatasync`ed.
 pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 100;
+/// Default unsynced bytes that trigger an early `fdatasync` of async-flush data.
+pub const FLUSH_BYTES_DEFAULT: u64 = 16 << 20;
 /// Default largest frame on a connection.
 pub const MAX_FRAME_BYTES_DEFAULT: usize = 16 << 20;
 /// Default largest record batch (Kafka's message.max.bytes).
@@ -53,6 +55,9 @@ pub struct ServeArgs {
     /// Longest time async-flush data waits for fdatasync [default: 100].
     #[arg(long, value_name = "MS")]
     pub flush_interval_ms: Option<u64>,
+    /// Async-flush data is also fdatasync'ed once this much is unsynced [default: 16 MiB].
+    #[arg(long, value_name = "BYTES")]
+    pub flush_bytes: Option<u64>,
     /// Largest frame a client may send [default: 16 MiB].
     #[arg(long, value_name = "BYTES")]
     pub max_frame_bytes: Option<usize>,
@@ -80,6 +85,7 @@ struct FileConfig {
     shards: Option<usize>,
     segment_bytes: Option<u64>,
     flush_interval_ms: Option<u64>,
+    flush_bytes: Option<u64>,
     max_frame_bytes: Option<usize>,
     max_message_bytes: Option<usize>,
     tail_cache_bytes: Option<usize>,
@@ -96,6 +102,7 @@ pub struct Config {
     pub shards: usize,
     pub segment_bytes: u64,
     pub flush_interval: Duration,
+    pub flush_bytes: u64,
     pub max_frame_bytes: usize,
     pub max_message_bytes: usize,
     pub tail_cache_bytes: usize,
@@ -167,6 +174,11 @@ impl Config {
                     .or(file.flush_interval_ms)
                     .unwrap_or(FLUSH_INTERVAL_MS_DEFAULT),
             ),
+            flush_bytes: args
+                .flush_bytes
+                .or(file.flush_bytes)
+                .unwrap_or(FLUSH_BYTES_DEFAULT)
+                .max(1),
             max_frame_bytes: args
                 .max_frame_bytes
                 .or(file.max_frame_bytes)

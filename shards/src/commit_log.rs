@@ -34,6 +34,8 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// Longest time written data of async-flush topics waits for `fdatasync`.
     pub flush_interval: Duration,
+    /// Written-but-unsynced bytes that trigger an `fdatasync` before the interval.
+    pub flush_bytes: u64,
     /// Recently written batches kept in memory for readers.
     pub tail_cache_bytes: usize,
     /// Largest batch the log accepts (bounds recovery's plausibility check).
@@ -294,6 +296,11 @@ impl CommitLog {
         self.state.borrow().end
     }
 
+    /// Position up to which everything is `fdatasync`ed.
+    pub fn synced(&self) -> u64 {
+        self.state.borrow().synced
+    }
+
     /// Position up to which readers may see entries.
     pub fn written(&self) -> u64 {
         self.state.borrow().written
@@ -377,8 +384,9 @@ impl CommitLog {
                 let mut st = self.state.borrow_mut();
                 let pending = std::mem::take(&mut st.pending);
                 let waiting = !st.sync_waiters.is_empty();
-                let due =
-                    st.synced < st.written && st.last_sync.elapsed() >= self.cfg.flush_interval;
+                let due = st.synced < st.written
+                    && (st.last_sync.elapsed() >= self.cfg.flush_interval
+                        || st.written - st.synced >= self.cfg.flush_bytes);
                 let idle_wait = (st.synced < st.written).then(|| {
                     self.cfg
                         .flush_interval
@@ -565,5 +573,65 @@ impl CommitLog {
                 _ => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{BatchBuilder, Compression};
+
+    fn log_config(dir: &std::path::Path, flush_interval: Duration, flush_bytes: u64) -> LogConfig {
+        LogConfig {
+            dir: dir.to_path_buf(),
+            segment_bytes: 1 << 20,
+            flush_interval,
+            flush_bytes,
+            tail_cache_bytes: 1 << 20,
+            batch_bytes_max: 1 << 20,
+        }
+    }
+
+    fn batch(bytes: usize) -> Bytes {
+        let mut b = BatchBuilder::new(Compression::None);
+        b.push(0, None, Some(&vec![7u8; bytes]), &[]);
+        b.build()
+    }
+
+    const K: QueueKey = QueueKey {
+        topic_id: 0,
+        queue: 0,
+    };
+
+    /// Async data is synced once `flush_bytes` are unsynced, long before the interval.
+    #[test]
+    fn async_data_is_synced_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let hour = Duration::from_secs(3600);
+                let (log, _) = CommitLog::open(log_config(&d, hour, 64 << 10))
+                    .await
+                    .unwrap();
+                glommio::spawn_local(log.clone().run_writer()).detach();
+                log.append(K, batch(1000), 0, 0).unwrap();
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                assert!(log.written() > 0);
+                assert_eq!(log.synced(), 0, "below flush_bytes nothing is synced yet");
+                for _ in 0..100 {
+                    log.append(K, batch(1000), 0, 0).unwrap();
+                }
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while log.synced() == 0 && Instant::now() < deadline {
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+                assert!(log.synced() >= 64 << 10, "synced {}", log.synced());
+                log.stop().await;
+                assert_eq!(log.synced(), log.end(), "stop syncs everything");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

@@ -31,6 +31,7 @@ pub struct ShardConfig {
     pub dir: PathBuf,
     pub segment_bytes: u64,
     pub flush_interval: Duration,
+    pub flush_bytes: u64,
     pub tail_cache_bytes: usize,
     /// Largest record batch accepted (Kafka's message.max.bytes).
     pub max_message_bytes: usize,
@@ -95,6 +96,7 @@ impl Shard {
             dir: cfg.dir.join("log"),
             segment_bytes: cfg.segment_bytes,
             flush_interval: cfg.flush_interval,
+            flush_bytes: cfg.flush_bytes,
             tail_cache_bytes: cfg.tail_cache_bytes,
             batch_bytes_max: cfg.max_message_bytes.max(batch::BATCH_HEADER_BYTES),
         })
@@ -411,6 +413,7 @@ mod tests {
             dir: dir.to_path_buf(),
             segment_bytes: 1 << 20,
             flush_interval: Duration::from_millis(5),
+            flush_bytes: 1 << 20,
             tail_cache_bytes: 64 << 10,
             max_message_bytes: 1 << 20,
         }

@@ -232,6 +232,7 @@ async fn shard_main(
         dir: config.data_dir.join(format!("shard-{id}")),
         segment_bytes: config.segment_bytes,
         flush_interval: config.flush_interval,
+        flush_bytes: config.flush_bytes,
         tail_cache_bytes: config.tail_cache_bytes,
         max_message_bytes: config.max_message_bytes,
     })

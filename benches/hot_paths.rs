@@ -1,0 +1,145 @@
+//! Micro-benchmarks of the hot paths, without a framework: each runs a
+//! closure for a fixed wall time and prints nanoseconds per operation and
+//! throughput. `cargo bench --bench hot_paths` (add a name to filter).
+//! Figures go to docs/benchmarks.md with the command that made them.
+
+use bytes::Bytes;
+use coremq::protocol::{Request, TopicSpec};
+use coremq_shards::batch::{self, BatchBuilder, Compression};
+use coremq_shards::consume_queue::{ConsumeQueue, IndexEntry};
+use coremq_shards::segment;
+use coremq_shards::QueueKey;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+/// Wall time each benchmark runs for.
+const RUN_TIME: Duration = Duration::from_millis(500);
+
+fn bench(name: &str, bytes_per_op: usize, mut f: impl FnMut()) {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+        return;
+    }
+    for _ in 0..10 {
+        f();
+    }
+    let start = Instant::now();
+    let mut ops = 0u64;
+    while start.elapsed() < RUN_TIME {
+        for _ in 0..64 {
+            f();
+        }
+        ops += 64;
+    }
+    let ns = start.elapsed().as_nanos() as f64 / ops as f64;
+    let mb_s = if bytes_per_op > 0 {
+        format!("{:>10.1} MB/s", bytes_per_op as f64 / ns * 1e3)
+    } else {
+        String::new()
+    };
+    println!("{name:<44} {ns:>12.1} ns/op {mb_s}");
+}
+
+fn build(n: usize, size: usize, c: Compression) -> Bytes {
+    let value = vec![b'x'; size];
+    let mut b = BatchBuilder::new(c).producer(1, 0, 0);
+    for i in 0..n {
+        b.push(i as i64, None, Some(&value), &[]);
+    }
+    b.build()
+}
+
+fn main() {
+    let one_kib = vec![b'x'; 1024];
+    bench("batch encode 64 x 1 KiB (none)", 64 * 1024, || {
+        let mut b = BatchBuilder::new(Compression::None);
+        for i in 0..64 {
+            b.push(i, None, Some(&one_kib), &[]);
+        }
+        black_box(b.build());
+    });
+    for c in [
+        Compression::None,
+        Compression::Lz4,
+        Compression::Zstd,
+        Compression::Snappy,
+        Compression::Gzip,
+    ] {
+        let b = build(64, 1024, c);
+        bench(
+            &format!(
+                "batch validate (crc32c) 64 x 1 KiB ({}, {} B stored)",
+                c.name(),
+                b.len()
+            ),
+            b.len(),
+            || {
+                black_box(batch::validate(&b).unwrap());
+            },
+        );
+        bench(
+            &format!("batch decode 64 x 1 KiB ({})", c.name()),
+            64 * 1024,
+            || {
+                black_box(batch::decode_records(&b).unwrap());
+            },
+        );
+    }
+    let b = build(64, 1024, Compression::None);
+    let key = QueueKey {
+        topic_id: 1,
+        queue: 0,
+    };
+    bench("log entry header (crc32) for 64 KiB batch", 0, || {
+        black_box(segment::entry_header(key, &b));
+    });
+    let mut seg = Vec::new();
+    for _ in 0..16 {
+        seg.extend_from_slice(&segment::entry_header(key, &b));
+        seg.extend_from_slice(&b);
+    }
+    bench("recovery scan of 16 x 64 KiB entries", seg.len(), || {
+        black_box(segment::scan(&seg, 1 << 20));
+    });
+    let mut q = ConsumeQueue::new(0);
+    for i in 0..1_000_000u64 {
+        q.push(IndexEntry {
+            base_offset: i as i64 * 10,
+            batch_pos: i * 1000,
+            batch_len: 900,
+            record_count: 10,
+            max_timestamp: 0,
+        });
+    }
+    let mut o = 0i64;
+    bench("index lookup in 1M batches (+collect 1 MiB)", 0, || {
+        o = (o + 7_919_993) % 10_000_000;
+        black_box(q.lookup(o, u64::MAX, 1 << 20));
+    });
+    let req = Request::Produce {
+        topic: "orders".into(),
+        queue: 1,
+        batch: b.clone(),
+    };
+    bench("produce request decode (64 KiB batch)", b.len(), || {
+        let mut out = bytes::BytesMut::new();
+        req.encode_body(&mut out);
+        black_box(Request::decode(1, out.freeze()).unwrap());
+    });
+    let spec = Request::CreateTopic(TopicSpec {
+        name: "orders".into(),
+        queues: 4,
+        flush: coremq::protocol::Flush::Sync,
+        segment_bytes: 0,
+        retention_ms: 0,
+        retention_bytes: 0,
+    });
+    bench("create-topic request encode+decode (rkyv)", 0, || {
+        let mut out = bytes::BytesMut::new();
+        spec.encode_body(&mut out);
+        black_box(Request::decode(3, out.freeze()).unwrap());
+    });
+}

@@ -296,6 +296,32 @@ impl CommitLog {
         self.state.borrow().end
     }
 
+    /// Bytes queued but not yet written: the writer's backlog.
+    pub fn unwritten_bytes(&self) -> u64 {
+        let st = self.state.borrow();
+        st.end - st.written
+    }
+
+    /// Completes once every byte before `end` is written (visible to readers).
+    pub async fn wait_written(&self, end: u64) -> Result<()> {
+        loop {
+            let moved = self.written_moved.notified();
+            {
+                let st = self.state.borrow();
+                if st.written >= end {
+                    return Ok(());
+                }
+                if let Some(e) = &st.failed {
+                    return Err(ShardError::LogFailed(e.clone()));
+                }
+            }
+            if self.writer_done.get() {
+                return Err(ShardError::ShuttingDown);
+            }
+            moved.await;
+        }
+    }
+
     /// Position up to which everything is `fdatasync`ed.
     pub fn synced(&self) -> u64 {
         self.state.borrow().synced

@@ -24,6 +24,10 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
+/// Writer backlog beyond which async-flush produces wait for their write:
+/// back-pressure, so memory stays bounded when the disk is slower than producers.
+pub const UNWRITTEN_BYTES_MAX: u64 = 64 << 20;
+
 /// Format version of the queue checkpoint file.
 const CHECKPOINT_VERSION: u8 = 1;
 
@@ -59,7 +63,16 @@ struct QueueState {
 pub struct Produced {
     pub base_offset: i64,
     pub duplicate: bool,
-    durable_end: Option<u64>,
+    wait: Wait,
+}
+
+/// What the acknowledgement of a produce waits for.
+enum Wait {
+    Nothing,
+    /// Back-pressure: the log position must be written.
+    Written(u64),
+    /// Sync flush: the log position must be written and synced.
+    Synced(u64),
 }
 
 /// Result of a fetch.
@@ -168,7 +181,11 @@ impl Shard {
                 base_offset,
                 duplicate: true,
                 // The original may still be in flight: wait until all written so far is durable.
-                durable_end: policy.sync_flush.then(|| self.log.end()),
+                wait: if policy.sync_flush {
+                    Wait::Synced(self.log.end())
+                } else {
+                    Wait::Nothing
+                },
             });
         }
         let base_offset = q.index.next_offset();
@@ -189,15 +206,22 @@ impl Shard {
         Ok(Produced {
             base_offset,
             duplicate: false,
-            durable_end: policy.sync_flush.then_some(batch_pos + len as u64),
+            wait: if policy.sync_flush {
+                Wait::Synced(batch_pos + len as u64)
+            } else if self.log.unwritten_bytes() > UNWRITTEN_BYTES_MAX {
+                Wait::Written(batch_pos + len as u64)
+            } else {
+                Wait::Nothing
+            },
         })
     }
 
     /// Phase two of a produce: completes when the batch is as durable as its topic asks.
     pub async fn durable(&self, produced: &Produced) -> Result<()> {
-        match produced.durable_end {
-            Some(end) => self.log.wait_durable(end).await,
-            None => Ok(()),
+        match produced.wait {
+            Wait::Synced(end) => self.log.wait_durable(end).await,
+            Wait::Written(end) => self.log.wait_written(end).await,
+            Wait::Nothing => Ok(()),
         }
     }
 
@@ -614,6 +638,38 @@ mod tests {
             let p3 = shard.produce(K, once, SYNC).unwrap();
             assert!(p3.duplicate);
             assert_eq!(values(&shard, K, 0).await, vec!["once".to_string()]);
+            shard.stop().await;
+        });
+    }
+
+    #[test]
+    fn async_produces_wait_when_the_writer_falls_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            let policy = QueuePolicy {
+                sync_flush: false,
+                ..SYNC
+            };
+            let big = "b".repeat(1000 << 10);
+            // No writer yet: everything stays queued.
+            let mut last = None;
+            for _ in 0..(UNWRITTEN_BYTES_MAX / (1000 << 10) + 2) {
+                let p = shard.produce(K, batch(&[&big], 0), policy).unwrap();
+                last = Some(p);
+            }
+            let last = last.unwrap();
+            let waited = glommio::timer::timeout(Duration::from_millis(200), async {
+                shard
+                    .durable(&last)
+                    .await
+                    .map_err(|_| glommio::GlommioError::<()>::TimedOut(Duration::ZERO))
+            })
+            .await;
+            assert!(waited.is_err(), "the ack did not wait for the backlog");
+            glommio::spawn_local(shard.writer()).detach();
+            shard.durable(&last).await.unwrap();
             shard.stop().await;
         });
     }

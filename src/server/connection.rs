@@ -22,14 +22,17 @@ use std::rc::Rc;
 
 /// Requests one connection may have in progress; reading pauses beyond it.
 pub const IN_FLIGHT_PER_CONNECTION_MAX: u64 = 1024;
+/// Request bytes one connection may have in progress (at least one frame).
+pub const IN_FLIGHT_BYTES_PER_CONNECTION_MIN: u64 = 64 << 20;
 /// Bytes read from the socket per read call (more when a frame needs it).
 const READ_CHUNK_BYTES: usize = 64 << 10;
 
 struct Outgoing {
     request_id: u32,
     response: Response,
-    /// Holds one unit of the connection's in-flight limit.
-    counted: bool,
+    /// Units of the connection's in-flight byte limit it holds (0 for
+    /// refusals, which hold no request slot either).
+    bytes: u64,
 }
 
 pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
@@ -38,7 +41,10 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
     let (mut reader, mut writer) = stream.split();
     let (tx, mut rx) = mpsc::unbounded::<Outgoing>();
     let in_flight = Rc::new(glommio::sync::Semaphore::new(IN_FLIGHT_PER_CONNECTION_MAX));
+    let bytes_limit = IN_FLIGHT_BYTES_PER_CONNECTION_MIN.max(ctx.config.max_frame_bytes as u64);
+    let in_flight_bytes = Rc::new(glommio::sync::Semaphore::new(bytes_limit));
     let writer_permits = in_flight.clone();
+    let writer_bytes = in_flight_bytes.clone();
     let writer_task = glommio::spawn_local(async move {
         let mut head = BytesMut::with_capacity(256);
         while let Some(out) = rx.next().await {
@@ -48,8 +54,9 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
             for b in &batches {
                 ok = ok && writer.write_all(b).await.is_ok();
             }
-            if out.counted {
+            if out.bytes > 0 {
                 writer_permits.signal(1);
+                writer_bytes.signal(out.bytes);
             }
             if !ok {
                 break;
@@ -122,8 +129,11 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
                     break 'conn;
                 }
             };
-            // The writer gives the unit back once the reply is sent.
-            if in_flight.acquire(1).await.is_err() {
+            // The writer gives both back once the reply is sent.
+            let frame_units = (len as u64).max(1);
+            if in_flight.acquire(1).await.is_err()
+                || in_flight_bytes.acquire(frame_units).await.is_err()
+            {
                 break 'conn;
             }
             let pending = ctx.dispatch(req).await;
@@ -134,7 +144,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
                 let _ = tx.unbounded_send(Outgoing {
                     request_id,
                     response,
-                    counted: true,
+                    bytes: frame_units,
                 });
             })
             .detach();
@@ -172,7 +182,7 @@ fn refuse(tx: &mpsc::UnboundedSender<Outgoing>, request_id: u32, code: ErrorCode
     let _ = tx.unbounded_send(Outgoing {
         request_id,
         response: Err(ErrorReply::new(code, message)),
-        counted: false,
+        bytes: 0,
     });
 }
 

@@ -1,0 +1,508 @@
+//! One producer thread: builds record batches itself and pipelines them.
+//!
+//! The library's `Producer` hides per-message ack times behind its sender
+//! thread, so the benchmark batches on its own: messages go round robin over
+//! the topic's queues into one open [`BatchBuilder`] per queue; a batch is
+//! sealed when the next message would push it past `batch_bytes`, when it
+//! has lingered `linger`, or at once when `linger` is zero (each message its
+//! own batch: the single-message latency case). A sealed batch goes out with
+//! [`Connection::send_with`] without waiting for earlier acks; its reply
+//! callback records, for every message in it, the time from the message's
+//! intended send time to the ack.
+//!
+//! Every payload starts with its intended send time (nanoseconds since the
+//! UNIX epoch, big-endian, see [`TIMESTAMP_BYTES`]) so consumers can measure
+//! end-to-end latency from the same origin.
+//!
+//! In-flight limits: in open loop only a large safety cap on unacknowledged
+//! bytes (hitting it delays sends, which the schedule-based latency shows);
+//! in closed loop a window of unacknowledged batches, which is what sets
+//! the pace. Batches are never retried: a failed batch counts its messages
+//! as errors. After the last scheduled message the thread waits for every
+//! outstanding ack (up to [`ACK_WAIT_MAX`]); what is still unanswered then
+//! is failed by closing the connection.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use coremq::client::{ClientError, Connection, Timeouts};
+use coremq::protocol::{Reply, Request};
+use coremq_shards::batch::{BatchBuilder, Compression, RECORDS_PER_BATCH_MAX};
+
+use crate::schedule::{Clock, Pacing};
+use crate::stats::Tally;
+use crate::workload::TIMESTAMP_BYTES;
+
+/// Bytes a record adds to its payload inside a batch, at most (attributes,
+/// varint length, timestamp and offset deltas, null key, header count).
+pub const RECORD_OVERHEAD_BYTES: usize = 24;
+/// Open loop: unacknowledged bytes per producer before sending pauses (a
+/// guard against unbounded memory if the broker stops answering).
+pub const OPEN_LOOP_IN_FLIGHT_BYTES_MAX: usize = 256 << 20;
+/// Closed loop: default unacknowledged batches per producer.
+pub const CLOSED_LOOP_WINDOW_DEFAULT: usize = 16;
+/// Longest wait for outstanding acks after the last message.
+pub const ACK_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Pause after a failed reconnect before the next attempt.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
+/// Nanoseconds per millisecond (record timestamps are in ms).
+const NANOS_PER_MILLI: u64 = 1_000_000;
+
+/// How many unacknowledged requests a producer may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// At most this many batches (closed loop).
+    Batches(usize),
+    /// At most this many bytes of batches (open loop safety cap); a single
+    /// batch is always let through.
+    Bytes(usize),
+}
+
+#[derive(Debug, Default)]
+struct Flight {
+    batches: usize,
+    bytes: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Counters stay meaningful even if a thread panicked holding the lock.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a producer thread shares with its reply callbacks and the main thread.
+#[derive(Debug)]
+pub struct ProducerShared {
+    /// Index of the producer's topic in the run.
+    pub topic: usize,
+    /// Acked messages, their bytes and latencies; failed messages.
+    tally: Mutex<Tally>,
+    /// Messages handed to the connection.
+    sent: AtomicU64,
+    flight: Mutex<Flight>,
+    room: Condvar,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ProducerShared {
+    pub fn new(topic: usize) -> ProducerShared {
+        ProducerShared {
+            topic,
+            tally: Mutex::new(Tally::default()),
+            sent: AtomicU64::new(0),
+            flight: Mutex::new(Flight::default()),
+            room: Condvar::new(),
+            first_error: Mutex::new(None),
+        }
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// (acked messages, acked payload bytes), cheaply.
+    pub fn acked(&self) -> (u64, u64) {
+        let t = lock(&self.tally);
+        (t.messages, t.bytes)
+    }
+
+    /// A copy of the tally (histogram included).
+    pub fn tally(&self) -> Tally {
+        lock(&self.tally).clone()
+    }
+
+    pub fn first_error(&self) -> Option<String> {
+        lock(&self.first_error).clone()
+    }
+
+    /// Batches sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.flight).batches
+    }
+
+    fn note_error(&self, e: impl std::fmt::Display) {
+        let mut first = lock(&self.first_error);
+        if first.is_none() {
+            *first = Some(e.to_string());
+        }
+    }
+
+    fn add_errors(&self, messages: u64) {
+        lock(&self.tally).errors += messages;
+    }
+
+    /// Blocks until a batch of `bytes` fits the window, then counts it in.
+    fn acquire(&self, window: Window, bytes: usize) {
+        let mut f = lock(&self.flight);
+        loop {
+            let fits = match window {
+                Window::Batches(n) => f.batches < n.max(1),
+                Window::Bytes(max) => f.batches == 0 || f.bytes + bytes <= max,
+            };
+            if fits {
+                break;
+            }
+            f = self.room.wait(f).unwrap_or_else(|p| p.into_inner());
+        }
+        f.batches += 1;
+        f.bytes += bytes;
+    }
+
+    fn release(&self, bytes: usize) {
+        let mut f = lock(&self.flight);
+        f.batches = f.batches.saturating_sub(1);
+        f.bytes = f.bytes.saturating_sub(bytes);
+        self.room.notify_all();
+    }
+
+    /// Applies the reply to one batch: on success every message's latency
+    /// (intended time to `ack_ns`) is recorded.
+    fn complete(
+        &self,
+        outcome: Result<Reply, ClientError>,
+        intended: &[u64],
+        ack_ns: u64,
+        payload_bytes: u64,
+        batch_bytes: usize,
+    ) {
+        let n = intended.len() as u64;
+        let error = {
+            let mut t = lock(&self.tally);
+            match outcome {
+                Ok(Reply::Produce { .. }) => {
+                    t.messages += n;
+                    t.bytes += payload_bytes;
+                    for &i in intended {
+                        t.latency.record_between_ns(i, ack_ns);
+                    }
+                    None
+                }
+                Ok(other) => {
+                    t.errors += n;
+                    Some(format!("unexpected reply to a produce: {other:?}"))
+                }
+                Err(e) => {
+                    t.errors += n;
+                    Some(format!("produce failed: {e}"))
+                }
+            }
+        };
+        if let Some(e) = error {
+            self.note_error(e);
+        }
+        self.release(batch_bytes);
+    }
+
+    /// Waits up to `timeout` for every sent batch to be answered.
+    fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut f = lock(&self.flight);
+        while f.batches > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            f = self
+                .room
+                .wait_timeout(f, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// Where one of the producer's queues is sent: queue number and index of
+/// the connection (the queue's shard, or the shared port) in `conns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub queue: u32,
+    pub conn: usize,
+}
+
+/// Everything a producer thread needs.
+#[derive(Debug)]
+pub struct ProducerSpec {
+    pub topic: String,
+    pub routes: Vec<Route>,
+    pub conns: Vec<Connection>,
+    pub pacing: Pacing,
+    /// No message is sent before this time (ns since the epoch).
+    pub start_ns: u64,
+    /// No message intended at or after this time is sent.
+    pub end_ns: u64,
+    pub message_size: usize,
+    pub batch_bytes: usize,
+    pub linger: Duration,
+    pub window: Window,
+    pub clock: Clock,
+    /// Set by the main thread to end the run early.
+    pub abort: Arc<AtomicBool>,
+}
+
+struct OpenBatch {
+    builder: BatchBuilder,
+    /// Intended send time of each message, in batch order.
+    intended: Vec<u64>,
+    opened_ns: u64,
+}
+
+/// A producer thread's state.
+pub struct Producer {
+    spec: ProducerSpec,
+    shared: Arc<ProducerShared>,
+    open: Vec<Option<OpenBatch>>,
+    next_route: usize,
+    payload: Vec<u8>,
+    linger_ns: u64,
+}
+
+/// A payload of `size` bytes: room for the timestamp, then a fixed pattern.
+pub fn payload_template(size: usize) -> Vec<u8> {
+    (0..size)
+        .map(|i| if i < TIMESTAMP_BYTES { 0 } else { (i * 31 + 7) as u8 })
+        .collect()
+}
+
+/// The intended send time stamped at the start of a payload.
+pub fn payload_timestamp(payload: &[u8]) -> Option<u64> {
+    let head: [u8; TIMESTAMP_BYTES] = payload.get(..TIMESTAMP_BYTES)?.try_into().ok()?;
+    Some(u64::from_be_bytes(head))
+}
+
+impl Producer {
+    pub fn new(spec: ProducerSpec, shared: Arc<ProducerShared>) -> Producer {
+        let open = spec.routes.iter().map(|_| None).collect();
+        let payload = payload_template(spec.message_size);
+        let linger_ns = u64::try_from(spec.linger.as_nanos()).unwrap_or(u64::MAX);
+        Producer {
+            spec,
+            shared,
+            open,
+            next_route: 0,
+            payload,
+            linger_ns,
+        }
+    }
+
+    /// Sends until the end of the schedule, then waits for the acks.
+    pub fn run(mut self) {
+        let clock = self.spec.clock;
+        clock.sleep_until(self.spec.start_ns);
+        while !self.spec.abort.load(Ordering::Relaxed) {
+            let now = clock.now_ns();
+            self.seal_lingered(now);
+            let due = self.spec.pacing.next_due(now);
+            if due >= self.spec.end_ns {
+                break;
+            }
+            if due > now {
+                let wake = self.linger_deadline().map_or(due, |d| d.min(due));
+                clock.sleep_until(wake);
+                continue;
+            }
+            let intended = self.spec.pacing.take(now);
+            self.append(intended, now);
+        }
+        for q in 0..self.open.len() {
+            self.seal(q);
+        }
+        if !self.shared.wait_idle(ACK_WAIT_MAX) {
+            self.shared.note_error(format!(
+                "{} batches unanswered {ACK_WAIT_MAX:?} after the last send",
+                self.shared.in_flight()
+            ));
+            // Closing fails every waiting request exactly once (Disconnected).
+            for c in &self.spec.conns {
+                c.close();
+            }
+            self.shared.wait_idle(ACK_WAIT_MAX);
+        }
+    }
+
+    /// Earliest time an open batch must be sealed for lingering.
+    fn linger_deadline(&self) -> Option<u64> {
+        self.open
+            .iter()
+            .flatten()
+            .map(|b| b.opened_ns.saturating_add(self.linger_ns))
+            .min()
+    }
+
+    fn seal_lingered(&mut self, now_ns: u64) {
+        for q in 0..self.open.len() {
+            let due = self.open[q]
+                .as_ref()
+                .is_some_and(|b| b.opened_ns.saturating_add(self.linger_ns) <= now_ns);
+            if due {
+                self.seal(q);
+            }
+        }
+    }
+
+    /// Adds one message (round robin over queues) to its queue's open batch.
+    fn append(&mut self, intended_ns: u64, now_ns: u64) {
+        let q = self.next_route;
+        self.next_route = (q + 1) % self.open.len();
+        let record_bytes = self.spec.message_size + RECORD_OVERHEAD_BYTES;
+        let full = self.open[q].as_ref().is_some_and(|b| {
+            !b.builder.is_empty()
+                && b.builder.estimated_bytes() + record_bytes > self.spec.batch_bytes
+        });
+        if full {
+            self.seal(q);
+        }
+        self.payload[..TIMESTAMP_BYTES].copy_from_slice(&intended_ns.to_be_bytes());
+        let b = self.open[q].get_or_insert_with(|| OpenBatch {
+            builder: BatchBuilder::new(Compression::None),
+            intended: Vec::new(),
+            opened_ns: now_ns,
+        });
+        let ts_ms = i64::try_from(intended_ns / NANOS_PER_MILLI).unwrap_or(i64::MAX);
+        b.builder.push(ts_ms, None, Some(&self.payload), &[]);
+        b.intended.push(intended_ns);
+        let seal_now = self.linger_ns == 0
+            || b.builder.estimated_bytes() >= self.spec.batch_bytes
+            || b.builder.len() >= RECORDS_PER_BATCH_MAX as usize;
+        if seal_now {
+            self.seal(q);
+        }
+    }
+
+    /// Sends queue `q`'s open batch, waiting for room in the window first.
+    fn seal(&mut self, q: usize) {
+        let Some(b) = self.open[q].take() else {
+            return;
+        };
+        let n = b.intended.len() as u64;
+        if n == 0 {
+            return;
+        }
+        let batch = b.builder.build();
+        let batch_bytes = batch.len();
+        self.shared.acquire(self.spec.window, batch_bytes);
+        let route = self.spec.routes[q];
+        let req = Request::Produce {
+            topic: self.spec.topic.clone(),
+            queue: route.queue,
+            batch,
+        };
+        let shared = Arc::clone(&self.shared);
+        let clock = self.spec.clock;
+        let payload_bytes = n * self.spec.message_size as u64;
+        let intended = b.intended;
+        // Counted before sending: the reply may beat `send_with`'s return.
+        self.shared.sent.fetch_add(n, Ordering::Relaxed);
+        let result = self.spec.conns[route.conn].send_with(&req, move |c| {
+            let ack_ns = clock.now_ns();
+            shared.complete(c.into_reply(), &intended, ack_ns, payload_bytes, batch_bytes);
+        });
+        if let Err(e) = result {
+            // The callback will never run: undo and count the failure here.
+            self.shared.sent.fetch_sub(n, Ordering::Relaxed);
+            self.shared.release(batch_bytes);
+            self.shared.add_errors(n);
+            self.shared.note_error(format!("send failed: {e}"));
+            self.reconnect(route.conn);
+        }
+    }
+
+    /// Replaces a closed connection (one attempt; sends fail until it works).
+    fn reconnect(&mut self, idx: usize) {
+        let old = &self.spec.conns[idx];
+        if !old.is_closed() {
+            return;
+        }
+        let (addr, timeouts): (String, Timeouts) = (old.addr().to_string(), old.timeouts());
+        match Connection::connect(&addr, timeouts) {
+            Ok(c) => self.spec.conns[idx] = c,
+            Err(e) => {
+                self.shared
+                    .note_error(format!("reconnect to {addr} failed: {e}"));
+                thread::sleep(RECONNECT_BACKOFF);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_carries_its_timestamp() {
+        let mut p = payload_template(64);
+        assert_eq!(p.len(), 64);
+        p[..TIMESTAMP_BYTES].copy_from_slice(&1_234_567_890_123u64.to_be_bytes());
+        assert_eq!(payload_timestamp(&p), Some(1_234_567_890_123));
+        assert_eq!(payload_timestamp(&p[..7]), None);
+    }
+
+    #[test]
+    fn record_overhead_bounds_the_real_encoding() {
+        // A batch of n records of `size` bytes stays within the estimate
+        // the producer uses to decide whether the next record fits.
+        for size in [8usize, 256, 1024, 100_000] {
+            let mut b = BatchBuilder::new(Compression::None);
+            let p = payload_template(size);
+            for _ in 0..10 {
+                b.push(1_700_000_000_000, None, Some(&p), &[]);
+            }
+            let est = b.estimated_bytes();
+            let built = b.build().len();
+            assert_eq!(est, built);
+            assert!(built <= 61 + 10 * (size + RECORD_OVERHEAD_BYTES), "{size}");
+        }
+    }
+
+    #[test]
+    fn window_counts_batches_and_bytes() {
+        let s = ProducerShared::new(0);
+        s.acquire(Window::Batches(2), 10);
+        s.acquire(Window::Batches(2), 10);
+        assert_eq!(s.in_flight(), 2);
+        s.release(10);
+        s.acquire(Window::Batches(2), 10);
+        // A single batch bigger than the byte cap still goes through.
+        let t = ProducerShared::new(0);
+        t.acquire(Window::Bytes(5), 100);
+        assert_eq!(t.in_flight(), 1);
+        t.release(100);
+        assert!(t.wait_idle(Duration::from_millis(1)));
+        assert!(!s.wait_idle(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn completion_records_every_message() {
+        let s = ProducerShared::new(0);
+        s.acquire(Window::Batches(4), 100);
+        s.acquire(Window::Batches(4), 100);
+        let ms = NANOS_PER_MILLI;
+        s.complete(
+            Ok(Reply::Produce {
+                base_offset: 0,
+                duplicate: false,
+            }),
+            &[10 * ms, 11 * ms, 12 * ms],
+            15 * ms,
+            3 * 1024,
+            100,
+        );
+        s.complete(
+            Err(ClientError::Disconnected),
+            &[13 * ms, 14 * ms],
+            16 * ms,
+            2 * 1024,
+            100,
+        );
+        let t = s.tally();
+        assert_eq!((t.messages, t.bytes, t.errors), (3, 3 * 1024, 2));
+        assert_eq!(t.latency.count(), 3);
+        // Latencies are from each message's own intended time: 5, 4 and 3 ms.
+        assert!(t.latency.summary().max.abs_diff(5_000) <= 5); // 3 significant digits
+        assert!(t.latency.quantile(0.0).abs_diff(3_000) <= 2);
+        assert_eq!(s.in_flight(), 0);
+        assert!(s.first_error().unwrap().contains("closed"));
+    }
+}

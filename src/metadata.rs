@@ -152,6 +152,30 @@ impl MetaStore {
         Ok(topic)
     }
 
+    /// Grows a live topic to `queues` queues; the new ones are placed like
+    /// the first ones, continuing the round robin.
+    pub fn alter_topic(&self, name: &str, queues: u32) -> Result<TopicMeta, ErrorReply> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut meta = (*self.current.load_full()).clone();
+        let t = meta.topic(name)?.clone();
+        if queues <= t.spec.queues || queues > QUEUES_PER_TOPIC_MAX {
+            return Err(ErrorReply::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "topic {name:?} has {} queues; --queues must be more than that and at most {QUEUES_PER_TOPIC_MAX}, not {queues}",
+                    t.spec.queues
+                ),
+            ));
+        }
+        let mut t = t;
+        t.placement
+            .extend((t.spec.queues..queues).map(|q| (t.id + q) % self.shards));
+        t.spec.queues = queues;
+        meta.topics.insert(name.to_string(), t.clone());
+        self.publish(meta)?;
+        Ok(t)
+    }
+
     pub fn delete_topic(&self, name: &str) -> Result<(), ErrorReply> {
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut meta = (*self.current.load_full()).clone();
@@ -281,10 +305,16 @@ mod tests {
             store.create_topic(spec("a", 1)).unwrap_err().code,
             ErrorCode::TopicExists
         );
+        let grown = store.alter_topic("a", 6).unwrap();
+        assert_eq!(grown.placement, vec![0, 1, 0, 1, 0, 1]);
+        assert_eq!(
+            store.alter_topic("a", 6).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
         store.delete_topic("b").unwrap();
         let store = MetaStore::open(dir.path(), 2).unwrap();
         let snap = store.snapshot();
-        assert_eq!(snap.topic("a").unwrap().placement, vec![0, 1, 0, 1]);
+        assert_eq!(snap.topic("a").unwrap().placement, vec![0, 1, 0, 1, 0, 1]);
         assert_eq!(snap.topic("b").unwrap_err().code, ErrorCode::UnknownTopic);
         // Ids are never reused.
         assert_eq!(store.create_topic(spec("b", 1)).unwrap().id, 2);

@@ -8,11 +8,13 @@
 //! together behind the operations the network layer calls. Nothing here is
 //! `Send`: data crosses cores only as explicit messages from `src/`.
 
+pub mod assignment;
 pub mod batch;
 pub mod commit_log;
 pub mod consume_queue;
 pub mod durable_file;
 pub mod error;
+pub mod group_coordinator;
 pub mod group_offsets;
 pub mod notify;
 pub mod producer_state;

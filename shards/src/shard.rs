@@ -310,6 +310,30 @@ impl Shard {
         durable_file::write_atomic(&path, &snapshot).await
     }
 
+    /// Committed offsets of `group` and of its broadcast members (`group/member`).
+    pub fn group_offsets(&self, group: &str) -> Vec<(String, QueueKey, i64)> {
+        let prefix = format!("{group}/");
+        self.offsets
+            .borrow()
+            .iter()
+            .filter(|(g, _, _)| *g == group || g.starts_with(&prefix))
+            .map(|(g, k, o)| (g.to_string(), k, o))
+            .collect()
+    }
+
+    /// Names of the groups with committed offsets here (broadcast members folded into their group).
+    pub fn offset_groups(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .offsets
+            .borrow()
+            .iter()
+            .map(|(g, _, _)| g.split('/').next().unwrap_or(g).to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Forgets queues (and their committed offsets) that `keep` rejects.
     pub fn retain_queues(&self, keep: impl Fn(QueueKey) -> bool) {
         self.queues.borrow_mut().retain(|k, _| keep(*k));

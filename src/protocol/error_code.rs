@@ -33,6 +33,10 @@ pub enum ErrorCode {
     Internal = 16,
     /// Idempotent producer: an old duplicate whose offsets are no longer remembered.
     DuplicateSequence = 17,
+    /// The group or member is unknown (a member whose session expired must rejoin).
+    UnknownMember = 18,
+    /// The join does not match the group: another topic, strategy or mode.
+    InconsistentGroup = 19,
 }
 
 impl ErrorCode {
@@ -56,6 +60,8 @@ impl ErrorCode {
             14 => ShuttingDown,
             15 => FrameTooLarge,
             17 => DuplicateSequence,
+            18 => UnknownMember,
+            19 => InconsistentGroup,
             _ => Internal,
         }
     }
@@ -86,6 +92,8 @@ impl ErrorCode {
             FrameTooLarge => "FRAME_TOO_LARGE",
             Internal => "INTERNAL",
             DuplicateSequence => "DUPLICATE_SEQUENCE",
+            UnknownMember => "UNKNOWN_MEMBER",
+            InconsistentGroup => "INCONSISTENT_GROUP",
         }
     }
 }

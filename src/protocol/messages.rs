@@ -29,6 +29,12 @@ pub enum ApiKey {
     CommitOffset = 7,
     FetchOffset = 8,
     Metadata = 9,
+    AlterTopic = 10,
+    JoinGroup = 11,
+    Heartbeat = 12,
+    LeaveGroup = 13,
+    DescribeGroup = 14,
+    ListGroups = 15,
 }
 
 impl ApiKey {
@@ -44,6 +50,12 @@ impl ApiKey {
             7 => CommitOffset,
             8 => FetchOffset,
             9 => Metadata,
+            10 => AlterTopic,
+            11 => JoinGroup,
+            12 => Heartbeat,
+            13 => LeaveGroup,
+            14 => DescribeGroup,
+            15 => ListGroups,
             _ => return None,
         })
     }
@@ -121,6 +133,83 @@ pub struct NodeInfo {
     pub max_frame_bytes: u64,
 }
 
+pub use coremq_shards::assignment::Strategy;
+
+/// `topic alter`: grow a live topic.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct AlterTopic {
+    pub name: String,
+    /// The new queue count; must be larger than today's.
+    pub queues: u32,
+}
+
+/// A member joining a consumer group.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct JoinGroup {
+    pub group: String,
+    pub topic: String,
+    /// Empty: the broker names the member. Else a stable name (static
+    /// membership): rejoining with it replaces the old session.
+    pub member_id: String,
+    pub strategy: Strategy,
+    /// Every member gets every queue, each with its own offsets.
+    pub broadcast: bool,
+    /// The member is dropped when no heartbeat arrives for this long.
+    pub session_timeout_ms: u32,
+}
+
+/// A member of a group, for heartbeat and leave.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct MemberRef {
+    pub group: String,
+    pub member_id: String,
+}
+
+/// What a member is told to read.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Assignment {
+    pub member_id: String,
+    /// Changes whenever membership or the topic's queues change.
+    pub generation: u32,
+    pub queues: Vec<u32>,
+    pub members: u32,
+    /// The group name under which this member commits offsets: the group
+    /// itself in clustering mode, `group/member` in broadcast mode.
+    pub offsets_group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct MemberInfo {
+    pub member_id: String,
+    pub queues: Vec<u32>,
+    pub last_heartbeat_ms_ago: u64,
+}
+
+/// A committed offset of a group (or of one broadcast member) on one queue.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct GroupOffset {
+    /// Empty in clustering mode; the member in broadcast mode.
+    pub member_id: String,
+    pub queue: u32,
+    /// -1 when nothing is committed.
+    pub committed: i64,
+    pub end_offset: i64,
+    /// Messages not yet consumed: end − committed (or end − start when nothing is committed).
+    pub lag: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct GroupInfo {
+    pub group: String,
+    /// Empty when the group has no live members (only committed offsets).
+    pub topic: String,
+    pub strategy: Strategy,
+    pub broadcast: bool,
+    pub generation: u32,
+    pub members: Vec<MemberInfo>,
+    pub offsets: Vec<GroupOffset>,
+}
+
 /// A decoded request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -157,6 +246,14 @@ pub enum Request {
         queue: u32,
     },
     Metadata,
+    AlterTopic(AlterTopic),
+    JoinGroup(JoinGroup),
+    Heartbeat(MemberRef),
+    LeaveGroup(MemberRef),
+    DescribeGroup {
+        group: String,
+    },
+    ListGroups,
 }
 
 /// A successful reply.
@@ -179,6 +276,10 @@ pub enum Reply {
     /// A committed offset; -1 when the group has none for the queue.
     Offset(i64),
     Metadata(NodeInfo),
+    Assignment(Assignment),
+    Group(GroupInfo),
+    /// Every group the node knows: with live members or committed offsets.
+    Groups(Vec<String>),
 }
 
 /// A failed reply. `offsets` is set for OFFSET_OUT_OF_RANGE: (log start, next offset).
@@ -325,6 +426,12 @@ impl Request {
             Request::CommitOffset { .. } => ApiKey::CommitOffset,
             Request::FetchOffset { .. } => ApiKey::FetchOffset,
             Request::Metadata => ApiKey::Metadata,
+            Request::AlterTopic(_) => ApiKey::AlterTopic,
+            Request::JoinGroup(_) => ApiKey::JoinGroup,
+            Request::Heartbeat(_) => ApiKey::Heartbeat,
+            Request::LeaveGroup(_) => ApiKey::LeaveGroup,
+            Request::DescribeGroup { .. } => ApiKey::DescribeGroup,
+            Request::ListGroups => ApiKey::ListGroups,
         }
     }
 
@@ -357,7 +464,11 @@ impl Request {
             Request::DeleteTopic { name } | Request::DescribeTopic { name } => {
                 put_string(out, name)
             }
-            Request::ListTopics | Request::Metadata => {}
+            Request::ListTopics | Request::Metadata | Request::ListGroups => {}
+            Request::AlterTopic(a) => out.put_slice(&archive(a)),
+            Request::JoinGroup(j) => out.put_slice(&archive(j)),
+            Request::Heartbeat(m) | Request::LeaveGroup(m) => out.put_slice(&archive(m)),
+            Request::DescribeGroup { group } => put_string(out, group),
             Request::CommitOffset {
                 group,
                 topic,
@@ -415,6 +526,14 @@ impl Request {
             },
             ApiKey::ListTopics => Request::ListTopics,
             ApiKey::Metadata => Request::Metadata,
+            ApiKey::ListGroups => Request::ListGroups,
+            ApiKey::AlterTopic => return Ok(Request::AlterTopic(unarchive(&r.rest())?)),
+            ApiKey::JoinGroup => return Ok(Request::JoinGroup(unarchive(&r.rest())?)),
+            ApiKey::Heartbeat => return Ok(Request::Heartbeat(unarchive(&r.rest())?)),
+            ApiKey::LeaveGroup => return Ok(Request::LeaveGroup(unarchive(&r.rest())?)),
+            ApiKey::DescribeGroup => Request::DescribeGroup {
+                group: r.string("group", GROUP_NAME_BYTES_MAX)?,
+            },
             ApiKey::CommitOffset => Request::CommitOffset {
                 group: r.string("group", GROUP_NAME_BYTES_MAX)?,
                 topic: r.string("topic", TOPIC_NAME_BYTES_MAX)?,
@@ -470,6 +589,18 @@ pub fn encode_reply(reply: &Reply, out: &mut BytesMut) -> Vec<Bytes> {
             out.put_slice(&archive(info));
             Vec::new()
         }
+        Reply::Assignment(a) => {
+            out.put_slice(&archive(a));
+            Vec::new()
+        }
+        Reply::Group(g) => {
+            out.put_slice(&archive(g));
+            Vec::new()
+        }
+        Reply::Groups(list) => {
+            out.put_slice(&archive(list));
+            Vec::new()
+        }
     }
 }
 
@@ -515,7 +646,13 @@ pub fn decode_response(api: ApiKey, code: u16, body: Bytes) -> Result<Response, 
             return Ok(Ok(Reply::Topics(unarchive::<Vec<TopicInfo>>(&r.rest())?)))
         }
         ApiKey::Metadata => return Ok(Ok(Reply::Metadata(unarchive::<NodeInfo>(&r.rest())?))),
-        ApiKey::DeleteTopic | ApiKey::CommitOffset => Reply::Done,
+        ApiKey::AlterTopic => return Ok(Ok(Reply::Topic(unarchive::<TopicInfo>(&r.rest())?))),
+        ApiKey::JoinGroup | ApiKey::Heartbeat => {
+            return Ok(Ok(Reply::Assignment(unarchive::<Assignment>(&r.rest())?)))
+        }
+        ApiKey::DescribeGroup => return Ok(Ok(Reply::Group(unarchive::<GroupInfo>(&r.rest())?))),
+        ApiKey::ListGroups => return Ok(Ok(Reply::Groups(unarchive::<Vec<String>>(&r.rest())?))),
+        ApiKey::DeleteTopic | ApiKey::CommitOffset | ApiKey::LeaveGroup => Reply::Done,
         ApiKey::FetchOffset => Reply::Offset(r.i64("offset")?),
     };
     r.finish()?;

@@ -9,6 +9,7 @@ pub mod messages;
 pub use error_code::ErrorCode;
 pub use frame::{FrameError, RequestHeader, API_VERSION, FRAME_BYTES_MAX_DEFAULT};
 pub use messages::{
-    ApiKey, DecodeError, ErrorReply, Flush, NodeInfo, QueueInfo, Reply, Request, Response,
+    AlterTopic, ApiKey, Assignment, DecodeError, ErrorReply, Flush, GroupInfo, GroupOffset,
+    JoinGroup, MemberInfo, MemberRef, NodeInfo, QueueInfo, Reply, Request, Response, Strategy,
     TopicInfo, TopicSpec,
 };

@@ -10,6 +10,7 @@
 //! the process exits 0.
 
 pub mod connection;
+pub mod groups;
 pub mod router;
 pub mod shard_context;
 
@@ -257,7 +258,10 @@ async fn shard_main(
         config: config.clone(),
         peers: mesh.senders,
         shard_ports: ports,
+        groups: Default::default(),
+        this: Default::default(),
     });
+    *ctx.this.borrow_mut() = Rc::downgrade(&ctx);
     for rx in mesh.receivers {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
@@ -300,6 +304,15 @@ async fn shard_main(
         own: own_addr,
     });
 
+    let expiry = {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_millis(groups::GROUP_EXPIRY_CHECK_MS)).await;
+                ctx.expire_members();
+            }
+        })
+    };
     let retention = {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
@@ -316,6 +329,7 @@ async fn shard_main(
         a.cancel().await;
     }
     retention.cancel().await;
+    expiry.cancel().await;
     shard.stop().await;
     writer.await;
     tracing::info!(shard = id, "shard stopped; log flushed and synced");

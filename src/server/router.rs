@@ -3,15 +3,19 @@
 //! per ordered pair of shards, so requests from one connection stay in
 //! order); the reply comes back on a oneshot. Nothing else crosses cores.
 
+use super::shard_context::ShardCtx;
 use crate::protocol::{Request, Response};
-use coremq_shards::QueueKey;
 use futures::channel::oneshot;
 use glommio::channels::shared_channel::{
     self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
 };
+use std::rc::Rc;
 
 /// Messages queued per shard pair before a sender waits (back-pressure).
 pub const SHARD_CHANNEL_MESSAGES_MAX: usize = 4096;
+
+/// Work run on another shard with that shard's context.
+pub type ShardTask = Box<dyn FnOnce(&Rc<ShardCtx>) + Send>;
 
 pub enum ShardMsg {
     /// A client request for a queue the receiving shard owns.
@@ -19,11 +23,10 @@ pub enum ShardMsg {
         req: Request,
         reply: oneshot::Sender<Response>,
     },
-    /// (first stored offset, next offset) of a queue, for describe/list.
-    QueueOffsets {
-        key: QueueKey,
-        reply: oneshot::Sender<(i64, i64)>,
-    },
+    /// Runs on the receiving shard with its context: control-plane
+    /// questions (queue offsets, group listings) whose answer the closure
+    /// sends back on a channel of its own.
+    Run(ShardTask),
 }
 
 /// One shard's ends of the mesh before its executor connects them.

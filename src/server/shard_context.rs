@@ -10,14 +10,18 @@ use super::router::ShardMsg;
 use crate::config::Config;
 use crate::metadata::{MetaStore, Metadata, TopicMeta};
 use crate::protocol::{
-    ErrorCode, ErrorReply, Flush, NodeInfo, QueueInfo, Reply, Request, Response, TopicInfo,
+    ErrorCode, ErrorReply, Flush, JoinGroup, MemberRef, NodeInfo, QueueInfo, Reply, Request,
+    Response, TopicInfo,
 };
+use coremq_shards::group_coordinator::GroupCoordinator;
 use coremq_shards::shard::{QueuePolicy, Shard};
 use coremq_shards::{QueueKey, ShardError};
 use futures::channel::oneshot;
 use futures::future::{ready, FutureExt, LocalBoxFuture};
 use glommio::channels::shared_channel::ConnectedSender;
+use std::cell::RefCell;
 use std::rc::Rc;
+use std::rc::Weak;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -32,6 +36,10 @@ pub struct ShardCtx {
     pub peers: Vec<Option<ConnectedSender<ShardMsg>>>,
     /// Every shard's own port, known once all shards have bound.
     pub shard_ports: Arc<OnceLock<Vec<u16>>>,
+    /// Membership of the consumer groups this shard coordinates (`groups.rs`).
+    pub groups: RefCell<GroupCoordinator>,
+    /// This context itself, for `on_shard` calls that land here.
+    pub this: RefCell<Weak<ShardCtx>>,
 }
 
 pub fn policy(t: &TopicMeta) -> QueuePolicy {
@@ -107,6 +115,15 @@ impl ShardCtx {
                     Err(e) => return ready(Err(e)).boxed_local(),
                 }
             }
+            Request::JoinGroup(JoinGroup { group, .. })
+            | Request::Heartbeat(MemberRef { group, .. })
+            | Request::LeaveGroup(MemberRef { group, .. })
+            | Request::DescribeGroup { group } => {
+                if let Err(e) = validate_group(group) {
+                    return ready(Err(e)).boxed_local();
+                }
+                Some(super::groups::coordinator_of(group, self.config.shards))
+            }
             _ => None,
         };
         match target {
@@ -145,9 +162,7 @@ impl ShardCtx {
                 })
                 .detach();
             }
-            ShardMsg::QueueOffsets { key, reply } => {
-                let _ = reply.send(self.shard.queue_offsets(key));
-            }
+            ShardMsg::Run(f) => f(self),
         }
     }
 
@@ -207,7 +222,7 @@ impl ShardCtx {
                 queue,
                 offset,
             } => async move {
-                validate_group(&group)?;
+                validate_offsets_group(&group)?;
                 let (key, _, _) = queue_of(&meta, &topic, queue)?;
                 let (start, next) = shard.queue_offsets(key);
                 if offset < 0 || offset > next {
@@ -230,12 +245,19 @@ impl ShardCtx {
                 topic,
                 queue,
             } => {
-                let r = validate_group(&group)
+                let r = validate_offsets_group(&group)
                     .and_then(|_| queue_of(&meta, &topic, queue))
                     .map(|(key, _, _)| {
                         Reply::Offset(shard.committed_offset(&group, key).unwrap_or(-1))
                     });
                 ready(r).boxed_local()
+            }
+            Request::JoinGroup(j) => ready(self.join_group(&meta, j)).boxed_local(),
+            Request::Heartbeat(m) => ready(self.heartbeat(&meta, m)).boxed_local(),
+            Request::LeaveGroup(m) => ready(self.leave_group(m)).boxed_local(),
+            Request::DescribeGroup { group } => {
+                let ctx = self.clone();
+                async move { ctx.describe_group(&group).await.map(Reply::Group) }.boxed_local()
             }
             other => self.clone().handle_control(other).boxed_local(),
         }
@@ -266,6 +288,12 @@ impl ShardCtx {
                 }
                 Ok(Reply::Topics(out))
             }
+            Request::AlterTopic(a) => {
+                let t = self.meta.alter_topic(&a.name, a.queues)?;
+                tracing::info!(topic = %a.name, queues = a.queues, "topic grown");
+                Ok(Reply::Topic(self.topic_info(&t).await))
+            }
+            Request::ListGroups => Ok(Reply::Groups(self.list_groups().await)),
             Request::Metadata => Ok(Reply::Metadata(NodeInfo {
                 shards: self.config.shards as u32,
                 shard_ports: self.ports(),
@@ -308,31 +336,47 @@ impl ShardCtx {
         }
     }
 
-    async fn queue_offsets(&self, owner: u32, key: QueueKey) -> (i64, i64) {
-        if owner == self.id {
-            return self.shard.queue_offsets(key);
-        }
-        let Some(Some(peer)) = self.peers.get(owner as usize) else {
-            return (0, 0);
-        };
-        let (tx, rx) = oneshot::channel();
-        if peer
-            .send(ShardMsg::QueueOffsets { key, reply: tx })
+    pub async fn queue_offsets(&self, owner: u32, key: QueueKey) -> (i64, i64) {
+        self.on_shard(owner, move |ctx| ctx.shard.queue_offsets(key))
             .await
-            .is_err()
-        {
-            return (0, 0);
+            .unwrap_or((0, 0))
+    }
+
+    /// Runs `f` on shard `shard` (here, or across its channel) and returns
+    /// its answer; `None` when that shard is gone.
+    pub async fn on_shard<T: Send + 'static>(
+        &self,
+        shard: u32,
+        f: impl FnOnce(&Rc<ShardCtx>) -> T + Send + 'static,
+    ) -> Option<T> {
+        if shard == self.id {
+            let me = self.this.borrow().upgrade()?;
+            return Some(f(&me));
         }
-        rx.await.unwrap_or((0, 0))
+        let peer = self.peers.get(shard as usize)?.as_ref()?;
+        let (tx, rx) = oneshot::channel();
+        let msg = ShardMsg::Run(Box::new(move |ctx| {
+            let _ = tx.send(f(ctx));
+        }));
+        peer.send(msg).await.ok()?;
+        rx.await.ok()
     }
 }
 
-fn validate_group(group: &str) -> Result<(), ErrorReply> {
-    if group.is_empty() || group.chars().any(char::is_control) {
-        return Err(ErrorReply::new(
+/// Group names follow topic names' rules: 1 to 249 of [A-Za-z0-9._-].
+pub fn validate_group(group: &str) -> Result<(), ErrorReply> {
+    crate::metadata::validate_topic_name(group).map_err(|_| {
+        ErrorReply::new(
             ErrorCode::InvalidRequest,
-            format!("invalid group name {group:?}"),
-        ));
+            format!("invalid group name {group:?}: use 1 to 249 of [A-Za-z0-9._-]"),
+        )
+    })
+}
+
+/// Offsets are committed under a group, or `group/member` for a broadcast member.
+fn validate_offsets_group(name: &str) -> Result<(), ErrorReply> {
+    match name.split_once('/') {
+        Some((g, m)) => validate_group(g).and_then(|_| validate_group(m)),
+        None => validate_group(name),
     }
-    Ok(())
 }

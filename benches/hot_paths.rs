@@ -94,11 +94,19 @@ fn main() {
         queue: 0,
     };
     bench("log entry header (crc32) for 64 KiB batch", 0, || {
-        black_box(segment::entry_header(key, &b));
+        black_box(segment::entry_header(
+            key,
+            segment::EntryMeta::default(),
+            &b,
+        ));
     });
     let mut seg = Vec::new();
     for _ in 0..16 {
-        seg.extend_from_slice(&segment::entry_header(key, &b));
+        seg.extend_from_slice(&segment::entry_header(
+            key,
+            segment::EntryMeta::default(),
+            &b,
+        ));
         seg.extend_from_slice(&b);
     }
     bench("recovery scan of 16 x 64 KiB entries", seg.len(), || {
@@ -112,6 +120,7 @@ fn main() {
             batch_len: 900,
             record_count: 10,
             max_timestamp: 0,
+            priority: 0,
         });
     }
     let mut o = 0i64;

@@ -26,6 +26,8 @@ pub const MAX_FRAME_BYTES_DEFAULT: usize = 16 << 20;
 pub const MAX_MESSAGE_BYTES_DEFAULT: usize = 1 << 20;
 /// Default memory per shard for recently written batches served to consumers.
 pub const TAIL_CACHE_BYTES_DEFAULT: usize = 64 << 20;
+/// Default tick of each shard's time wheel (delayed messages).
+pub const TICK_MS_DEFAULT: u64 = 10;
 /// Default period of the retention check.
 pub const RETENTION_CHECK_MS_DEFAULT: u64 = 5_000;
 
@@ -67,6 +69,9 @@ pub struct ServeArgs {
     /// Memory per shard for recent batches served to consumers [default: 64 MiB].
     #[arg(long, value_name = "BYTES")]
     pub tail_cache_bytes: Option<usize>,
+    /// Tick of each shard's time wheel: delayed messages are delivered within one tick [default: 10].
+    #[arg(long, value_name = "MS")]
+    pub tick_ms: Option<u64>,
     /// How often retention runs [default: 5000].
     #[arg(long, value_name = "MS")]
     pub retention_check_ms: Option<u64>,
@@ -90,6 +95,7 @@ struct FileConfig {
     max_message_bytes: Option<usize>,
     tail_cache_bytes: Option<usize>,
     retention_check_ms: Option<u64>,
+    tick_ms: Option<u64>,
     spin_us: Option<u64>,
 }
 
@@ -107,6 +113,7 @@ pub struct Config {
     pub max_message_bytes: usize,
     pub tail_cache_bytes: usize,
     pub retention_check: Duration,
+    pub tick: Duration,
     pub spin: Duration,
 }
 
@@ -196,6 +203,12 @@ impl Config {
                     .or(file.retention_check_ms)
                     .unwrap_or(RETENTION_CHECK_MS_DEFAULT)
                     .max(1),
+            ),
+            tick: Duration::from_millis(
+                args.tick_ms
+                    .or(file.tick_ms)
+                    .unwrap_or(TICK_MS_DEFAULT)
+                    .clamp(1, 1000),
             ),
             spin: Duration::from_micros(args.spin_us.or(file.spin_us).unwrap_or(0)),
         };

@@ -17,7 +17,9 @@
 use crate::batch::BatchHeader;
 use crate::error::{Result, ShardError};
 use crate::notify::Notify;
-use crate::segment::{self, align_down, align_up, Segment, BLOCK_BYTES, ENTRY_HEADER_BYTES};
+use crate::segment::{
+    self, align_down, align_up, EntryMeta, Segment, BLOCK_BYTES, ENTRY_HEADER_BYTES,
+};
 use crate::QueueKey;
 use bytes::Bytes;
 use futures::channel::oneshot;
@@ -53,6 +55,9 @@ pub struct SegmentQueueStats {
 #[derive(Debug, Clone, Copy)]
 pub struct RecoveredEntry {
     pub key: QueueKey,
+    pub meta: EntryMeta,
+    /// Log position of the entry header.
+    pub entry_pos: u64,
     pub batch_pos: u64,
     pub header: BatchHeader,
 }
@@ -145,6 +150,8 @@ impl CommitLog {
                 s.max_timestamp = s.max_timestamp.max(e.header.max_timestamp);
                 rec.entries.push(RecoveredEntry {
                     key: e.key,
+                    meta: e.meta,
+                    entry_pos: base + e.entry_rel,
                     batch_pos: base + e.batch_rel,
                     header: e.header,
                 });
@@ -219,11 +226,12 @@ impl CommitLog {
     }
 
     /// Queues `batch` for `key` and returns the log position of the batch
-    /// bytes. `roll_bytes` is the topic's segment size: the active segment
-    /// rolls once it holds that much.
+    /// bytes (its entry header sits `ENTRY_HEADER_BYTES` before). `roll_bytes`
+    /// is the topic's segment size: the active segment rolls once it holds that much.
     pub fn append(
         &self,
         key: QueueKey,
+        meta: EntryMeta,
         batch: Bytes,
         roll_bytes: u64,
         max_timestamp: i64,
@@ -261,7 +269,7 @@ impl CommitLog {
         st.tail_cache.push_back((batch_pos, batch.clone()));
         st.pending.push(Pending {
             seg_base,
-            header: segment::entry_header(key, &batch),
+            header: segment::entry_header(key, meta, &batch),
             batch,
         });
         drop(st);
@@ -354,6 +362,16 @@ impl CommitLog {
         }
         let (_, seg) = st.segments.range(..=batch_pos).next_back()?;
         seg.slice(batch_pos - seg.base, len)
+    }
+
+    /// The log position where the segment starting at `base` ends: the next
+    /// segment's base, or the log end for the last one.
+    pub fn segment_end(&self, base: u64) -> u64 {
+        let st = self.state.borrow();
+        st.stats
+            .range(base + 1..)
+            .next()
+            .map_or(st.end, |(b, _)| *b)
     }
 
     /// Sealed segments, oldest first, with their per-queue statistics.
@@ -641,12 +659,14 @@ mod tests {
                     .await
                     .unwrap();
                 glommio::spawn_local(log.clone().run_writer()).detach();
-                log.append(K, batch(1000), 0, 0).unwrap();
+                log.append(K, EntryMeta::default(), batch(1000), 0, 0)
+                    .unwrap();
                 glommio::timer::sleep(Duration::from_millis(50)).await;
                 assert!(log.written() > 0);
                 assert_eq!(log.synced(), 0, "below flush_bytes nothing is synced yet");
                 for _ in 0..100 {
-                    log.append(K, batch(1000), 0, 0).unwrap();
+                    log.append(K, EntryMeta::default(), batch(1000), 0, 0)
+                        .unwrap();
                 }
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while log.synced() == 0 && Instant::now() < deadline {

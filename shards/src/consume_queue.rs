@@ -20,6 +20,8 @@ pub struct IndexEntry {
     pub batch_len: u32,
     pub record_count: u32,
     pub max_timestamp: i64,
+    /// 0 (lowest) to `segment::PRIORITY_MAX`; used by push delivery.
+    pub priority: u8,
 }
 
 impl IndexEntry {
@@ -155,6 +157,7 @@ mod tests {
             batch_len: 100,
             record_count: count,
             max_timestamp: 0,
+            priority: 0,
         }
     }
 

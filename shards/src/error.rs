@@ -12,6 +12,8 @@ pub enum ShardError {
     TooLarge { len: usize, max: usize },
     #[error("invalid batch: {0}")]
     InvalidBatch(&'static str),
+    #[error("{0}")]
+    InvalidOption(String),
     #[error("the log refuses writes after an earlier i/o error: {0}")]
     LogFailed(String),
     #[error("offset {offset} is out of range: the queue holds [{start}, {next})")]

@@ -12,6 +12,7 @@ pub mod assignment;
 pub mod batch;
 pub mod commit_log;
 pub mod consume_queue;
+pub mod delay_queue;
 pub mod durable_file;
 pub mod error;
 pub mod group_coordinator;
@@ -20,6 +21,7 @@ pub mod notify;
 pub mod producer_state;
 pub mod segment;
 pub mod shard;
+pub mod time_wheel;
 
 pub use error::ShardError;
 

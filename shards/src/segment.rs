@@ -4,13 +4,18 @@
 //! (`00000000000000001234.log`) and holds log entries back to back:
 //!
 //! ```text
-//! entry = batch_len u32 | topic_id u32 | queue u32 | flags u32 | header_crc u32 | batch
+//! entry = batch_len u32 | topic_id u32 | queue u32 | flags u16 | version u8 | reserved u8
+//!       | deliver_at_ms i64 | origin_pos u64 | header_crc u32 | batch
 //! ```
-//! (big-endian; `batch` is one Kafka RecordBatch v2). The batch carries its
-//! own CRC-32C over everything after its CRC field; `header_crc` (CRC-32)
-//! covers this header's first 16 bytes and the batch's first 21 bytes, the
-//! ones the batch CRC leaves out (base offset, length, leader epoch, magic,
-//! CRC). So every stored byte is under a checksum. Files are written with
+//! (big-endian; `batch` is one Kafka RecordBatch v2). `flags`: bits 0-1 the
+//! batch's priority, bit 2 DELAYED (waits on the shard's time wheel until
+//! `deliver_at_ms`, not yet in its queue), bit 3 FROM_DELAY (a delayed batch
+//! re-appended to its queue when due; `origin_pos` is the DELAYED entry).
+//! The batch carries its own CRC-32C over everything after its CRC field;
+//! `header_crc` (CRC-32) covers this header's first 32 bytes and the
+//! batch's first 21 bytes, the ones the batch CRC leaves out (base offset,
+//! length, leader epoch, magic, CRC). So every stored byte is under a
+//! checksum. Files are written with
 //! O_DIRECT in 4 KiB blocks, so a file ends in zero padding; a zero
 //! `batch_len` marks the end of the entries.
 //!
@@ -24,7 +29,38 @@ use bytes::Bytes;
 use std::path::{Path, PathBuf};
 
 /// Bytes of a log entry header.
-pub const ENTRY_HEADER_BYTES: usize = 20;
+pub const ENTRY_HEADER_BYTES: usize = 36;
+/// Entry header format version.
+pub const ENTRY_VERSION: u8 = 1;
+/// Highest priority level (levels are 0..=PRIORITY_MAX, 0 the lowest).
+pub const PRIORITY_MAX: u8 = 3;
+const FLAG_PRIORITY_MASK: u16 = 0b11;
+const FLAG_DELAYED: u16 = 1 << 2;
+const FLAG_FROM_DELAY: u16 = 1 << 3;
+/// Every flag this version knows; an entry with another is refused, not misread.
+const FLAGS_KNOWN: u16 = FLAG_PRIORITY_MASK | FLAG_DELAYED | FLAG_FROM_DELAY;
+/// Bytes of the header covered by `header_crc`.
+const HEADER_CRC_COVERS: usize = 32;
+
+/// What an entry is, beyond its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EntryKind {
+    /// An ordinary batch of its queue.
+    #[default]
+    Normal,
+    /// Waits on the time wheel; joins its queue at `deliver_at_ms`.
+    Delayed { deliver_at_ms: i64 },
+    /// A delayed batch that came due and joined its queue; `origin_pos` is
+    /// the log position of the DELAYED entry (its header start).
+    FromDelay { origin_pos: u64 },
+}
+
+/// The header fields besides length and queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EntryMeta {
+    pub priority: u8,
+    pub kind: EntryKind,
+}
 /// O_DIRECT write granularity, in bytes.
 pub const BLOCK_BYTES: u64 = 4096;
 /// Bytes of the batch start that `header_crc` covers (those outside the batch CRC).
@@ -52,15 +88,53 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
 }
 
 /// Builds the header of an entry holding `batch` for `key`.
-pub fn entry_header(key: QueueKey, batch: &[u8]) -> [u8; ENTRY_HEADER_BYTES] {
+pub fn entry_header(key: QueueKey, meta: EntryMeta, batch: &[u8]) -> [u8; ENTRY_HEADER_BYTES] {
+    debug_assert!(meta.priority <= PRIORITY_MAX);
     let mut h = [0u8; ENTRY_HEADER_BYTES];
     h[0..4].copy_from_slice(&(batch.len() as u32).to_be_bytes());
     h[4..8].copy_from_slice(&key.topic_id.to_be_bytes());
     h[8..12].copy_from_slice(&key.queue.to_be_bytes());
-    // h[12..16]: flags, none defined yet.
-    let crc = header_crc(&h[..16], batch);
-    h[16..20].copy_from_slice(&crc.to_be_bytes());
+    let mut flags = u16::from(meta.priority) & FLAG_PRIORITY_MASK;
+    let (deliver_at, origin) = match meta.kind {
+        EntryKind::Normal => (0i64, 0u64),
+        EntryKind::Delayed { deliver_at_ms } => {
+            flags |= FLAG_DELAYED;
+            (deliver_at_ms, 0)
+        }
+        EntryKind::FromDelay { origin_pos } => {
+            flags |= FLAG_FROM_DELAY;
+            (0, origin_pos)
+        }
+    };
+    h[12..14].copy_from_slice(&flags.to_be_bytes());
+    h[14] = ENTRY_VERSION;
+    h[16..24].copy_from_slice(&deliver_at.to_be_bytes());
+    h[24..32].copy_from_slice(&origin.to_be_bytes());
+    let crc = header_crc(&h[..HEADER_CRC_COVERS], batch);
+    h[32..36].copy_from_slice(&crc.to_be_bytes());
     h
+}
+
+fn parse_meta(h: &[u8]) -> Result<EntryMeta, String> {
+    let flags = u16::from_be_bytes([h[12], h[13]]);
+    if h[14] != ENTRY_VERSION {
+        return Err(format!("unknown entry version {}", h[14]));
+    }
+    if flags & !FLAGS_KNOWN != 0 {
+        return Err(format!("unknown entry flags {flags:#06x}"));
+    }
+    let deliver_at_ms = i64::from_be_bytes(h[16..24].try_into().expect("8 bytes"));
+    let origin_pos = u64::from_be_bytes(h[24..32].try_into().expect("8 bytes"));
+    let kind = match (flags & FLAG_DELAYED != 0, flags & FLAG_FROM_DELAY != 0) {
+        (false, false) => EntryKind::Normal,
+        (true, false) => EntryKind::Delayed { deliver_at_ms },
+        (false, true) => EntryKind::FromDelay { origin_pos },
+        (true, true) => return Err("entry both delayed and re-appended".into()),
+    };
+    Ok(EntryMeta {
+        priority: (flags & FLAG_PRIORITY_MASK) as u8,
+        kind,
+    })
 }
 
 fn header_crc(head: &[u8], batch: &[u8]) -> u32 {
@@ -74,6 +148,9 @@ fn header_crc(head: &[u8], batch: &[u8]) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScannedEntry {
     pub key: QueueKey,
+    pub meta: EntryMeta,
+    /// Position of the entry header relative to the segment start.
+    pub entry_rel: u64,
     /// Position of the batch relative to the segment start.
     pub batch_rel: u64,
     pub header: batch::BatchHeader,
@@ -128,10 +205,14 @@ pub fn scan(data: &[u8], batch_bytes_max: usize) -> Scan {
             ));
         }
         let body = &data[start..start + len];
-        let stored = u32::from_be_bytes(h[16..20].try_into().expect("4 bytes"));
-        if header_crc(&h[..16], body) != stored {
+        let stored = u32::from_be_bytes(h[32..36].try_into().expect("4 bytes"));
+        if header_crc(&h[..HEADER_CRC_COVERS], body) != stored {
             break Some("entry header checksum mismatch".to_string());
         }
+        let meta = match parse_meta(h) {
+            Ok(m) => m,
+            Err(e) => break Some(e),
+        };
         let header = match batch::validate(body) {
             Ok(hd) if hd.total_bytes() == len => hd,
             Ok(_) => break Some("batch length disagrees with entry length".to_string()),
@@ -142,6 +223,8 @@ pub fn scan(data: &[u8], batch_bytes_max: usize) -> Scan {
                 topic_id: u32::from_be_bytes(h[4..8].try_into().expect("4 bytes")),
                 queue: u32::from_be_bytes(h[8..12].try_into().expect("4 bytes")),
             },
+            meta,
+            entry_rel: at as u64,
             batch_rel: start as u64,
             header,
         });
@@ -207,7 +290,7 @@ mod tests {
             b.push(i as i64, None, Some(format!("v{i}").as_bytes()), &[]);
         }
         let batch = b.build();
-        let mut out = entry_header(key, &batch).to_vec();
+        let mut out = entry_header(key, EntryMeta::default(), &batch).to_vec();
         out.extend_from_slice(&batch);
         out
     }
@@ -259,6 +342,34 @@ mod tests {
             // A tail of zeros is padding; anything else is reported.
             let zeros = data[first..cut].iter().all(|&b| b == 0);
             assert_eq!(s.damage.is_none(), zeros, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn entry_meta_round_trips() {
+        for meta in [
+            EntryMeta::default(),
+            EntryMeta {
+                priority: 3,
+                kind: EntryKind::Delayed {
+                    deliver_at_ms: 1_700_000_000_123,
+                },
+            },
+            EntryMeta {
+                priority: 1,
+                kind: EntryKind::FromDelay {
+                    origin_pos: 987_654,
+                },
+            },
+        ] {
+            let mut b = BatchBuilder::new(Compression::None);
+            b.push(0, None, Some(b"v"), &[]);
+            let batch = b.build();
+            let mut data = entry_header(K, meta, &batch).to_vec();
+            data.extend_from_slice(&batch);
+            let s = scan(&data, 1 << 20);
+            assert_eq!(s.damage, None);
+            assert_eq!(s.entries[0].meta, meta);
         }
     }
 

@@ -12,10 +12,12 @@
 use crate::batch::{self, BatchHeader};
 use crate::commit_log::{CommitLog, LogConfig, Recovery};
 use crate::consume_queue::{ConsumeQueue, IndexEntry};
+use crate::delay_queue::{DelayQueue, DelayedRef};
 use crate::durable_file;
 use crate::error::{Result, ShardError};
 use crate::group_offsets::GroupOffsets;
 use crate::producer_state::{ProducerTable, SequenceCheck};
+use crate::segment::{EntryKind, EntryMeta, ENTRY_HEADER_BYTES, PRIORITY_MAX};
 use crate::QueueKey;
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -28,6 +30,9 @@ use std::time::Duration;
 /// back-pressure, so memory stays bounded when the disk is slower than producers.
 pub const UNWRITTEN_BYTES_MAX: u64 = 64 << 20;
 
+/// The leader epoch stamped into stored batches: a single node is always epoch 0.
+pub const LEADER_EPOCH: i32 = 0;
+
 /// Format version of the queue checkpoint file.
 const CHECKPOINT_VERSION: u8 = 1;
 
@@ -39,6 +44,27 @@ pub struct ShardConfig {
     pub tail_cache_bytes: usize,
     /// Largest record batch accepted (Kafka's message.max.bytes).
     pub max_message_bytes: usize,
+    /// Tick of the shard's time wheel (delayed messages).
+    pub tick_ms: u64,
+}
+
+/// Per-produce options beyond the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProduceOptions {
+    /// 0 (lowest, default) to `PRIORITY_MAX`.
+    pub priority: u8,
+    /// Milliseconds until the batch becomes visible; 0 = at once.
+    pub delay_ms: i64,
+}
+
+/// Longest delay a message may ask for: 90 days.
+pub const DELAY_MS_MAX: i64 = 90 * 24 * 3600 * 1000;
+
+/// Wall-clock milliseconds since the UNIX epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// How a queue's topic wants its data kept.
@@ -61,6 +87,7 @@ struct QueueState {
 
 /// A produce that is stored (or known duplicate) and may still await durability.
 pub struct Produced {
+    /// The batch's first offset; -1 for a delayed batch (it gets its offset when due).
     pub base_offset: i64,
     pub duplicate: bool,
     wait: Wait,
@@ -98,6 +125,7 @@ pub struct Shard {
     /// A commit writes the offsets file; one at a time keeps writes ordered.
     offsets_lock: glommio::sync::Semaphore,
     recovery: Recovery,
+    delayed: RefCell<DelayQueue>,
 }
 
 impl Shard {
@@ -111,20 +139,44 @@ impl Shard {
             flush_interval: cfg.flush_interval,
             flush_bytes: cfg.flush_bytes,
             tail_cache_bytes: cfg.tail_cache_bytes,
-            batch_bytes_max: cfg.max_message_bytes.max(batch::BATCH_HEADER_BYTES),
+            // Any entry that fits a segment is plausible: lowering
+            // --max-message-bytes must not turn old entries into "damage".
+            batch_bytes_max: cfg.segment_bytes as usize,
         })
         .await?;
         let mut queues: HashMap<QueueKey, QueueState> = HashMap::new();
+        let mut delayed = DelayQueue::new(cfg.tick_ms, now_ms().max(0) as u64);
         for e in &recovery.entries {
             let q = queues.entry(e.key).or_default();
+            match e.meta.kind {
+                EntryKind::Delayed { deliver_at_ms } => {
+                    q.producers.record(&e.header, -1);
+                    delayed.add(
+                        e.entry_pos,
+                        DelayedRef {
+                            key: e.key,
+                            batch_pos: e.batch_pos,
+                            batch_len: e.header.total_bytes() as u32,
+                            priority: e.meta.priority,
+                            deliver_at_ms,
+                        },
+                    );
+                    continue;
+                }
+                EntryKind::FromDelay { origin_pos } => delayed.remove(origin_pos),
+                EntryKind::Normal => {}
+            }
             let base = e.header.base_offset;
             if base < q.index.next_offset() {
                 // Cannot happen for a log this code wrote; never index backwards.
                 tracing::warn!(?e.key, base, "skipping a batch below the queue's next offset");
                 continue;
             }
-            q.index.push(index_entry(&e.header, e.batch_pos));
-            q.producers.record(&e.header, base);
+            q.index
+                .push(index_entry(&e.header, e.batch_pos, e.meta.priority));
+            if e.meta.kind == EntryKind::Normal {
+                q.producers.record(&e.header, base);
+            }
         }
         // Queues emptied by retention continue from their checkpointed offset.
         for (key, _start, next) in read_checkpoint(&cfg.dir.join("queues.checkpoint"))? {
@@ -138,6 +190,7 @@ impl Shard {
             offsets: RefCell::new(offsets),
             offsets_lock: glommio::sync::Semaphore::new(1),
             recovery,
+            delayed: RefCell::new(delayed),
         };
         Ok(Rc::new(shard))
     }
@@ -154,6 +207,29 @@ impl Shard {
 
     /// Stores a batch (phase one, ordered, no await). Await `durable` next.
     pub fn produce(&self, key: QueueKey, batch: Bytes, policy: QueuePolicy) -> Result<Produced> {
+        self.produce_with(key, batch, policy, ProduceOptions::default())
+    }
+
+    /// `produce` with a priority and a delay.
+    pub fn produce_with(
+        &self,
+        key: QueueKey,
+        batch: Bytes,
+        policy: QueuePolicy,
+        opts: ProduceOptions,
+    ) -> Result<Produced> {
+        if opts.priority > PRIORITY_MAX {
+            return Err(ShardError::InvalidOption(format!(
+                "priority must be 0..={PRIORITY_MAX}, not {}",
+                opts.priority
+            )));
+        }
+        if !(0..=DELAY_MS_MAX).contains(&opts.delay_ms) {
+            return Err(ShardError::InvalidOption(format!(
+                "delay must be 0..={DELAY_MS_MAX} ms, not {}",
+                opts.delay_ms
+            )));
+        }
         if batch.len() > self.cfg.max_message_bytes {
             return Err(ShardError::TooLarge {
                 len: batch.len(),
@@ -188,20 +264,49 @@ impl Shard {
                 },
             });
         }
-        let base_offset = q.index.next_offset();
+        let delayed = opts.delay_ms > 0;
+        // A delayed batch gets its offset when it comes due.
+        let base_offset = if delayed { -1 } else { q.index.next_offset() };
         let mut owned = match batch.try_into_mut() {
             Ok(m) => m,
             Err(shared) => bytes::BytesMut::from(&shared[..]),
         };
-        batch::set_base_offset(&mut owned, base_offset);
+        batch::set_base_offset(&mut owned, base_offset.max(0));
+        batch::set_leader_epoch(&mut owned, LEADER_EPOCH);
         let stored = owned.freeze();
         let len = stored.len();
-        let batch_pos = self
-            .log
-            .append(key, stored, policy.segment_bytes, header.max_timestamp)?;
+        let deliver_at_ms = now_ms() + opts.delay_ms;
+        let meta = EntryMeta {
+            priority: opts.priority,
+            kind: if delayed {
+                EntryKind::Delayed { deliver_at_ms }
+            } else {
+                EntryKind::Normal
+            },
+        };
+        let batch_pos = self.log.append(
+            key,
+            meta,
+            stored,
+            policy.segment_bytes,
+            header.max_timestamp,
+        )?;
         let mut h = header;
         h.base_offset = base_offset;
-        q.index.push(index_entry(&h, batch_pos));
+        if delayed {
+            self.delayed.borrow_mut().add(
+                batch_pos - ENTRY_HEADER_BYTES as u64,
+                DelayedRef {
+                    key,
+                    batch_pos,
+                    batch_len: len as u32,
+                    priority: opts.priority,
+                    deliver_at_ms,
+                },
+            );
+        } else {
+            q.index.push(index_entry(&h, batch_pos, opts.priority));
+        }
         q.producers.record(&h, base_offset);
         Ok(Produced {
             base_offset,
@@ -223,6 +328,74 @@ impl Shard {
             Wait::Written(end) => self.log.wait_written(end).await,
             Wait::Nothing => Ok(()),
         }
+    }
+
+    /// Delayed batches waiting on the wheel.
+    pub fn delayed_len(&self) -> usize {
+        self.delayed.borrow().len()
+    }
+
+    /// Moves every delayed batch due at `now` into its queue (a FROM_DELAY
+    /// entry naming the DELAYED one). Batches of deleted queues are dropped.
+    /// Returns how many were delivered.
+    pub fn deliver_due(
+        &self,
+        now: i64,
+        policy_of: impl Fn(QueueKey) -> Option<QueuePolicy>,
+    ) -> usize {
+        let due = self.delayed.borrow_mut().due(now.max(0) as u64);
+        let mut delivered = 0;
+        for (entry_pos, r) in due {
+            let Some(policy) = policy_of(r.key) else {
+                tracing::info!(?r.key, "dropping a delayed batch of a deleted queue");
+                continue;
+            };
+            let Some(stored) = self.log.read(r.batch_pos, r.batch_len as usize) else {
+                tracing::error!(?r.key, entry_pos, "a delayed batch is no longer in the log");
+                continue;
+            };
+            let mut owned = bytes::BytesMut::from(&stored[..]);
+            let mut queues = self.queues.borrow_mut();
+            let q = queues.entry(r.key).or_default();
+            let base_offset = q.index.next_offset();
+            batch::set_base_offset(&mut owned, base_offset);
+            let Ok(mut h) = batch::validate(&owned) else {
+                tracing::error!(?r.key, entry_pos, "a delayed batch no longer validates");
+                continue;
+            };
+            let meta = EntryMeta {
+                priority: r.priority,
+                kind: EntryKind::FromDelay {
+                    origin_pos: entry_pos,
+                },
+            };
+            match self.log.append(
+                r.key,
+                meta,
+                owned.freeze(),
+                policy.segment_bytes,
+                h.max_timestamp,
+            ) {
+                Ok(batch_pos) => {
+                    h.base_offset = base_offset;
+                    q.index.push(index_entry(&h, batch_pos, r.priority));
+                    delivered += 1;
+                }
+                Err(e) => {
+                    // Back on the wheel: retried at the next tick.
+                    tracing::warn!(error = %e, "delivering a delayed batch failed; retrying");
+                    drop(queues);
+                    self.delayed.borrow_mut().add(
+                        entry_pos,
+                        DelayedRef {
+                            deliver_at_ms: now + 1,
+                            ..r
+                        },
+                    );
+                }
+            }
+        }
+        delivered
     }
 
     /// The queue's (first stored offset, next offset), as readers see them.
@@ -352,7 +525,12 @@ impl Shard {
             segments_deleted: 0,
             log_start: self.log.start(),
         };
+        let oldest_delayed = self.delayed.borrow().oldest_pos();
         for (base, stats) in self.log.sealed_segments() {
+            // A segment holding a pending delayed batch stays until it is delivered.
+            if oldest_delayed.is_some_and(|p| p < self.log.segment_end(base)) {
+                break;
+            }
             let expired = {
                 let queues = self.queues.borrow();
                 stats.iter().all(|(key, s)| {
@@ -363,7 +541,7 @@ impl Shard {
                         && now_ms.saturating_sub(s.max_timestamp) > p.retention_ms as i64;
                     let by_size = p.retention_bytes > 0
                         && queues.get(key).is_some_and(|q| {
-                            q.index.bytes_from(base) - s.bytes >= p.retention_bytes
+                            q.index.bytes_from(base).saturating_sub(s.bytes) >= p.retention_bytes
                         });
                     by_time || by_size
                 })
@@ -408,13 +586,14 @@ impl Shard {
     }
 }
 
-fn index_entry(h: &BatchHeader, batch_pos: u64) -> IndexEntry {
+fn index_entry(h: &BatchHeader, batch_pos: u64, priority: u8) -> IndexEntry {
     IndexEntry {
         base_offset: h.base_offset,
         batch_pos,
         batch_len: h.total_bytes() as u32,
         record_count: h.records_count as u32,
         max_timestamp: h.max_timestamp,
+        priority,
     }
 }
 
@@ -464,6 +643,7 @@ mod tests {
             flush_bytes: 1 << 20,
             tail_cache_bytes: 64 << 10,
             max_message_bytes: 1 << 20,
+            tick_ms: 10,
         }
     }
 
@@ -694,6 +874,58 @@ mod tests {
             assert!(waited.is_err(), "the ack did not wait for the backlog");
             glommio::spawn_local(shard.writer()).detach();
             shard.durable(&last).await.unwrap();
+            shard.stop().await;
+        });
+    }
+
+    #[test]
+    fn delayed_batches_wait_for_their_time_and_survive_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let keep = |_: QueueKey| Some(SYNC);
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            let delay = |ms| ProduceOptions {
+                priority: 2,
+                delay_ms: ms,
+            };
+            let p = shard
+                .produce_with(K, batch(&["late"], 0), SYNC, delay(400))
+                .unwrap();
+            assert_eq!(p.base_offset, -1);
+            shard.durable(&p).await.unwrap();
+            let p = shard.produce(K, batch(&["now"], 0), SYNC).unwrap();
+            shard.durable(&p).await.unwrap();
+            assert_eq!(shard.deliver_due(now_ms(), keep), 0);
+            assert_eq!(values(&shard, K, 0).await, vec!["now".to_string()]);
+            // Restart before it is due: the timer comes back from the log.
+            shard.stop().await;
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            assert_eq!(shard.delayed_len(), 1);
+            let due_at = now_ms() + 400;
+            assert_eq!(shard.deliver_due(now_ms(), keep), 0);
+            glommio::timer::sleep(Duration::from_millis(450)).await;
+            assert_eq!(shard.deliver_due(due_at, keep), 1);
+            shard.stop().await;
+            // Delivered once: after another restart it is in the queue, not on the wheel.
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            assert_eq!(shard.delayed_len(), 0);
+            assert_eq!(
+                values(&shard, K, 0).await,
+                vec!["now".to_string(), "late".to_string()]
+            );
+            // Bad options are refused.
+            assert!(shard
+                .produce_with(K, batch(&["x"], 0), SYNC, delay(-1))
+                .is_err());
+            let high = ProduceOptions {
+                priority: PRIORITY_MAX + 1,
+                delay_ms: 0,
+            };
+            assert!(shard.produce_with(K, batch(&["x"], 0), SYNC, high).is_err());
             shard.stop().await;
         });
     }

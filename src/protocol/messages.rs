@@ -7,6 +7,7 @@
 //! added with a new api version.
 
 use super::error_code::ErrorCode;
+use super::frame::API_VERSION;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Longest topic name, in bytes (Kafka's limit).
@@ -210,6 +211,8 @@ pub struct GroupInfo {
     pub offsets: Vec<GroupOffset>,
 }
 
+pub use coremq_shards::shard::ProduceOptions;
+
 /// A decoded request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
@@ -225,6 +228,13 @@ pub enum Request {
         offset: i64,
         max_bytes: u32,
         max_wait_ms: u32,
+    },
+    /// Produce v2: a batch with a priority and a delay.
+    ProduceWith {
+        topic: String,
+        queue: u32,
+        options: ProduceOptions,
+        batch: Bytes,
     },
     CreateTopic(TopicSpec),
     DeleteTopic {
@@ -326,6 +336,8 @@ pub enum DecodeError {
     },
     #[error("unknown api {0}")]
     UnknownApi(u16),
+    #[error("api {api} has no version {version}")]
+    UnsupportedVersion { api: u16, version: u16 },
     #[error("invalid archive: {0}")]
     Archive(String),
     #[error("{0} trailing bytes after the body")]
@@ -417,7 +429,7 @@ where
 impl Request {
     pub fn api(&self) -> ApiKey {
         match self {
-            Request::Produce { .. } => ApiKey::Produce,
+            Request::Produce { .. } | Request::ProduceWith { .. } => ApiKey::Produce,
             Request::Fetch { .. } => ApiKey::Fetch,
             Request::CreateTopic(_) => ApiKey::CreateTopic,
             Request::DeleteTopic { .. } => ApiKey::DeleteTopic,
@@ -435,6 +447,36 @@ impl Request {
         }
     }
 
+    /// The api version this request is encoded at (Produce with options is v2).
+    pub fn api_version(&self) -> u16 {
+        match self {
+            Request::ProduceWith { .. } => 2,
+            _ => API_VERSION,
+        }
+    }
+
+    /// Decodes a request body of `api` at `version`. Never panics on any input.
+    pub fn decode_versioned(api: u16, version: u16, body: Bytes) -> Result<Request, DecodeError> {
+        match (ApiKey::from_u16(api), version) {
+            (None, _) => Err(DecodeError::UnknownApi(api)),
+            (Some(ApiKey::Produce), 2) => {
+                let mut r = Reader { buf: body };
+                let topic = r.string("topic", TOPIC_NAME_BYTES_MAX)?;
+                let queue = r.u32("queue")?;
+                let priority = r.u8("priority")?;
+                let delay_ms = r.i64("delay_ms")?;
+                Ok(Request::ProduceWith {
+                    topic,
+                    queue,
+                    options: ProduceOptions { priority, delay_ms },
+                    batch: r.rest(),
+                })
+            }
+            (Some(_), API_VERSION) => Request::decode(api, body),
+            (Some(_), v) => Err(DecodeError::UnsupportedVersion { api, version: v }),
+        }
+    }
+
     /// Encodes the body (without frame header).
     pub fn encode_body(&self, out: &mut BytesMut) {
         match self {
@@ -445,6 +487,18 @@ impl Request {
             } => {
                 put_string(out, topic);
                 out.put_u32(*queue);
+                out.put_slice(batch);
+            }
+            Request::ProduceWith {
+                topic,
+                queue,
+                options,
+                batch,
+            } => {
+                put_string(out, topic);
+                out.put_u32(*queue);
+                out.put_u8(options.priority);
+                out.put_i64(options.delay_ms);
                 out.put_slice(batch);
             }
             Request::Fetch {
@@ -666,7 +720,8 @@ mod tests {
     fn round_trip(req: Request) {
         let mut out = BytesMut::new();
         req.encode_body(&mut out);
-        let back = Request::decode(req.api() as u16, out.freeze()).unwrap();
+        let back =
+            Request::decode_versioned(req.api() as u16, req.api_version(), out.freeze()).unwrap();
         assert_eq!(back, req);
     }
 
@@ -692,6 +747,37 @@ mod tests {
             retention_ms: 1000,
             retention_bytes: 0,
         }));
+        round_trip(Request::ProduceWith {
+            topic: "t".into(),
+            queue: 2,
+            options: ProduceOptions {
+                priority: 3,
+                delay_ms: 2_000,
+            },
+            batch: Bytes::from_static(b"batch"),
+        });
+        round_trip(Request::AlterTopic(AlterTopic {
+            name: "t".into(),
+            queues: 8,
+        }));
+        round_trip(Request::JoinGroup(JoinGroup {
+            group: "g".into(),
+            topic: "t".into(),
+            member_id: String::new(),
+            strategy: Strategy::AveragelyByCircle,
+            broadcast: true,
+            session_timeout_ms: 3000,
+        }));
+        round_trip(Request::Heartbeat(MemberRef {
+            group: "g".into(),
+            member_id: "m".into(),
+        }));
+        round_trip(Request::LeaveGroup(MemberRef {
+            group: "g".into(),
+            member_id: "m".into(),
+        }));
+        round_trip(Request::DescribeGroup { group: "g".into() });
+        round_trip(Request::ListGroups);
         round_trip(Request::DeleteTopic { name: "a".into() });
         round_trip(Request::DescribeTopic { name: "a".into() });
         round_trip(Request::ListTopics);

@@ -13,7 +13,7 @@
 use super::shard_context::ShardCtx;
 use crate::protocol::frame::{self, FrameError, FRAME_LEN_BYTES, REQUEST_HEADER_BYTES};
 use crate::protocol::messages::{encode_error, encode_reply};
-use crate::protocol::{ErrorCode, ErrorReply, Request, Response, API_VERSION};
+use crate::protocol::{DecodeError, ErrorCode, ErrorReply, Request, Response};
 use bytes::{Bytes, BytesMut};
 use futures::channel::mpsc;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -101,27 +101,18 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
                     break 'conn;
                 }
             };
-            if header.api_version != API_VERSION {
-                refuse(
-                    &tx,
-                    header.request_id,
-                    ErrorCode::UnsupportedVersion,
-                    format!(
-                        "api version {} is not supported (this broker speaks {API_VERSION})",
-                        header.api_version
-                    ),
-                );
-                continue;
-            }
-            let req = match Request::decode(header.api, body) {
+            let req = match Request::decode_versioned(header.api, header.api_version, body) {
                 Ok(r) => r,
-                Err(crate::protocol::DecodeError::UnknownApi(api)) => {
-                    refuse(
-                        &tx,
-                        header.request_id,
-                        ErrorCode::UnknownApi,
-                        format!("unknown api {api}"),
-                    );
+                // Well-formed frames we cannot serve: refuse the request, keep the connection.
+                Err(DecodeError::UnknownApi(api)) => {
+                    let msg = format!("unknown api {api}");
+                    refuse(&tx, header.request_id, ErrorCode::UnknownApi, msg);
+                    continue;
+                }
+                Err(DecodeError::UnsupportedVersion { api, version }) => {
+                    let msg =
+                        format!("api {api} version {version} is not supported by this broker");
+                    refuse(&tx, header.request_id, ErrorCode::UnsupportedVersion, msg);
                     continue;
                 }
                 Err(e) => {

@@ -236,6 +236,7 @@ async fn shard_main(
         flush_bytes: config.flush_bytes,
         tail_cache_bytes: config.tail_cache_bytes,
         max_message_bytes: config.max_message_bytes,
+        tick_ms: config.tick.as_millis() as u64,
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -304,6 +305,21 @@ async fn shard_main(
         own: own_addr,
     });
 
+    let delays = {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(ctx.config.tick).await;
+                let meta = ctx.meta.snapshot();
+                ctx.shard
+                    .deliver_due(coremq_shards::shard::now_ms(), |key| {
+                        meta.topic_by_id(key.topic_id)
+                            .filter(|t| (key.queue as usize) < t.placement.len())
+                            .map(shard_context::policy)
+                    });
+            }
+        })
+    };
     let expiry = {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
@@ -330,6 +346,7 @@ async fn shard_main(
     }
     retention.cancel().await;
     expiry.cancel().await;
+    delays.cancel().await;
     shard.stop().await;
     writer.await;
     tracing::info!(shard = id, "shard stopped; log flushed and synced");

@@ -58,7 +58,7 @@ pub fn shard_error(e: ShardError) -> ErrorReply {
         }
         ShardError::Batch(_) => ErrorCode::CorruptBatch,
         ShardError::TooLarge { .. } => ErrorCode::MessageTooLarge,
-        ShardError::InvalidBatch(_) => ErrorCode::InvalidRequest,
+        ShardError::InvalidBatch(_) | ShardError::InvalidOption(_) => ErrorCode::InvalidRequest,
         ShardError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
         ShardError::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
         ShardError::InvalidProducerEpoch { .. } => ErrorCode::InvalidProducerEpoch,
@@ -107,6 +107,7 @@ impl ShardCtx {
     pub async fn dispatch(self: &Rc<Self>, req: Request) -> LocalBoxFuture<'static, Response> {
         let target = match &req {
             Request::Produce { topic, queue, .. }
+            | Request::ProduceWith { topic, queue, .. }
             | Request::Fetch { topic, queue, .. }
             | Request::CommitOffset { topic, queue, .. }
             | Request::FetchOffset { topic, queue, .. } => {
@@ -175,9 +176,22 @@ impl ShardCtx {
                 topic,
                 queue,
                 batch,
+            } => self.handle_local(Request::ProduceWith {
+                topic,
+                queue,
+                options: Default::default(),
+                batch,
+            }),
+            Request::ProduceWith {
+                topic,
+                queue,
+                options,
+                batch,
             } => {
                 let produced = queue_of(&meta, &topic, queue).and_then(|(key, _, policy)| {
-                    shard.produce(key, batch, policy).map_err(shard_error)
+                    shard
+                        .produce_with(key, batch, policy, options)
+                        .map_err(shard_error)
                 });
                 match produced {
                     Err(e) => ready(Err(e)).boxed_local(),

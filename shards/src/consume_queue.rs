@@ -105,6 +105,12 @@ impl ConsumeQueue {
         out
     }
 
+    /// Index entries from the batch holding `offset` onwards.
+    pub fn entries_from(&self, offset: i64) -> impl Iterator<Item = &IndexEntry> {
+        let first = self.entries.partition_point(|e| e.next_offset() <= offset);
+        self.entries.range(first..)
+    }
+
     /// The next offset whose batch ends at or before `visible_pos`.
     pub fn visible_next_offset(&self, visible_pos: u64) -> i64 {
         match self

@@ -10,9 +10,9 @@
 //! idea, with the log itself as the schedule).
 //!
 //! Memory per pending message: one `DelayedRef` (32 bytes) in a hash map
-//! plus an 8-byte position in a wheel slot — no per-tick cost.
+//! plus its timer on the shard's wheel (a position and a due tick) — no
+//! per-tick cost.
 
-use crate::time_wheel::TimeWheel;
 use crate::QueueKey;
 use std::collections::HashMap;
 
@@ -26,20 +26,13 @@ pub struct DelayedRef {
     pub deliver_at_ms: i64,
 }
 
+#[derive(Default)]
 pub struct DelayQueue {
-    wheel: TimeWheel<u64>,
     /// DELAYED entry position → what to deliver.
     pending: HashMap<u64, DelayedRef>,
 }
 
 impl DelayQueue {
-    pub fn new(tick_ms: u64, now_ms: u64) -> Self {
-        DelayQueue {
-            wheel: TimeWheel::new(tick_ms, now_ms),
-            pending: HashMap::new(),
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.pending.len()
     }
@@ -48,26 +41,19 @@ impl DelayQueue {
         self.pending.is_empty()
     }
 
-    /// Schedules the DELAYED entry at `entry_pos`.
-    pub fn add(&mut self, entry_pos: u64, r: DelayedRef) {
-        if self.pending.insert(entry_pos, r).is_none() {
-            self.wheel.insert(r.deliver_at_ms.max(0) as u64, entry_pos);
-        }
+    /// Records the DELAYED entry at `entry_pos`; false if it was known already.
+    pub fn add(&mut self, entry_pos: u64, r: DelayedRef) -> bool {
+        self.pending.insert(entry_pos, r).is_none()
     }
 
-    /// Forgets an entry already delivered (seen at recovery).
-    pub fn remove(&mut self, entry_pos: u64) {
-        // The wheel keeps the position; `due` skips it when it fires.
-        self.pending.remove(&entry_pos);
+    /// Takes the entry whose timer fired; `None` if it was delivered already.
+    pub fn take(&mut self, entry_pos: u64) -> Option<DelayedRef> {
+        self.pending.remove(&entry_pos)
     }
 
-    /// Pending batches due at `now_ms`, in no particular order.
-    pub fn due(&mut self, now_ms: u64) -> Vec<(u64, DelayedRef)> {
-        self.wheel
-            .advance(now_ms)
-            .into_iter()
-            .filter_map(|pos| self.pending.remove(&pos).map(|r| (pos, r)))
-            .collect()
+    /// Every pending entry (to arm timers after recovery).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &DelayedRef)> {
+        self.pending.iter().map(|(p, r)| (*p, r))
     }
 
     /// The oldest log position a pending batch still needs (retention must keep it).
@@ -94,18 +80,15 @@ mod tests {
     }
 
     #[test]
-    fn due_in_time_order_and_removed_ones_never_fire() {
-        let mut q = DelayQueue::new(10, 1_000);
-        q.add(100, r(2_000));
-        q.add(200, r(1_500));
-        q.add(300, r(1_500));
-        q.remove(300);
+    fn pending_entries_are_taken_once() {
+        let mut q = DelayQueue::default();
+        assert!(q.add(100, r(2_000)));
+        assert!(q.add(200, r(1_500)));
+        assert!(!q.add(200, r(1_500)));
         assert_eq!(q.oldest_pos(), Some(100));
-        assert!(q.due(1_499).is_empty());
-        let due: Vec<u64> = q.due(1_500).into_iter().map(|(p, _)| p).collect();
-        assert_eq!(due, vec![200]);
-        assert_eq!(q.due(2_000).len(), 1);
-        assert!(q.is_empty());
+        assert_eq!(q.take(200).map(|r| r.deliver_at_ms), Some(1_500));
+        assert_eq!(q.take(200), None);
+        assert_eq!(q.len(), 1);
         assert_eq!(std::mem::size_of::<DelayedRef>(), 32);
     }
 }

@@ -13,14 +13,16 @@ use crate::batch::{self, BatchHeader};
 use crate::commit_log::{CommitLog, LogConfig, Recovery};
 use crate::consume_queue::{ConsumeQueue, IndexEntry};
 use crate::delay_queue::{DelayQueue, DelayedRef};
+use crate::delivery::Subscription;
 use crate::durable_file;
 use crate::error::{Result, ShardError};
 use crate::group_offsets::GroupOffsets;
 use crate::producer_state::{ProducerTable, SequenceCheck};
 use crate::segment::{EntryKind, EntryMeta, ENTRY_HEADER_BYTES, PRIORITY_MAX};
+use crate::time_wheel::TimeWheel;
 use crate::QueueKey;
 use bytes::Bytes;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -44,8 +46,34 @@ pub struct ShardConfig {
     pub tail_cache_bytes: usize,
     /// Largest record batch accepted (Kafka's message.max.bytes).
     pub max_message_bytes: usize,
-    /// Tick of the shard's time wheel (delayed messages).
+    /// Tick of the shard's time wheel (delayed messages, ack timeouts, retention).
     pub tick_ms: u64,
+    /// Period of the retention check.
+    pub retention_check_ms: u64,
+}
+
+/// What the shard's time wheel holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Timer {
+    /// The DELAYED entry at this log position is due.
+    Delayed(u64),
+    /// A pushed message's ack deadline.
+    AckTimeout {
+        group: std::rc::Rc<str>,
+        key: QueueKey,
+        offset: i64,
+        attempt: u32,
+    },
+    /// Time to run retention (re-armed every `retention_check_ms`).
+    Retention,
+}
+
+/// What a tick of the wheel did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TickOutcome {
+    pub delayed_delivered: usize,
+    pub ack_timeouts: usize,
+    pub retention_due: bool,
 }
 
 /// Per-produce options beyond the batch.
@@ -80,8 +108,8 @@ pub struct QueuePolicy {
 }
 
 #[derive(Default)]
-struct QueueState {
-    index: ConsumeQueue,
+pub(crate) struct QueueState {
+    pub(crate) index: ConsumeQueue,
     producers: ProducerTable,
 }
 
@@ -118,14 +146,20 @@ pub struct RetentionReport {
 }
 
 pub struct Shard {
-    cfg: ShardConfig,
-    log: Rc<CommitLog>,
-    queues: RefCell<HashMap<QueueKey, QueueState>>,
-    offsets: RefCell<GroupOffsets>,
+    pub(crate) cfg: ShardConfig,
+    pub(crate) log: Rc<CommitLog>,
+    pub(crate) queues: RefCell<HashMap<QueueKey, QueueState>>,
+    pub(crate) offsets: RefCell<GroupOffsets>,
     /// A commit writes the offsets file; one at a time keeps writes ordered.
-    offsets_lock: glommio::sync::Semaphore,
+    pub(crate) offsets_lock: glommio::sync::Semaphore,
     recovery: Recovery,
     delayed: RefCell<DelayQueue>,
+    /// Delayed messages, ack deadlines and the retention period, all on one wheel.
+    pub(crate) timers: RefCell<TimeWheel<Timer>>,
+    /// Push-delivery state per (group, queue) (`push_delivery.rs`).
+    pub(crate) subscriptions: RefCell<HashMap<(std::rc::Rc<str>, QueueKey), Subscription>>,
+    /// Subscriptions changed since they were last saved.
+    pub(crate) subscriptions_dirty: Cell<bool>,
 }
 
 impl Shard {
@@ -145,7 +179,7 @@ impl Shard {
         })
         .await?;
         let mut queues: HashMap<QueueKey, QueueState> = HashMap::new();
-        let mut delayed = DelayQueue::new(cfg.tick_ms, now_ms().max(0) as u64);
+        let mut delayed = DelayQueue::default();
         for e in &recovery.entries {
             let q = queues.entry(e.key).or_default();
             match e.meta.kind {
@@ -163,7 +197,9 @@ impl Shard {
                     );
                     continue;
                 }
-                EntryKind::FromDelay { origin_pos } => delayed.remove(origin_pos),
+                EntryKind::FromDelay { origin_pos } => {
+                    delayed.take(origin_pos);
+                }
                 EntryKind::Normal => {}
             }
             let base = e.header.base_offset;
@@ -183,6 +219,13 @@ impl Shard {
             queues.entry(key).or_default().index.advance_to(next);
         }
         let offsets = GroupOffsets::open(cfg.dir.join("offsets"))?;
+        let now = now_ms().max(0) as u64;
+        let mut timers = TimeWheel::new(cfg.tick_ms.max(1), now);
+        for (pos, r) in delayed.iter() {
+            timers.insert(r.deliver_at_ms.max(0) as u64, Timer::Delayed(pos));
+        }
+        timers.insert(now + cfg.retention_check_ms, Timer::Retention);
+        let subscriptions = crate::push_delivery::load(&cfg.dir)?;
         let shard = Shard {
             cfg,
             log,
@@ -191,6 +234,9 @@ impl Shard {
             offsets_lock: glommio::sync::Semaphore::new(1),
             recovery,
             delayed: RefCell::new(delayed),
+            timers: RefCell::new(timers),
+            subscriptions: RefCell::new(subscriptions),
+            subscriptions_dirty: Cell::new(false),
         };
         Ok(Rc::new(shard))
     }
@@ -294,8 +340,9 @@ impl Shard {
         let mut h = header;
         h.base_offset = base_offset;
         if delayed {
+            let entry_pos = batch_pos - ENTRY_HEADER_BYTES as u64;
             self.delayed.borrow_mut().add(
-                batch_pos - ENTRY_HEADER_BYTES as u64,
+                entry_pos,
                 DelayedRef {
                     key,
                     batch_pos,
@@ -304,6 +351,9 @@ impl Shard {
                     deliver_at_ms,
                 },
             );
+            self.timers
+                .borrow_mut()
+                .insert(deliver_at_ms.max(0) as u64, Timer::Delayed(entry_pos));
         } else {
             q.index.push(index_entry(&h, batch_pos, opts.priority));
         }
@@ -335,67 +385,103 @@ impl Shard {
         self.delayed.borrow().len()
     }
 
-    /// Moves every delayed batch due at `now` into its queue (a FROM_DELAY
-    /// entry naming the DELAYED one). Batches of deleted queues are dropped.
-    /// Returns how many were delivered.
-    pub fn deliver_due(
+    /// Advances the shard's time wheel to `now`: delivers due delayed
+    /// batches (a FROM_DELAY entry naming the DELAYED one; batches of deleted
+    /// queues are dropped), returns expired pushed messages to their retry
+    /// sets, and says when retention is due.
+    pub fn tick(
         &self,
         now: i64,
         policy_of: impl Fn(QueueKey) -> Option<QueuePolicy>,
-    ) -> usize {
-        let due = self.delayed.borrow_mut().due(now.max(0) as u64);
-        let mut delivered = 0;
-        for (entry_pos, r) in due {
-            let Some(policy) = policy_of(r.key) else {
-                tracing::info!(?r.key, "dropping a delayed batch of a deleted queue");
-                continue;
-            };
-            let Some(stored) = self.log.read(r.batch_pos, r.batch_len as usize) else {
-                tracing::error!(?r.key, entry_pos, "a delayed batch is no longer in the log");
-                continue;
-            };
-            let mut owned = bytes::BytesMut::from(&stored[..]);
-            let mut queues = self.queues.borrow_mut();
-            let q = queues.entry(r.key).or_default();
-            let base_offset = q.index.next_offset();
-            batch::set_base_offset(&mut owned, base_offset);
-            let Ok(mut h) = batch::validate(&owned) else {
-                tracing::error!(?r.key, entry_pos, "a delayed batch no longer validates");
-                continue;
-            };
-            let meta = EntryMeta {
-                priority: r.priority,
-                kind: EntryKind::FromDelay {
-                    origin_pos: entry_pos,
-                },
-            };
-            match self.log.append(
-                r.key,
-                meta,
-                owned.freeze(),
-                policy.segment_bytes,
-                h.max_timestamp,
-            ) {
-                Ok(batch_pos) => {
-                    h.base_offset = base_offset;
-                    q.index.push(index_entry(&h, batch_pos, r.priority));
-                    delivered += 1;
+    ) -> TickOutcome {
+        let fired = self.timers.borrow_mut().advance(now.max(0) as u64);
+        let mut out = TickOutcome::default();
+        for timer in fired {
+            match timer {
+                Timer::Delayed(entry_pos) => {
+                    let Some(r) = self.delayed.borrow_mut().take(entry_pos) else {
+                        continue;
+                    };
+                    match policy_of(r.key) {
+                        None => {
+                            tracing::info!(?r.key, "dropping a delayed batch of a deleted queue")
+                        }
+                        Some(policy) => {
+                            if self.deliver_delayed(entry_pos, r, policy) {
+                                out.delayed_delivered += 1;
+                            } else {
+                                // Retried at the next tick.
+                                self.delayed.borrow_mut().add(entry_pos, r);
+                                let next = now.max(0) as u64 + self.cfg.tick_ms;
+                                self.timers
+                                    .borrow_mut()
+                                    .insert(next, Timer::Delayed(entry_pos));
+                            }
+                        }
+                    }
                 }
-                Err(e) => {
-                    // Back on the wheel: retried at the next tick.
-                    tracing::warn!(error = %e, "delivering a delayed batch failed; retrying");
-                    drop(queues);
-                    self.delayed.borrow_mut().add(
-                        entry_pos,
-                        DelayedRef {
-                            deliver_at_ms: now + 1,
-                            ..r
-                        },
-                    );
+                Timer::AckTimeout {
+                    group,
+                    key,
+                    offset,
+                    attempt,
+                } => {
+                    let mut subs = self.subscriptions.borrow_mut();
+                    if let Some(sub) = subs.get_mut(&(group, key)) {
+                        if sub.expire(offset, attempt) {
+                            out.ack_timeouts += 1;
+                            self.subscriptions_dirty.set(true);
+                        }
+                    }
+                }
+                Timer::Retention => {
+                    out.retention_due = true;
+                    let next = now.max(0) as u64 + self.cfg.retention_check_ms;
+                    self.timers.borrow_mut().insert(next, Timer::Retention);
                 }
             }
         }
-        delivered
+        out
+    }
+
+    /// Re-appends one due delayed batch to its queue; false if that failed.
+    fn deliver_delayed(&self, entry_pos: u64, r: DelayedRef, policy: QueuePolicy) -> bool {
+        let Some(stored) = self.log.read(r.batch_pos, r.batch_len as usize) else {
+            tracing::error!(?r.key, entry_pos, "a delayed batch is no longer in the log");
+            return true;
+        };
+        let mut owned = bytes::BytesMut::from(&stored[..]);
+        let mut queues = self.queues.borrow_mut();
+        let q = queues.entry(r.key).or_default();
+        let base_offset = q.index.next_offset();
+        batch::set_base_offset(&mut owned, base_offset);
+        let Ok(mut h) = batch::validate(&owned) else {
+            tracing::error!(?r.key, entry_pos, "a delayed batch no longer validates");
+            return true;
+        };
+        let meta = EntryMeta {
+            priority: r.priority,
+            kind: EntryKind::FromDelay {
+                origin_pos: entry_pos,
+            },
+        };
+        match self.log.append(
+            r.key,
+            meta,
+            owned.freeze(),
+            policy.segment_bytes,
+            h.max_timestamp,
+        ) {
+            Ok(batch_pos) => {
+                h.base_offset = base_offset;
+                q.index.push(index_entry(&h, batch_pos, r.priority));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "delivering a delayed batch failed; retrying");
+                false
+            }
+        }
     }
 
     /// The queue's (first stored offset, next offset), as readers see them.
@@ -644,6 +730,7 @@ mod tests {
             tail_cache_bytes: 64 << 10,
             max_message_bytes: 1 << 20,
             tick_ms: 10,
+            retention_check_ms: 60_000,
         }
     }
 
@@ -897,7 +984,7 @@ mod tests {
             shard.durable(&p).await.unwrap();
             let p = shard.produce(K, batch(&["now"], 0), SYNC).unwrap();
             shard.durable(&p).await.unwrap();
-            assert_eq!(shard.deliver_due(now_ms(), keep), 0);
+            assert_eq!(shard.tick(now_ms(), keep).delayed_delivered, 0);
             assert_eq!(values(&shard, K, 0).await, vec!["now".to_string()]);
             // Restart before it is due: the timer comes back from the log.
             shard.stop().await;
@@ -905,9 +992,9 @@ mod tests {
             glommio::spawn_local(shard.writer()).detach();
             assert_eq!(shard.delayed_len(), 1);
             let due_at = now_ms() + 400;
-            assert_eq!(shard.deliver_due(now_ms(), keep), 0);
+            assert_eq!(shard.tick(now_ms(), keep).delayed_delivered, 0);
             glommio::timer::sleep(Duration::from_millis(450)).await;
-            assert_eq!(shard.deliver_due(due_at, keep), 1);
+            assert_eq!(shard.tick(due_at, keep).delayed_delivered, 1);
             shard.stop().await;
             // Delivered once: after another restart it is in the queue, not on the wheel.
             let shard = Shard::open(cfg(&d)).await.unwrap();
@@ -926,6 +1013,57 @@ mod tests {
                 delay_ms: 0,
             };
             assert!(shard.produce_with(K, batch(&["x"], 0), SYNC, high).is_err());
+            shard.stop().await;
+        });
+    }
+
+    #[test]
+    fn push_delivery_redelivers_dead_letters_and_survives_restart() {
+        use crate::delivery::DeliveryConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let cfg_push = DeliveryConfig {
+                ack_timeout_ms: 100,
+                max_attempts: 2,
+            };
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            for (v, p) in [("low", 0u8), ("high", 3), ("mid", 1)] {
+                let opts = ProduceOptions {
+                    priority: p,
+                    delay_ms: 0,
+                };
+                let p = shard.produce_with(K, batch(&[v], 0), SYNC, opts).unwrap();
+                shard.durable(&p).await.unwrap();
+            }
+            let r = shard.receive("g", K, 10, cfg_push).unwrap();
+            let order: Vec<i64> = r.handouts.iter().map(|h| h.offset).collect();
+            assert_eq!(order, vec![1, 2, 0], "high, mid, low");
+            assert_eq!(r.batches.len(), 3);
+            // Ack "high"; leave the others: they time out and come back.
+            assert_eq!(shard.ack("g", K, &[1], false, cfg_push).unwrap().0, 1);
+            glommio::timer::sleep(Duration::from_millis(150)).await;
+            let t = shard.tick(now_ms(), |_| Some(SYNC));
+            assert_eq!(t.ack_timeouts, 2);
+            let r = shard.receive("g", K, 10, cfg_push).unwrap();
+            assert!(r.handouts.iter().all(|h| h.attempt == 2));
+            // Reject "mid" on its last attempt: it is dead.
+            let (_, dead) = shard.ack("g", K, &[2], true, cfg_push).unwrap();
+            assert_eq!(dead.len(), 1);
+            assert_eq!(dead[0].offset, 2);
+            shard.save_subscriptions().await.unwrap();
+            shard.stop().await;
+            // After a restart, "low" (still in flight) comes back with its count.
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            let r = shard.receive("g", K, 10, cfg_push).unwrap();
+            assert!(r.handouts.is_empty(), "low is out of attempts");
+            assert_eq!(r.dead.len(), 1);
+            assert_eq!(r.dead[0].offset, 0);
+            assert_eq!(shard.subscription_state("g", K), Some((3, 0)));
+            shard.save_subscriptions().await.unwrap();
+            assert_eq!(shard.committed_offset("g", K), Some(3));
             shard.stop().await;
         });
     }

@@ -36,6 +36,8 @@ pub enum ApiKey {
     LeaveGroup = 13,
     DescribeGroup = 14,
     ListGroups = 15,
+    Receive = 16,
+    Ack = 17,
 }
 
 impl ApiKey {
@@ -57,6 +59,8 @@ impl ApiKey {
             13 => LeaveGroup,
             14 => DescribeGroup,
             15 => ListGroups,
+            16 => Receive,
+            17 => Ack,
             _ => return None,
         })
     }
@@ -142,6 +146,33 @@ pub struct AlterTopic {
     pub name: String,
     /// The new queue count; must be larger than today's.
     pub queues: u32,
+}
+
+/// Push delivery: hand out messages of one queue to a member of a group.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Receive {
+    pub group: String,
+    pub topic: String,
+    pub queue: u32,
+    pub max_messages: u32,
+    /// Long poll: wait this long for something to hand out.
+    pub max_wait_ms: u32,
+    /// A message not acknowledged this long after it was handed out goes out again.
+    pub ack_timeout_ms: u32,
+    /// After this many deliveries a message goes to the group's dead-letter topic.
+    pub max_attempts: u32,
+}
+
+/// Settle handed-out messages: acknowledge, or reject (`nack`) for redelivery.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Ack {
+    pub group: String,
+    pub topic: String,
+    pub queue: u32,
+    pub offsets: Vec<i64>,
+    pub nack: bool,
+    pub ack_timeout_ms: u32,
+    pub max_attempts: u32,
 }
 
 /// A member joining a consumer group.
@@ -264,6 +295,8 @@ pub enum Request {
         group: String,
     },
     ListGroups,
+    Receive(Receive),
+    Ack(Ack),
 }
 
 /// A successful reply.
@@ -290,6 +323,14 @@ pub enum Reply {
     Group(GroupInfo),
     /// Every group the node knows: with live members or committed offsets.
     Groups(Vec<String>),
+    /// Push delivery: (offset, attempt) of each handed-out message, and the
+    /// stored batches holding them (whole, as stored; concatenated on the wire).
+    Delivery {
+        messages: Vec<(i64, u32)>,
+        batches: Vec<Bytes>,
+    },
+    /// How many of the acknowledged offsets were still outstanding.
+    Settled(u32),
 }
 
 /// A failed reply. `offsets` is set for OFFSET_OUT_OF_RANGE: (log start, next offset).
@@ -444,6 +485,8 @@ impl Request {
             Request::LeaveGroup(_) => ApiKey::LeaveGroup,
             Request::DescribeGroup { .. } => ApiKey::DescribeGroup,
             Request::ListGroups => ApiKey::ListGroups,
+            Request::Receive(_) => ApiKey::Receive,
+            Request::Ack(_) => ApiKey::Ack,
         }
     }
 
@@ -523,6 +566,8 @@ impl Request {
             Request::JoinGroup(j) => out.put_slice(&archive(j)),
             Request::Heartbeat(m) | Request::LeaveGroup(m) => out.put_slice(&archive(m)),
             Request::DescribeGroup { group } => put_string(out, group),
+            Request::Receive(r) => out.put_slice(&archive(r)),
+            Request::Ack(a) => out.put_slice(&archive(a)),
             Request::CommitOffset {
                 group,
                 topic,
@@ -581,6 +626,8 @@ impl Request {
             ApiKey::ListTopics => Request::ListTopics,
             ApiKey::Metadata => Request::Metadata,
             ApiKey::ListGroups => Request::ListGroups,
+            ApiKey::Receive => return Ok(Request::Receive(unarchive(&r.rest())?)),
+            ApiKey::Ack => return Ok(Request::Ack(unarchive(&r.rest())?)),
             ApiKey::AlterTopic => return Ok(Request::AlterTopic(unarchive(&r.rest())?)),
             ApiKey::JoinGroup => return Ok(Request::JoinGroup(unarchive(&r.rest())?)),
             ApiKey::Heartbeat => return Ok(Request::Heartbeat(unarchive(&r.rest())?)),
@@ -655,6 +702,18 @@ pub fn encode_reply(reply: &Reply, out: &mut BytesMut) -> Vec<Bytes> {
             out.put_slice(&archive(list));
             Vec::new()
         }
+        Reply::Delivery { messages, batches } => {
+            out.put_u32(messages.len() as u32);
+            for (offset, attempt) in messages {
+                out.put_i64(*offset);
+                out.put_u32(*attempt);
+            }
+            batches.clone()
+        }
+        Reply::Settled(n) => {
+            out.put_u32(*n);
+            Vec::new()
+        }
     }
 }
 
@@ -706,6 +765,21 @@ pub fn decode_response(api: ApiKey, code: u16, body: Bytes) -> Result<Response, 
         }
         ApiKey::DescribeGroup => return Ok(Ok(Reply::Group(unarchive::<GroupInfo>(&r.rest())?))),
         ApiKey::ListGroups => return Ok(Ok(Reply::Groups(unarchive::<Vec<String>>(&r.rest())?))),
+        ApiKey::Receive => {
+            let n = r.u32("message count")? as usize;
+            if n > r.buf.remaining() / 12 {
+                return Err(DecodeError::Truncated("messages"));
+            }
+            let mut messages = Vec::with_capacity(n);
+            for _ in 0..n {
+                messages.push((r.i64("offset")?, r.u32("attempt")?));
+            }
+            Reply::Delivery {
+                messages,
+                batches: vec![r.rest()],
+            }
+        }
+        ApiKey::Ack => Reply::Settled(r.u32("settled")?),
         ApiKey::DeleteTopic | ApiKey::CommitOffset | ApiKey::LeaveGroup => Reply::Done,
         ApiKey::FetchOffset => Reply::Offset(r.i64("offset")?),
     };
@@ -778,6 +852,24 @@ mod tests {
         }));
         round_trip(Request::DescribeGroup { group: "g".into() });
         round_trip(Request::ListGroups);
+        round_trip(Request::Receive(Receive {
+            group: "g".into(),
+            topic: "t".into(),
+            queue: 1,
+            max_messages: 10,
+            max_wait_ms: 100,
+            ack_timeout_ms: 5000,
+            max_attempts: 3,
+        }));
+        round_trip(Request::Ack(Ack {
+            group: "g".into(),
+            topic: "t".into(),
+            queue: 1,
+            offsets: vec![1, 5, 9],
+            nack: true,
+            ack_timeout_ms: 5000,
+            max_attempts: 3,
+        }));
         round_trip(Request::DeleteTopic { name: "a".into() });
         round_trip(Request::DescribeTopic { name: "a".into() });
         round_trip(Request::ListTopics);

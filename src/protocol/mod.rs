@@ -9,7 +9,7 @@ pub mod messages;
 pub use error_code::ErrorCode;
 pub use frame::{FrameError, RequestHeader, API_VERSION, FRAME_BYTES_MAX_DEFAULT};
 pub use messages::{
-    AlterTopic, ApiKey, Assignment, DecodeError, ErrorReply, Flush, GroupInfo, GroupOffset,
-    JoinGroup, MemberInfo, MemberRef, NodeInfo, QueueInfo, Reply, Request, Response, Strategy,
-    TopicInfo, TopicSpec,
+    Ack, AlterTopic, ApiKey, Assignment, DecodeError, ErrorReply, Flush, GroupInfo, GroupOffset,
+    JoinGroup, MemberInfo, MemberRef, NodeInfo, QueueInfo, Receive, Reply, Request, Response,
+    Strategy, TopicInfo, TopicSpec,
 };

@@ -10,6 +10,7 @@
 //! the process exits 0.
 
 pub mod connection;
+pub mod dead_letters;
 pub mod groups;
 pub mod router;
 pub mod shard_context;
@@ -28,6 +29,8 @@ use std::time::Duration;
 
 /// How often a shard checks whether the node is stopping.
 const STOP_POLL_MS: u64 = 20;
+/// How often push-delivery state is saved when it changed.
+const DELIVERIES_SAVE_MS: u64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -237,6 +240,7 @@ async fn shard_main(
         tail_cache_bytes: config.tail_cache_bytes,
         max_message_bytes: config.max_message_bytes,
         tick_ms: config.tick.as_millis() as u64,
+        retention_check_ms: config.retention_check.as_millis() as u64,
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -305,18 +309,29 @@ async fn shard_main(
         own: own_addr,
     });
 
-    let delays = {
+    // One timer task per shard drives the shard's time wheel: delayed
+    // messages, push ack timeouts and the retention period.
+    let timers = {
         let ctx = ctx.clone();
         glommio::spawn_local(async move {
+            let mut last_save = std::time::Instant::now();
             loop {
                 glommio::timer::sleep(ctx.config.tick).await;
+                if last_save.elapsed() >= Duration::from_millis(DELIVERIES_SAVE_MS) {
+                    last_save = std::time::Instant::now();
+                    if let Err(e) = ctx.shard.save_subscriptions().await {
+                        tracing::error!(error = %e, "saving push-delivery state failed");
+                    }
+                }
                 let meta = ctx.meta.snapshot();
-                ctx.shard
-                    .deliver_due(coremq_shards::shard::now_ms(), |key| {
-                        meta.topic_by_id(key.topic_id)
-                            .filter(|t| (key.queue as usize) < t.placement.len())
-                            .map(shard_context::policy)
-                    });
+                let outcome = ctx.shard.tick(coremq_shards::shard::now_ms(), |key| {
+                    meta.topic_by_id(key.topic_id)
+                        .filter(|t| (key.queue as usize) < t.placement.len())
+                        .map(shard_context::policy)
+                });
+                if outcome.retention_due {
+                    run_retention(&ctx).await;
+                }
             }
         })
     };
@@ -329,24 +344,17 @@ async fn shard_main(
             }
         })
     };
-    let retention = {
-        let ctx = ctx.clone();
-        glommio::spawn_local(async move {
-            loop {
-                glommio::timer::sleep(ctx.config.retention_check).await;
-                run_retention(&ctx).await;
-            }
-        })
-    };
     while !stopping.load(Ordering::SeqCst) {
         glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
     }
     for a in acceptors {
         a.cancel().await;
     }
-    retention.cancel().await;
     expiry.cancel().await;
-    delays.cancel().await;
+    timers.cancel().await;
+    if let Err(e) = shard.save_subscriptions().await {
+        tracing::error!(error = %e, "saving push-delivery state failed");
+    }
     shard.stop().await;
     writer.await;
     tracing::info!(shard = id, "shard stopped; log flushed and synced");

@@ -13,6 +13,7 @@ use crate::protocol::{
     ErrorCode, ErrorReply, Flush, JoinGroup, MemberRef, NodeInfo, QueueInfo, Reply, Request,
     Response, TopicInfo,
 };
+use coremq_shards::delivery::DeliveryConfig;
 use coremq_shards::group_coordinator::GroupCoordinator;
 use coremq_shards::shard::{QueuePolicy, Shard};
 use coremq_shards::{QueueKey, ShardError};
@@ -27,6 +28,8 @@ use std::time::Duration;
 
 /// Longest long-poll a fetch may ask for.
 pub const FETCH_WAIT_MS_MAX: u32 = 30_000;
+/// Most messages one push-delivery receive hands out.
+pub const RECEIVE_MESSAGES_MAX: usize = 10_000;
 
 pub struct ShardCtx {
     pub id: u32,
@@ -111,6 +114,13 @@ impl ShardCtx {
             | Request::Fetch { topic, queue, .. }
             | Request::CommitOffset { topic, queue, .. }
             | Request::FetchOffset { topic, queue, .. } => {
+                match queue_of(&self.meta.snapshot(), topic, *queue) {
+                    Ok((_, owner, _)) => Some(owner),
+                    Err(e) => return ready(Err(e)).boxed_local(),
+                }
+            }
+            Request::Receive(crate::protocol::Receive { topic, queue, .. })
+            | Request::Ack(crate::protocol::Ack { topic, queue, .. }) => {
                 match queue_of(&self.meta.snapshot(), topic, *queue) {
                     Ok((_, owner, _)) => Some(owner),
                     Err(e) => return ready(Err(e)).boxed_local(),
@@ -265,6 +275,47 @@ impl ShardCtx {
                         Reply::Offset(shard.committed_offset(&group, key).unwrap_or(-1))
                     });
                 ready(r).boxed_local()
+            }
+            Request::Receive(r) => {
+                let ctx = self.clone();
+                async move {
+                    validate_group(&r.group)?;
+                    let (key, _, _) = queue_of(&meta, &r.topic, r.queue)?;
+                    let cfg = DeliveryConfig {
+                        ack_timeout_ms: i64::from(r.ack_timeout_ms),
+                        max_attempts: r.max_attempts,
+                    };
+                    let max = (r.max_messages as usize).clamp(1, RECEIVE_MESSAGES_MAX);
+                    let wait =
+                        Duration::from_millis(u64::from(r.max_wait_ms.min(FETCH_WAIT_MS_MAX)));
+                    let got = shard
+                        .receive_wait(&r.group, key, max, cfg, wait)
+                        .await
+                        .map_err(shard_error)?;
+                    ctx.dead_letter(&r.group, &r.topic, got.dead).await;
+                    Ok(Reply::Delivery {
+                        messages: got.handouts.iter().map(|h| (h.offset, h.attempt)).collect(),
+                        batches: got.batches,
+                    })
+                }
+                .boxed_local()
+            }
+            Request::Ack(a) => {
+                let ctx = self.clone();
+                async move {
+                    validate_group(&a.group)?;
+                    let (key, _, _) = queue_of(&meta, &a.topic, a.queue)?;
+                    let cfg = DeliveryConfig {
+                        ack_timeout_ms: i64::from(a.ack_timeout_ms),
+                        max_attempts: a.max_attempts,
+                    };
+                    let (settled, dead) = shard
+                        .ack(&a.group, key, &a.offsets, a.nack, cfg)
+                        .map_err(shard_error)?;
+                    ctx.dead_letter(&a.group, &a.topic, dead).await;
+                    Ok(Reply::Settled(settled as u32))
+                }
+                .boxed_local()
             }
             Request::JoinGroup(j) => ready(self.join_group(&meta, j)).boxed_local(),
             Request::Heartbeat(m) => ready(self.heartbeat(&meta, m)).boxed_local(),

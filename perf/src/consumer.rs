@@ -99,7 +99,12 @@ impl ConsumerShared {
 }
 
 /// Polls until `stop` is raised.
-pub fn run(mut consumer: Consumer, clock: Clock, shared: Arc<ConsumerShared>, stop: Arc<AtomicBool>) {
+pub fn run(
+    mut consumer: Consumer,
+    clock: Clock,
+    shared: Arc<ConsumerShared>,
+    stop: Arc<AtomicBool>,
+) {
     while !stop.load(Ordering::Relaxed) {
         match consumer.poll(POLL_TIMEOUT) {
             Ok(records) => {

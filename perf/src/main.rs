@@ -1,1 +1,245 @@
-fn main() {}
+//! `coremq-perf`: a load generator for coremq in the manner of the
+//! OpenMessaging Benchmark.
+//!
+//! `coremq-perf run` reads an OMB-style workload (file and/or flags),
+//! creates fresh topics, drives open-loop producers (latency measured from
+//! each message's scheduled send time, so a slow broker cannot hide it) and
+//! consumers, and reports throughput and HdrHistogram latency percentiles —
+//! publish (send → ack) and end-to-end (send → consumer) — on stdout and,
+//! with `--json`, as a JSON file. Exit status: 0 if every message sent was
+//! acked and consumed without errors, 1 if not (or if the run failed), 2 for
+//! a usage error.
+
+mod consumer;
+mod error;
+mod producer;
+mod rss;
+mod run;
+mod schedule;
+mod stats;
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::PerfError;
+use crate::producer::CLOSED_LOOP_WINDOW_DEFAULT;
+use crate::run::{RunOptions, DRAIN_S_DEFAULT};
+use crate::workload::{FlushMode, Overrides, Workload, WorkloadFile};
+
+/// Default broker address (the broker's default listen address).
+const BROKER_DEFAULT: &str = "127.0.0.1:9700";
+/// Exit status of a run that completed but failed its checks, or broke.
+const EXIT_FAILED: u8 = 1;
+/// Exit status of a usage error (bad flag, workload file or value).
+const EXIT_USAGE: u8 = 2;
+/// Longest drain accepted, in seconds.
+const DRAIN_S_MAX: f64 = 3_600.0;
+
+#[derive(Parser)]
+#[command(name = "coremq-perf", version, about = "Load generator for coremq")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one workload against a running broker and report throughput and latency.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Workload file (YAML, or JSON if it ends in .json) with OpenMessaging
+    /// Benchmark field names; flags override its fields
+    #[arg(long, value_name = "FILE")]
+    workload: Option<PathBuf>,
+    /// Broker address
+    #[arg(long, value_name = "ADDR", default_value = BROKER_DEFAULT)]
+    broker: String,
+    /// Write the report as JSON to this file
+    #[arg(long, value_name = "OUT")]
+    json: Option<PathBuf>,
+    /// Length of the measured phase [default: 60, or the file's durationSeconds/testDurationMinutes]
+    #[arg(long, value_name = "S")]
+    duration_s: Option<f64>,
+    /// Prefix of the topic names the run creates (and deletes)
+    #[arg(long, value_name = "P", default_value = "perf")]
+    topic_prefix: String,
+    /// Flush policy of the topics [default: async]
+    #[arg(long, value_enum)]
+    flush: Option<FlushMode>,
+    /// Payload bytes per message (at least 8: the send timestamp) [default: 1024]
+    #[arg(long, value_name = "B")]
+    message_size: Option<usize>,
+    /// Aggregate rate of all producers, messages/s; 0 = as fast as possible (closed loop) [default: 10000]
+    #[arg(long, value_name = "MSG_PER_S")]
+    rate: Option<f64>,
+    /// Producers per topic [default: 1]
+    #[arg(long, value_name = "N")]
+    producers: Option<u32>,
+    /// Consumers per subscription [default: 1]
+    #[arg(long, value_name = "N")]
+    consumers: Option<u32>,
+    /// Queues (partitions) per topic [default: 2]
+    #[arg(long, value_name = "N")]
+    queues: Option<u32>,
+    /// Topics [default: 1]
+    #[arg(long, value_name = "N")]
+    topics: Option<u32>,
+    /// Subscriptions (consumer groups) per topic; 0 = no consumers [default: 1]
+    #[arg(long, value_name = "N")]
+    subscriptions: Option<u32>,
+    /// Seal a producer batch at this many bytes; below the message size every message is its own batch [default: 65536]
+    #[arg(long, value_name = "B")]
+    batch_bytes: Option<usize>,
+    /// Longest time a batch waits for more messages; 0 = send every message at once [default: 1]
+    #[arg(long, value_name = "MS")]
+    linger_ms: Option<f64>,
+    /// Sample this process's VmRSS every second (the broker's) and report the max
+    #[arg(long, value_name = "PID")]
+    broker_pid: Option<u32>,
+    /// Longest wait for consumers to catch up after the producers stop
+    #[arg(long, value_name = "S", default_value_t = DRAIN_S_DEFAULT)]
+    drain_s: f64,
+    /// Closed loop (rate 0): unacknowledged batches per producer
+    #[arg(long, value_name = "BATCHES", default_value_t = CLOSED_LOOP_WINDOW_DEFAULT)]
+    window: usize,
+    /// Send everything through the shared port instead of each queue's shard port
+    #[arg(long)]
+    no_shard_direct: bool,
+}
+
+impl RunArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            topics: self.topics,
+            queues: self.queues,
+            message_size: self.message_size,
+            producers: self.producers,
+            rate: self.rate,
+            subscriptions: self.subscriptions,
+            consumers: self.consumers,
+            duration_s: self.duration_s,
+            flush: self.flush,
+            linger_ms: self.linger_ms,
+            batch_bytes: self.batch_bytes,
+        }
+    }
+
+    fn options(&self) -> Result<RunOptions, PerfError> {
+        let file = match &self.workload {
+            Some(path) => Some(WorkloadFile::load(path)?),
+            None => None,
+        };
+        if let Some(f) = &file {
+            if !f.ignored.is_empty() {
+                let keys: Vec<&str> = f.ignored.keys().map(String::as_str).collect();
+                eprintln!("note: ignoring workload fields {}", keys.join(", "));
+            }
+        }
+        let workload = Workload::resolve(file.as_ref(), &self.overrides())?;
+        if !(self.drain_s >= 0.0 && self.drain_s <= DRAIN_S_MAX) {
+            return Err(PerfError::Invalid(format!(
+                "--drain-s must be between 0 and {DRAIN_S_MAX}"
+            )));
+        }
+        if self.window == 0 {
+            return Err(PerfError::Invalid("--window must be at least 1".into()));
+        }
+        Ok(RunOptions {
+            broker: self.broker.clone(),
+            workload,
+            topic_prefix: self.topic_prefix.clone(),
+            broker_pid: self.broker_pid,
+            drain: Duration::from_secs_f64(self.drain_s),
+            window: self.window,
+            shard_direct: !self.no_shard_direct,
+        })
+    }
+}
+
+fn run(args: &RunArgs) -> Result<bool, PerfError> {
+    let opts = args.options()?;
+    let report = run::run(&opts)?;
+    print!("{}", run::summary_text(&report));
+    if let Some(path) = &args.json {
+        run::write_json(&report, path)?;
+    }
+    Ok(report.passed)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => match run(&args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(EXIT_FAILED),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(if e.is_usage() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILED
+                })
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> RunArgs {
+        let mut all = vec!["coremq-perf", "run"];
+        all.extend_from_slice(args);
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Run(a) => a,
+        }
+    }
+
+    #[test]
+    fn flags_reach_the_workload() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads");
+        let file = dir.join("1-topic-2-queues-1kb-async.yaml");
+        let a = parse(&[
+            "--workload",
+            file.to_str().unwrap(),
+            "--flush",
+            "sync",
+            "--rate",
+            "0",
+            "--queues",
+            "3",
+            "--duration-s",
+            "2.5",
+            "--no-shard-direct",
+        ]);
+        let o = a.options().unwrap();
+        assert_eq!(o.workload.flush, FlushMode::Sync);
+        assert_eq!(o.workload.producer_rate, 0.0);
+        assert_eq!(o.workload.partitions_per_topic, 3);
+        assert_eq!(o.workload.duration_seconds, 2.5);
+        // From the file.
+        assert_eq!(o.workload.message_size, 1024);
+        assert_eq!(o.workload.batch_bytes, 65536);
+        assert_eq!(o.broker, BROKER_DEFAULT);
+        assert!(!o.shard_direct);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        assert!(parse(&["--window", "0"]).options().unwrap_err().is_usage());
+        assert!(parse(&["--drain-s=-1"]).options().unwrap_err().is_usage());
+        assert!(parse(&["--workload", "/nonexistent.yaml"])
+            .options()
+            .unwrap_err()
+            .is_usage());
+        assert!(Cli::try_parse_from(["coremq-perf", "run", "--flush", "later"]).is_err());
+    }
+}

@@ -261,7 +261,13 @@ pub struct Producer {
 /// A payload of `size` bytes: room for the timestamp, then a fixed pattern.
 pub fn payload_template(size: usize) -> Vec<u8> {
     (0..size)
-        .map(|i| if i < TIMESTAMP_BYTES { 0 } else { (i * 31 + 7) as u8 })
+        .map(|i| {
+            if i < TIMESTAMP_BYTES {
+                0
+            } else {
+                (i * 31 + 7) as u8
+            }
+        })
         .collect()
 }
 
@@ -396,7 +402,13 @@ impl Producer {
         self.shared.sent.fetch_add(n, Ordering::Relaxed);
         let result = self.spec.conns[route.conn].send_with(&req, move |c| {
             let ack_ns = clock.now_ns();
-            shared.complete(c.into_reply(), &intended, ack_ns, payload_bytes, batch_bytes);
+            shared.complete(
+                c.into_reply(),
+                &intended,
+                ack_ns,
+                payload_bytes,
+                batch_bytes,
+            );
         });
         if let Err(e) = result {
             // The callback will never run: undo and count the failure here.
@@ -498,7 +510,7 @@ mod tests {
         );
         let t = s.tally();
         assert_eq!((t.messages, t.bytes, t.errors), (3, 3 * 1024, 2));
-        assert_eq!(t.latency.count(), 3);
+        assert_eq!(t.latency.summary().count, 3);
         // Latencies are from each message's own intended time: 5, 4 and 3 ms.
         assert!(t.latency.summary().max.abs_diff(5_000) <= 5); // 3 significant digits
         assert!(t.latency.quantile(0.0).abs_diff(3_000) <= 2);

@@ -102,32 +102,6 @@ impl Schedule {
         self.next += 1;
         t
     }
-
-    /// How many messages have been taken.
-    pub fn taken(&self) -> u64 {
-        self.next
-    }
-
-    /// How long until the next message is due; zero if it is (over)due.
-    pub fn wait(&self, now_ns: u64) -> Duration {
-        Duration::from_nanos(self.peek().saturating_sub(now_ns))
-    }
-
-    /// Messages whose intended time is at or before `now_ns` and that have
-    /// not been taken yet (how far behind the producer is).
-    pub fn overdue(&self, now_ns: u64) -> u64 {
-        if now_ns < self.start_ns {
-            return 0;
-        }
-        let due = ((now_ns - self.start_ns) as f64 / self.interval_ns).floor() as u64 + 1;
-        // Rounding in `intended_ns` can put message `due` at exactly `now`.
-        let due = if self.intended_ns(due) <= now_ns {
-            due + 1
-        } else {
-            due
-        };
-        due.saturating_sub(self.next)
-    }
 }
 
 /// How a producer decides when to send its next message.
@@ -171,7 +145,13 @@ mod tests {
         let times: Vec<u64> = (0..5).map(|_| s.advance()).collect();
         assert_eq!(
             times,
-            [start, start + MS, start + 2 * MS, start + 3 * MS, start + 4 * MS]
+            [
+                start,
+                start + MS,
+                start + 2 * MS,
+                start + 3 * MS,
+                start + 4 * MS
+            ]
         );
         // A rate that does not divide a second evenly does not drift.
         let s = Schedule::new(0, 3.0);
@@ -184,30 +164,32 @@ mod tests {
     fn a_late_producer_never_skips() {
         let start = 50 * MS;
         let mut s = Schedule::new(start, 1000.0);
-        // The producer wakes 10.5 ms late: eleven messages are due.
+        // The producer wakes 10.5 ms late: eleven messages are due, and
+        // every one of them is sent now, each keeping its own intended time.
         let now = start + 10 * MS + MS / 2;
-        assert_eq!(s.overdue(now), 11);
-        assert_eq!(s.wait(now), Duration::ZERO);
         let mut sent = Vec::new();
-        while s.wait(now).is_zero() {
+        while s.peek() <= now {
             sent.push(s.advance());
         }
-        // Every one of them is sent, each keeping its own intended time.
         assert_eq!(sent.len(), 11);
         for (k, t) in sent.iter().enumerate() {
             assert_eq!(*t, start + k as u64 * MS);
         }
-        assert_eq!(s.overdue(now), 0);
-        assert_eq!(s.wait(now), Duration::from_nanos(MS / 2));
-        assert_eq!(s.taken(), 11);
+        // The next one is back on the original grid, not re-based on `now`.
+        assert_eq!(s.peek(), start + 11 * MS);
+        // Through Pacing too: a late caller gets the scheduled time, not now.
+        let mut p = Pacing::Open(Schedule::new(start, 1000.0));
+        assert_eq!(p.take(now), start);
+        assert_eq!(p.take(now), start + MS);
+        assert_eq!(p.next_due(now), start + 2 * MS);
     }
 
     #[test]
     fn early_producer_waits_for_the_schedule() {
-        let s = Schedule::new(10 * MS, 100.0);
-        assert_eq!(s.overdue(0), 0);
-        assert_eq!(s.wait(4 * MS), Duration::from_nanos(6 * MS));
-        assert_eq!(s.overdue(10 * MS), 1);
+        let mut s = Schedule::new(10 * MS, 100.0);
+        assert_eq!(s.peek(), 10 * MS);
+        s.advance();
+        assert_eq!(s.peek(), 20 * MS);
     }
 
     #[test]

@@ -62,10 +62,6 @@ impl Latency {
         }
     }
 
-    pub fn count(&self) -> u64 {
-        self.hist.len()
-    }
-
     /// The value at quantile `q` (0..=1), 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.hist.is_empty() {
@@ -177,9 +173,12 @@ pub struct Report {
     pub broker: String,
     pub topics: Vec<String>,
     pub workload: Workload,
-    /// Largest VmRSS of `--broker-pid` seen, in MiB.
+    /// Largest VmRSS of `--broker-pid` seen, in MiB (mapped log pages included).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_rss_mb_max: Option<f64>,
+    /// Largest RssAnon (heap and stacks) of `--broker-pid` seen, in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_rss_anon_mb_max: Option<f64>,
     /// Whether every check held (sent == acked, no errors, consumers caught up).
     pub passed: bool,
     /// The checks that failed, in words.
@@ -330,6 +329,7 @@ mod tests {
             topics: vec!["perf-1".into()],
             workload,
             broker_rss_mb_max: None,
+            broker_rss_anon_mb_max: None,
             passed: true,
             failures: vec![],
         };
@@ -357,6 +357,7 @@ mod tests {
         assert_eq!(v["workload"]["flush"], "async");
         // Only present when a broker pid was given.
         assert!(v.get("broker_rss_mb_max").is_none());
+        assert!(v.get("broker_rss_anon_mb_max").is_none());
         let with_rss = Report {
             broker_rss_mb_max: Some(12.5),
             ..report

@@ -86,10 +86,26 @@ pub struct Join<'a> {
     pub queues: u32,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GroupCoordinator {
     groups: HashMap<String, Group>,
     next_member: u64,
+    /// Differs per coordinator instance, so generated member ids never
+    /// repeat across broker restarts.
+    boot: u64,
+}
+
+impl Default for GroupCoordinator {
+    fn default() -> Self {
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        GroupCoordinator {
+            groups: HashMap::new(),
+            next_member: 0,
+            boot,
+        }
+    }
 }
 
 impl GroupCoordinator {
@@ -143,7 +159,7 @@ impl GroupCoordinator {
         }
         let member_id = if j.member_id.is_empty() {
             self.next_member += 1;
-            format!("member-{}", self.next_member)
+            format!("member-{:x}-{}", self.boot, self.next_member)
         } else {
             j.member_id.to_string()
         };

@@ -1,23 +1,43 @@
-//! `coremq consume TOPIC --group G`: prints messages one per line until
-//! `--count` messages were printed or `--timeout-ms` passes with nothing
-//! new, then commits the group's offsets.
+//! `coremq consume TOPIC --group G`: joins the group as a member and prints
+//! the messages of the queues the group assigns it, one per line, until
+//! `--count` messages were printed, `--timeout-ms` passes with nothing new,
+//! or SIGINT/SIGTERM; then commits and leaves the group. With `--queue N`
+//! it reads that one queue for the group without joining (no membership,
+//! no rebalancing).
+//!
+//! Every assignment change is reported on stderr (`member M generation G:
+//! queues [..] of N members`, and `member M has no queues (..): idling` when
+//! there are none for it), so a user sees rebalances happen.
 //!
 //! Invariant: the committed offset of each queue is the offset after the
-//! last record *printed* from it. A poll can return more records than
+//! last record *printed* from it. Offsets are committed after every poll
+//! whose records were printed (so a queue moving to another member, or a
+//! crash, repeats at most one poll). A poll can return more records than
 //! `--count` still allows; the consumer is rewound (`seek`) to the first
 //! unprinted record of each queue before committing, so the next run
 //! starts exactly there.
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::client::{ConsumedRecord, Consumer, ConsumerConfig, StartFrom};
+use crate::client::group_consumer::SESSION_TIMEOUT_DEFAULT;
+use crate::client::{
+    AssignmentChange, ClientError, ConsumedRecord, Consumer, ConsumerConfig, GroupConfig,
+    GroupConsumer, StartFrom, Strategy,
+};
 
+use super::group::format_queues;
 use super::{BrokerArg, CliError};
 
 /// Default `--timeout-ms`: stop after this long without a new message.
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 5000;
+/// Default `--session-timeout-ms`.
+pub const SESSION_TIMEOUT_MS_DEFAULT: u64 = SESSION_TIMEOUT_DEFAULT.as_millis() as u64;
+/// Longest single poll, so a stop signal is noticed promptly.
+const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StartArg {
@@ -35,11 +55,29 @@ pub enum OutputFormat {
     Json,
 }
 
+/// How a clustering group spreads its topic's queues over its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StrategyArg {
+    /// Contiguous ranges: 4 queues over 2 members = [0, 1] and [2, 3]
+    Averagely,
+    /// Round robin: 4 queues over 2 members = [0, 2] and [1, 3]
+    AveragelyByCircle,
+}
+
+impl From<StrategyArg> for Strategy {
+    fn from(s: StrategyArg) -> Strategy {
+        match s {
+            StrategyArg::Averagely => Strategy::Averagely,
+            StrategyArg::AveragelyByCircle => Strategy::AveragelyByCircle,
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ConsumeArgs {
     /// Topic to read
     pub topic: String,
-    /// Consumer group whose offsets are read and committed
+    /// Consumer group to join (offsets are read and committed for it)
     #[arg(long, value_name = "G")]
     pub group: String,
     /// Where a group with no committed offset starts
@@ -48,9 +86,26 @@ pub struct ConsumeArgs {
     /// Stop after this many messages
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
-    /// Read only this queue
-    #[arg(long, value_name = "N")]
+    /// Read only this queue, without joining the group as a member
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with_all = ["strategy", "broadcast", "member", "session_timeout_ms"]
+    )]
     pub queue: Option<u32>,
+    /// How the group spreads queues over members (set by its first member)
+    #[arg(long, value_enum, default_value = "averagely")]
+    pub strategy: StrategyArg,
+    /// Every member reads every queue, with offsets of its own
+    #[arg(long)]
+    pub broadcast: bool,
+    /// Stable member id ([A-Za-z0-9._-]); the broker names the member otherwise
+    /// (use one in broadcast mode to resume the member's own offsets)
+    #[arg(long, value_name = "ID")]
+    pub member: Option<String>,
+    /// Leave the group after this many ms without a heartbeat (one is sent every third of it)
+    #[arg(long, value_name = "MS", default_value_t = SESSION_TIMEOUT_MS_DEFAULT)]
+    pub session_timeout_ms: u64,
     /// Stop after this many ms without a new message
     #[arg(long, value_name = "MS", default_value_t = IDLE_TIMEOUT_MS_DEFAULT)]
     pub timeout_ms: u64,
@@ -62,13 +117,99 @@ pub struct ConsumeArgs {
 }
 
 pub(super) fn run(args: &ConsumeArgs) -> Result<(), CliError> {
-    let n = consume(args, &mut std::io::stdout().lock())?;
+    // The first SIGINT/SIGTERM stops the loop (commit, leave); a second one exits at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let registered =
+            signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&stop))
+                .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)));
+        if let Err(e) = registered {
+            tracing::warn!("cannot handle signal {sig}: {e}");
+        }
+    }
+    let n = consume(
+        args,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr(),
+        &stop,
+    )?;
     eprintln!("consumed {n} messages");
     Ok(())
 }
 
-/// Consumes into `out`; returns how many messages were printed.
-pub(super) fn consume(args: &ConsumeArgs, out: &mut impl Write) -> Result<u64, CliError> {
+/// Reads as a group member, or one queue without membership (`--queue`).
+enum Reader {
+    Queue(Box<Consumer>),
+    Member(Box<GroupConsumer>),
+}
+
+impl Reader {
+    fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumedRecord>, ClientError> {
+        match self {
+            Reader::Queue(c) => c.poll(timeout),
+            Reader::Member(m) => m.poll(timeout),
+        }
+    }
+
+    fn seek(&mut self, queue: u32, offset: i64) -> Result<(), ClientError> {
+        match self {
+            Reader::Queue(c) => c.seek(queue, offset),
+            Reader::Member(m) => m.seek(queue, offset),
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), ClientError> {
+        match self {
+            Reader::Queue(c) => c.commit(),
+            Reader::Member(m) => m.commit(),
+        }
+    }
+
+    fn changes(&mut self) -> Vec<AssignmentChange> {
+        match self {
+            Reader::Queue(_) => Vec::new(),
+            Reader::Member(m) => m.take_assignment_changes(),
+        }
+    }
+
+    /// Commits; a member also leaves its group.
+    fn close(self) -> Result<(), ClientError> {
+        match self {
+            Reader::Queue(mut c) => c.commit(),
+            Reader::Member(m) => m.close(),
+        }
+    }
+}
+
+/// The stderr lines reporting one assignment change.
+pub(super) fn describe_change(c: &AssignmentChange) -> Vec<String> {
+    let mut lines = vec![format!(
+        "member {} generation {}: queues {} of {} members",
+        c.member_id,
+        c.generation,
+        format_queues(&c.queues),
+        c.members
+    )];
+    if c.queues.is_empty() {
+        lines.push(format!(
+            "member {} has no queues ({} members, {} queues): idling",
+            c.member_id, c.members, c.topic_queues
+        ));
+    }
+    lines
+}
+
+fn report(reader: &mut Reader, notes: &mut impl Write) {
+    for change in reader.changes() {
+        for line in describe_change(&change) {
+            // Progress output only: a closed stderr must not stop consuming.
+            let _ = writeln!(notes, "{line}");
+        }
+    }
+    let _ = notes.flush();
+}
+
+fn connect(args: &ConsumeArgs) -> Result<Reader, CliError> {
     let addr = &args.broker.broker;
     let config = ConsumerConfig {
         from: match args.from {
@@ -78,14 +219,44 @@ pub(super) fn consume(args: &ConsumeArgs, out: &mut impl Write) -> Result<u64, C
         queues: args.queue.map(|q| vec![q]),
         ..ConsumerConfig::new(args.group.clone())
     };
-    let mut consumer = Consumer::connect(addr, &args.topic, config)
-        .map_err(|e| CliError::connecting(e, addr, &args.topic))?;
-    let explain = |e| CliError::from_client(e, &args.topic);
+    if args.queue.is_some() {
+        let c = Consumer::connect(addr, &args.topic, config)
+            .map_err(|e| CliError::connecting(e, addr, &args.topic))?;
+        return Ok(Reader::Queue(Box::new(c)));
+    }
+    let group = GroupConfig {
+        consumer: config,
+        strategy: args.strategy.into(),
+        broadcast: args.broadcast,
+        member_id: args.member.clone(),
+        session_timeout: Duration::from_millis(args.session_timeout_ms),
+    };
+    let m = GroupConsumer::connect(addr, &args.topic, group).map_err(|e| match e {
+        ClientError::Io(_) => CliError::connecting(e, addr, &args.topic),
+        e => CliError::from_group_client(e, &args.topic, &args.group),
+    })?;
+    Ok(Reader::Member(Box::new(m)))
+}
+
+/// Consumes into `out`, reporting assignment changes to `notes`, until the
+/// count, the idle timeout or `stop`; returns how many messages were printed.
+pub(super) fn consume(
+    args: &ConsumeArgs,
+    out: &mut impl Write,
+    notes: &mut impl Write,
+    stop: &AtomicBool,
+) -> Result<u64, CliError> {
+    let mut reader = connect(args)?;
+    let explain = |e| CliError::from_group_client(e, &args.topic, &args.group);
     let idle = Duration::from_millis(args.timeout_ms);
     let mut printed = 0u64;
     let mut last_new = Instant::now();
     let mut line = String::new();
     loop {
+        report(&mut reader, notes);
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
         let left = args.count.map(|n| n.saturating_sub(printed));
         if left == Some(0) {
             break;
@@ -94,7 +265,9 @@ pub(super) fn consume(args: &ConsumeArgs, out: &mut impl Write) -> Result<u64, C
         if wait.is_zero() {
             break;
         }
-        let records = consumer.poll(wait).map_err(explain)?;
+        let records = reader
+            .poll(wait.min(STOP_CHECK_INTERVAL))
+            .map_err(explain)?;
         if records.is_empty() {
             continue;
         }
@@ -109,10 +282,12 @@ pub(super) fn consume(args: &ConsumeArgs, out: &mut impl Write) -> Result<u64, C
         out.flush().map_err(CliError::Stdout)?;
         printed += take as u64;
         for (queue, offset) in first_unprinted(&records[take..]) {
-            consumer.seek(queue, offset).map_err(explain)?;
+            reader.seek(queue, offset).map_err(explain)?;
         }
+        reader.commit().map_err(explain)?;
     }
-    consumer.commit().map_err(explain)?;
+    report(&mut reader, notes);
+    reader.close().map_err(explain)?;
     Ok(printed)
 }
 
@@ -214,6 +389,11 @@ mod tests {
         assert!(first_unprinted(&[]).is_empty());
     }
 
+    /// Consumes with stderr notes discarded and no stop signal.
+    fn run_consume(args: &ConsumeArgs, out: &mut Vec<u8>) -> Result<u64, CliError> {
+        consume(args, out, &mut std::io::sink(), &AtomicBool::new(false))
+    }
+
     fn args(addr: &str, count: Option<u64>) -> ConsumeArgs {
         ConsumeArgs {
             topic: "t".into(),
@@ -221,6 +401,10 @@ mod tests {
             from: StartArg::Earliest,
             count,
             queue: None,
+            strategy: StrategyArg::Averagely,
+            broadcast: false,
+            member: None,
+            session_timeout_ms: 1000,
             timeout_ms: 300,
             format: OutputFormat::Value,
             broker: BrokerArg {
@@ -239,13 +423,13 @@ mod tests {
         p.flush().unwrap();
 
         let mut out = Vec::new();
-        assert_eq!(consume(&args(&b.addr, Some(3)), &mut out).unwrap(), 3);
+        assert_eq!(run_consume(&args(&b.addr, Some(3)), &mut out).unwrap(), 3);
         assert_eq!(String::from_utf8(out).unwrap(), "m0\nm1\nm2\n");
         // The poll returned all ten; only three were printed and committed.
         assert_eq!(b.state().committed("g", 0), Some(3));
 
         let mut out = Vec::new();
-        assert_eq!(consume(&args(&b.addr, None), &mut out).unwrap(), 7);
+        assert_eq!(run_consume(&args(&b.addr, None), &mut out).unwrap(), 7);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "m3\nm4\nm5\nm6\nm7\nm8\nm9\n"
@@ -254,7 +438,7 @@ mod tests {
 
         // Nothing new: times out, prints nothing.
         let mut out = Vec::new();
-        assert_eq!(consume(&args(&b.addr, None), &mut out).unwrap(), 0);
+        assert_eq!(run_consume(&args(&b.addr, None), &mut out).unwrap(), 0);
         assert!(out.is_empty());
     }
 
@@ -263,7 +447,99 @@ mod tests {
         let b = FakeBroker::start("t", 1);
         let mut a = args(&b.addr, None);
         a.topic = "nope".into();
-        let e = consume(&a, &mut Vec::new()).unwrap_err();
+        let e = run_consume(&a, &mut Vec::new()).unwrap_err();
         assert_eq!(e.to_string(), "topic nope does not exist");
+    }
+
+    #[test]
+    fn assignment_changes_are_described() {
+        let mut c = AssignmentChange {
+            member_id: "m1".into(),
+            generation: 3,
+            queues: vec![0, 1],
+            members: 2,
+            topic_queues: 4,
+            added: vec![0, 1],
+            revoked: Vec::new(),
+        };
+        assert_eq!(
+            describe_change(&c),
+            vec!["member m1 generation 3: queues [0, 1] of 2 members"]
+        );
+        c.queues.clear();
+        c.members = 5;
+        assert_eq!(
+            describe_change(&c),
+            vec![
+                "member m1 generation 3: queues [] of 5 members",
+                "member m1 has no queues (5 members, 4 queues): idling",
+            ]
+        );
+    }
+
+    #[test]
+    fn extra_member_idles_and_says_so() {
+        let b = FakeBroker::start("t", 1);
+        let p = Producer::connect(&b.addr, "t", ProducerConfig::default()).unwrap();
+        p.send(Message::new("only")).unwrap();
+        p.flush().unwrap();
+        // "a" holds the only queue ("a" sorts before "b").
+        let holder = crate::client::GroupConsumer::connect(
+            &b.addr,
+            "t",
+            crate::client::GroupConfig {
+                member_id: Some("a".into()),
+                ..crate::client::GroupConfig::new("g")
+            },
+        )
+        .unwrap();
+        let mut a = args(&b.addr, None);
+        a.member = Some("b".into());
+        let (mut out, mut notes) = (Vec::new(), Vec::new());
+        let n = consume(&a, &mut out, &mut notes, &AtomicBool::new(false)).unwrap();
+        assert_eq!(n, 0);
+        let notes = String::from_utf8(notes).unwrap();
+        assert!(
+            notes.contains("member b generation 2: queues [] of 2 members\n")
+                && notes.contains("member b has no queues (2 members, 1 queues): idling\n"),
+            "{notes}"
+        );
+        drop(holder);
+        // Alone now, "b" gets the queue and reads it; on exit it commits and leaves.
+        let (mut out, mut notes) = (Vec::new(), Vec::new());
+        let n = consume(&a, &mut out, &mut notes, &AtomicBool::new(false)).unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(out, b"only\n");
+        let notes = String::from_utf8(notes).unwrap();
+        assert!(notes.contains("queues [0] of 1 members"), "{notes}");
+        assert_eq!(b.state().committed("g", 0), Some(1));
+        let admin = crate::client::Admin::connect(&b.addr).unwrap();
+        assert!(admin.describe_group("g").is_err(), "the member left");
+    }
+
+    #[test]
+    fn stop_flag_ends_the_run_with_a_commit() {
+        let b = FakeBroker::start("t", 2);
+        let p = Producer::connect(&b.addr, "t", ProducerConfig::default()).unwrap();
+        for i in 0..4 {
+            p.send(Message::new(format!("m{i}"))).unwrap();
+        }
+        p.flush().unwrap();
+        let mut a = args(&b.addr, None);
+        a.timeout_ms = 60_000;
+        let stop = AtomicBool::new(false);
+        let mut out = Vec::new();
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(500));
+                stop.store(true, Ordering::Relaxed);
+            });
+            let n = consume(&a, &mut out, &mut std::io::sink(), &stop).unwrap();
+            assert_eq!(n, 4);
+        });
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert_eq!(b.state().committed("g", 0), Some(2));
+        assert_eq!(b.state().committed("g", 1), Some(2));
     }
 }

@@ -1,13 +1,15 @@
-//! The client side of the `coremq` command line: `topic`, `produce` and
-//! `consume`, thin wrappers over [`crate::client`].
+//! The client side of the `coremq` command line: `topic`, `produce`,
+//! `consume` and `group`, thin wrappers over [`crate::client`].
 //!
 //! Every command takes `--broker ADDR` (env `COREMQ_BROKER`, default
 //! 127.0.0.1:9700). Results go to stdout, progress and errors to stderr; a
 //! failed command prints `error: ...` and exits with status 1. Broker error
-//! codes a user can act on (unknown topic, topic exists, broker unreachable)
-//! are turned into plain sentences by [`CliError`].
+//! codes a user can act on (unknown topic, topic exists, unknown group, a
+//! join that does not match the group, broker unreachable) are turned into
+//! plain sentences by [`CliError`].
 
 mod consume;
+mod group;
 mod produce;
 mod topic;
 
@@ -16,9 +18,10 @@ use std::process::ExitCode;
 use crate::client::ClientError;
 use crate::protocol::ErrorCode;
 
-pub use consume::{ConsumeArgs, OutputFormat, StartArg};
+pub use consume::{ConsumeArgs, OutputFormat, StartArg, StrategyArg};
+pub use group::{GroupAction, GroupArgs};
 pub use produce::ProduceArgs;
-pub use topic::{CreateArgs, TopicAction, TopicArgs};
+pub use topic::{AlterArgs, CreateArgs, TopicAction, TopicArgs};
 
 /// Broker a client command talks to when neither `--broker` nor `COREMQ_BROKER` is set.
 pub const BROKER_ADDR_DEFAULT: &str = "127.0.0.1:9700";
@@ -40,12 +43,14 @@ pub struct BrokerArg {
 /// Client commands of the `coremq` binary.
 #[derive(Debug, clap::Subcommand)]
 pub enum ClientCommand {
-    /// Create, list, describe and delete topics
+    /// Create, alter, list, describe and delete topics
     Topic(TopicArgs),
     /// Send stdin to a topic, one message per line
     Produce(ProduceArgs),
-    /// Print a topic's messages for a consumer group, one per line
+    /// Print a topic's messages as a consumer-group member, one per line
     Consume(ConsumeArgs),
+    /// Describe and list consumer groups
+    Group(GroupArgs),
 }
 
 /// Why a client command failed, in words for the user.
@@ -55,6 +60,10 @@ pub enum CliError {
     UnknownTopic(String),
     #[error("topic {0} already exists")]
     TopicExists(String),
+    #[error("group {0} does not exist (no live members and no committed offsets)")]
+    UnknownGroup(String),
+    #[error("cannot join group {group}: {detail}")]
+    InconsistentGroup { group: String, detail: String },
     #[error("cannot connect to broker {addr}: {source}")]
     Unreachable {
         addr: String,
@@ -80,6 +89,22 @@ impl CliError {
         }
     }
 
+    /// Explains a client error met while talking about `group` (of `topic`).
+    fn from_group_client(e: ClientError, topic: &str, group: &str) -> CliError {
+        match e {
+            ClientError::Broker(r) if r.code == ErrorCode::UnknownMember => {
+                CliError::UnknownGroup(group.to_string())
+            }
+            ClientError::Broker(r) if r.code == ErrorCode::InconsistentGroup => {
+                CliError::InconsistentGroup {
+                    group: group.to_string(),
+                    detail: r.message,
+                }
+            }
+            e => CliError::from_client(e, topic),
+        }
+    }
+
     /// Explains a failure to connect (or the first request after it).
     fn connecting(e: ClientError, addr: &str, topic: &str) -> CliError {
         match e {
@@ -98,6 +123,7 @@ pub fn run_client(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Topic(args) => topic::run(&args),
         ClientCommand::Produce(args) => produce::run(&args),
         ClientCommand::Consume(args) => consume::run(&args),
+        ClientCommand::Group(args) => group::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -271,6 +297,113 @@ mod tests {
         assert_eq!(c.format, OutputFormat::Value);
         assert!(parse(&["consume", "t"]).is_err(), "--group is required");
         assert!(parse(&["consume", "t", "--group", "g", "--from", "middle"]).is_err());
+    }
+
+    #[test]
+    fn consume_group_options_parse() {
+        let ClientCommand::Consume(c) = parse(&["consume", "t", "--group", "g"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.strategy, StrategyArg::Averagely);
+        assert!(!c.broadcast);
+        assert_eq!((c.member, c.session_timeout_ms), (None, 10_000));
+
+        let ClientCommand::Consume(c) = parse(&[
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--strategy",
+            "averagely-by-circle",
+            "--broadcast",
+            "--member",
+            "m-1",
+            "--session-timeout-ms",
+            "1000",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.strategy, StrategyArg::AveragelyByCircle);
+        assert!(c.broadcast);
+        assert_eq!(
+            (c.member.as_deref(), c.session_timeout_ms),
+            (Some("m-1"), 1000)
+        );
+
+        let e = parse(&["consume", "t", "--group", "g", "--strategy", "random"]).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("random") && text.contains("averagely-by-circle"),
+            "{text}"
+        );
+        // --queue reads without membership: membership options make no sense with it.
+        assert!(parse(&["consume", "t", "--group", "g", "--queue", "1"]).is_ok());
+        assert!(parse(&[
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--queue",
+            "1",
+            "--broadcast"
+        ])
+        .is_err());
+        assert!(parse(&["consume", "t", "--group", "g", "--queue", "1", "--member", "x"]).is_err());
+    }
+
+    #[test]
+    fn topic_alter_and_group_commands_parse() {
+        let ClientCommand::Topic(t) =
+            parse(&["topic", "alter", "orders", "--queues", "8"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            t.action,
+            TopicAction::Alter(AlterArgs {
+                name: "orders".into(),
+                queues: 8
+            })
+        );
+        assert!(
+            parse(&["topic", "alter", "orders"]).is_err(),
+            "--queues is required"
+        );
+        let ClientCommand::Group(g) = parse(&["group", "describe", "g1"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(g.action, GroupAction::Describe { group: "g1".into() });
+        let ClientCommand::Group(g) = parse(&["group", "list", "--broker", "h:1"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (g.action, g.broker.broker.as_str()),
+            (GroupAction::List, "h:1")
+        );
+        assert!(parse(&["group", "describe"]).is_err());
+    }
+
+    #[test]
+    fn group_errors_say_what_to_do() {
+        let e = ClientError::Broker(ErrorReply::new(ErrorCode::UnknownMember, "x"));
+        assert_eq!(
+            CliError::from_group_client(e, "t", "g1").to_string(),
+            "group g1 does not exist (no live members and no committed offsets)"
+        );
+        let e = ClientError::Broker(ErrorReply::new(
+            ErrorCode::InconsistentGroup,
+            "group \"g1\" uses strategy averagely, not averagely-by-circle",
+        ));
+        assert_eq!(
+            CliError::from_group_client(e, "t", "g1").to_string(),
+            "cannot join group g1: group \"g1\" uses strategy averagely, not averagely-by-circle"
+        );
+        let e = ClientError::Broker(ErrorReply::new(ErrorCode::UnknownTopic, "x"));
+        assert_eq!(
+            CliError::from_group_client(e, "t", "g1").to_string(),
+            "topic t does not exist"
+        );
     }
 
     #[test]

@@ -76,6 +76,7 @@ pub(super) fn produce(args: &ProduceArgs, mut input: impl BufRead) -> Result<u64
                 value: Bytes::copy_from_slice(&line),
                 queue: args.queue,
                 timestamp_ms: None,
+                headers: Vec::new(),
             })
             .map_err(explain)?;
         sent += 1;

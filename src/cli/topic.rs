@@ -1,4 +1,4 @@
-//! `coremq topic create|list|describe|delete`: one admin request each, the
+//! `coremq topic create|alter|list|describe|delete`: one admin request each, the
 //! result printed as readable text (aligned columns, no header on `list` so
 //! each line is one topic).
 
@@ -21,6 +21,8 @@ pub struct TopicArgs {
 pub enum TopicAction {
     /// Create a topic
     Create(CreateArgs),
+    /// Add queues to a live topic (producers and group members pick them up)
+    Alter(AlterArgs),
     /// List every topic: name, queues, flush policy
     List,
     /// Show a topic's configuration and each queue's shard and offsets
@@ -56,10 +58,20 @@ pub struct CreateArgs {
     pub retention_bytes: u64,
 }
 
+#[derive(Debug, PartialEq, Eq, clap::Args)]
+pub struct AlterArgs {
+    /// Topic name
+    pub name: String,
+    /// The new number of queues: more than the topic has now
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub queues: u32,
+}
+
 pub(super) fn run(args: &TopicArgs) -> Result<(), CliError> {
     let addr = &args.broker.broker;
     let topic_of = match &args.action {
         TopicAction::Create(c) => c.name.as_str(),
+        TopicAction::Alter(a) => a.name.as_str(),
         TopicAction::Describe { name } | TopicAction::Delete { name } => name.as_str(),
         TopicAction::List => "",
     };
@@ -77,6 +89,10 @@ pub(super) fn run(args: &TopicArgs) -> Result<(), CliError> {
                     retention_bytes: c.retention_bytes,
                 })
                 .map_err(explain)?;
+            print!("{}", format_describe(&info));
+        }
+        TopicAction::Alter(a) => {
+            let info = admin.alter_topic(&a.name, a.queues).map_err(explain)?;
             print!("{}", format_describe(&info));
         }
         TopicAction::List => {

@@ -1,11 +1,15 @@
-//! The control-plane client: topics, node metadata and consumer-group offsets.
+//! The control-plane client: topics, node metadata, consumer-group offsets
+//! and consumer-group membership (join, heartbeat, leave, describe, list).
 //!
 //! Every method is one blocking round trip on a [`Connection`]; `&self`
 //! methods can be called from several threads at once and are pipelined.
 //! A reply of the wrong kind (which `decode_response` rules out for a
 //! correct broker) is reported as [`ClientError::UnexpectedReply`], never a panic.
 
-use crate::protocol::{ApiKey, NodeInfo, Reply, Request, TopicInfo, TopicSpec};
+use crate::protocol::{
+    AlterTopic, ApiKey, Assignment, GroupInfo, JoinGroup, MemberRef, NodeInfo, Reply, Request,
+    TopicInfo, TopicSpec,
+};
 
 use super::connection::{ClientError, Connection, Timeouts};
 
@@ -66,6 +70,52 @@ impl Admin {
         describe_topic(&self.conn, name)
     }
 
+    /// Grows a live topic to `queues` queues (more than it has today).
+    pub fn alter_topic(&self, name: &str, queues: u32) -> Result<TopicInfo, ClientError> {
+        match self.conn.call(&Request::AlterTopic(AlterTopic {
+            name: name.to_string(),
+            queues,
+        }))? {
+            Reply::Topic(info) => Ok(info),
+            _ => Err(ClientError::UnexpectedReply(ApiKey::AlterTopic)),
+        }
+    }
+
+    /// Joins (or rejoins) a consumer group; returns this member's assignment.
+    pub fn join_group(&self, join: JoinGroup) -> Result<Assignment, ClientError> {
+        join_group(&self.conn, join)
+    }
+
+    /// Keeps a member's session alive; returns its current assignment
+    /// (a new generation when the group rebalanced).
+    pub fn heartbeat(&self, group: &str, member_id: &str) -> Result<Assignment, ClientError> {
+        heartbeat(&self.conn, group, member_id)
+    }
+
+    /// Leaves a group; its queues go to the other members.
+    pub fn leave_group(&self, group: &str, member_id: &str) -> Result<(), ClientError> {
+        leave_group(&self.conn, group, member_id)
+    }
+
+    /// Members, assignments and committed offsets with lag of a group.
+    /// A group with neither members nor offsets is `UNKNOWN_MEMBER`.
+    pub fn describe_group(&self, group: &str) -> Result<GroupInfo, ClientError> {
+        match self.conn.call(&Request::DescribeGroup {
+            group: group.to_string(),
+        })? {
+            Reply::Group(info) => Ok(info),
+            _ => Err(ClientError::UnexpectedReply(ApiKey::DescribeGroup)),
+        }
+    }
+
+    /// Every group the broker knows (live members or committed offsets), sorted.
+    pub fn list_groups(&self) -> Result<Vec<String>, ClientError> {
+        match self.conn.call(&Request::ListGroups)? {
+            Reply::Groups(list) => Ok(list),
+            _ => Err(ClientError::UnexpectedReply(ApiKey::ListGroups)),
+        }
+    }
+
     pub fn metadata(&self) -> Result<NodeInfo, ClientError> {
         match self.conn.call(&Request::Metadata)? {
             Reply::Metadata(info) => Ok(info),
@@ -108,6 +158,42 @@ pub(crate) fn describe_topic(conn: &Connection, name: &str) -> Result<TopicInfo,
     })? {
         Reply::Topic(info) => Ok(info),
         _ => Err(ClientError::UnexpectedReply(ApiKey::DescribeTopic)),
+    }
+}
+
+pub(crate) fn join_group(conn: &Connection, join: JoinGroup) -> Result<Assignment, ClientError> {
+    match conn.call(&Request::JoinGroup(join))? {
+        Reply::Assignment(a) => Ok(a),
+        _ => Err(ClientError::UnexpectedReply(ApiKey::JoinGroup)),
+    }
+}
+
+pub(crate) fn heartbeat(
+    conn: &Connection,
+    group: &str,
+    member_id: &str,
+) -> Result<Assignment, ClientError> {
+    match conn.call(&Request::Heartbeat(member_ref(group, member_id)))? {
+        Reply::Assignment(a) => Ok(a),
+        _ => Err(ClientError::UnexpectedReply(ApiKey::Heartbeat)),
+    }
+}
+
+pub(crate) fn leave_group(
+    conn: &Connection,
+    group: &str,
+    member_id: &str,
+) -> Result<(), ClientError> {
+    match conn.call(&Request::LeaveGroup(member_ref(group, member_id)))? {
+        Reply::Done => Ok(()),
+        _ => Err(ClientError::UnexpectedReply(ApiKey::LeaveGroup)),
+    }
+}
+
+fn member_ref(group: &str, member_id: &str) -> MemberRef {
+    MemberRef {
+        group: group.to_string(),
+        member_id: member_id.to_string(),
     }
 }
 

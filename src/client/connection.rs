@@ -29,7 +29,7 @@ use crate::protocol::frame::{
     self, peek_frame_len, put_request_header, RequestHeader, FRAME_LEN_BYTES, REQUEST_HEADER_BYTES,
 };
 use crate::protocol::messages::decode_response;
-use crate::protocol::{ApiKey, DecodeError, ErrorCode, ErrorReply, Reply, Request, API_VERSION};
+use crate::protocol::{ApiKey, DecodeError, ErrorCode, ErrorReply, Reply, Request};
 
 /// Largest response frame the reader accepts (after the length prefix). A
 /// fetch reply is bounded by the request's `max_bytes`, so anything larger
@@ -295,7 +295,7 @@ impl Connection {
             &mut header,
             RequestHeader {
                 api: api as u16,
-                api_version: API_VERSION,
+                api_version: req.api_version(),
                 request_id: id,
             },
             body_len,
@@ -535,7 +535,7 @@ mod tests {
         let (addr, h) = fake_broker(|mut s| {
             let (hdr, req) = read_request(&mut s).unwrap();
             assert_eq!(hdr.api, ApiKey::Produce as u16);
-            assert_eq!(hdr.api_version, API_VERSION);
+            assert_eq!(hdr.api_version, crate::protocol::API_VERSION);
             assert_eq!(req, produce(2));
             write_reply(
                 &mut s,

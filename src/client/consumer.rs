@@ -6,12 +6,18 @@
 //! starve a quiet one. A fetch returns whole stored batches, so records
 //! below the position are skipped.
 //!
+//! The set of queues can change while the consumer runs ([`Consumer::assign`],
+//! used by the group consumer on a rebalance): a new queue starts at the
+//! group's committed offset (else at its start or end, per
+//! [`ConsumerConfig::from`]); a removed queue's cursor is dropped.
+//!
 //! Invariants: a position only moves forward by records [`Consumer::poll`]
 //! has returned (or by a reset/seek); a fetch reply is applied only if it
-//! answers the queue's current fetch (its token), so a reply to a fetch
-//! issued before a seek or reconnect is dropped; when an error comes with
-//! records already decoded, the records are returned and the error is
-//! reported by the next poll, so no record is skipped unseen.
+//! answers its queue's current fetch (its token; tokens are never reused),
+//! so a reply to a fetch issued before a seek, reconnect or reassignment is
+//! dropped; when an error comes with records already decoded, the records
+//! are returned and the error is reported by the next poll, so no record is
+//! skipped unseen.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -20,7 +26,7 @@ use bytes::Bytes;
 use coremq_shards::batch::{decode_records, split_batches, BatchError};
 
 use crate::protocol::messages::GROUP_NAME_BYTES_MAX;
-use crate::protocol::{ApiKey, ErrorCode, Reply, Request};
+use crate::protocol::{ApiKey, ErrorCode, Reply, Request, TopicInfo};
 
 use super::admin::{commit_request, describe_topic, fetch_offset_request, offset_reply};
 use super::connection::{
@@ -181,6 +187,9 @@ struct InFlight {
 struct Cursor {
     queue: u32,
     position: i64,
+    /// The group's committed offset as this consumer last knew it (`None`:
+    /// nothing committed when the queue was assigned).
+    committed: Option<i64>,
     fetch: Option<InFlight>,
     max_bytes: u32,
     /// No fetch before this instant (after an early empty reply).
@@ -188,7 +197,7 @@ struct Cursor {
 }
 
 struct FetchEvent {
-    idx: usize,
+    queue: u32,
     token: u64,
     result: Result<Reply, ClientError>,
 }
@@ -240,41 +249,10 @@ impl Consumer {
         let conn = Connection::connect(addr, timeouts(&config))?;
         let info = describe_topic(&conn, topic)?;
         let assigned: Vec<u32> = match &config.queues {
-            Some(qs) => {
-                let mut qs = qs.clone();
-                qs.sort_unstable();
-                qs.dedup();
-                qs
-            }
+            Some(qs) => sorted_set(qs.clone()),
             None => info.queues.iter().map(|q| q.queue).collect(),
         };
-        // Ask for every committed offset at once, then collect.
-        let mut pending = Vec::with_capacity(assigned.len());
-        for &q in &assigned {
-            let Some(qi) = info.queues.iter().find(|qi| qi.queue == q) else {
-                return Err(ClientError::Config(format!(
-                    "queue {q} does not exist (topic {topic} has {} queues)",
-                    info.queues.len()
-                )));
-            };
-            let p = conn.send(&fetch_offset_request(&config.group, topic, q))?;
-            pending.push((qi.clone(), p));
-        }
-        let mut cursors = Vec::with_capacity(pending.len());
-        for (qi, p) in pending {
-            let committed = offset_reply(p.wait(conn.timeouts().request)?)?;
-            let position = committed.unwrap_or(match config.from {
-                StartFrom::Earliest => qi.start_offset,
-                StartFrom::Latest => qi.end_offset,
-            });
-            cursors.push(Cursor {
-                queue: qi.queue,
-                position,
-                fetch: None,
-                max_bytes: config.max_bytes,
-                not_before: None,
-            });
-        }
+        let cursors = start_cursors(&conn, topic, &config, &info, &assigned)?;
         let (tx, rx) = mpsc::channel();
         Ok(Consumer {
             addr: addr.to_string(),
@@ -299,6 +277,11 @@ impl Consumer {
         &self.config.group
     }
 
+    /// The assigned queues, ascending.
+    pub fn queues(&self) -> Vec<u32> {
+        self.cursors.iter().map(|c| c.queue).collect()
+    }
+
     /// Every assigned queue with its position (the next offset to read).
     pub fn positions(&self) -> Vec<(u32, i64)> {
         self.cursors.iter().map(|c| (c.queue, c.position)).collect()
@@ -319,6 +302,39 @@ impl Consumer {
         c.position = offset;
         c.fetch = None;
         c.not_before = None;
+        Ok(())
+    }
+
+    /// Changes the set of queues read. A queue not read before starts at the
+    /// group's committed offset, else at its start or end (per `from`); the
+    /// topic is described again, so queues added since `connect` (`topic
+    /// alter`) can be assigned. A queue no longer in the set is dropped with
+    /// its position (commit it first, see [`Consumer::commit_queues`]); a
+    /// fetch still in flight for it is ignored when it completes. Queues kept
+    /// keep their positions. On error nothing changes.
+    pub fn assign(&mut self, queues: Vec<u32>) -> Result<(), ClientError> {
+        let queues = sorted_set(queues);
+        let added: Vec<u32> = queues
+            .iter()
+            .copied()
+            .filter(|q| !self.cursors.iter().any(|c| c.queue == *q))
+            .collect();
+        let mut fresh = Vec::new();
+        if !added.is_empty() {
+            if self.conn.as_ref().is_none_or(Connection::is_closed) {
+                self.reconnect()?;
+            }
+            let Some(conn) = &self.conn else {
+                return Err(ClientError::Disconnected);
+            };
+            let info = describe_topic(conn, &self.topic)?;
+            fresh = start_cursors(conn, &self.topic, &self.config, &info, &added)?;
+        }
+        self.cursors
+            .retain(|c| queues.binary_search(&c.queue).is_ok());
+        self.cursors.extend(fresh);
+        self.cursors.sort_by_key(|c| c.queue);
+        self.config.queues = Some(queues);
         Ok(())
     }
 
@@ -388,23 +404,51 @@ impl Consumer {
         }
     }
 
-    /// Commits every assigned queue's position for the group.
+    /// Commits every assigned queue's position for the group. A queue
+    /// whose position is the offset this consumer already knows to be
+    /// committed (read at assignment, or committed since) is skipped: so a
+    /// queue's new owner that has read nothing yet does not overwrite a
+    /// later commit of its previous owner with a stale offset.
     pub fn commit(&mut self) -> Result<(), ClientError> {
+        self.commit_where(|_| true)
+    }
+
+    /// Commits the positions of `queues` only (those assigned; others are
+    /// ignored; unchanged ones skipped as by `commit`): what a group member
+    /// does with queues it is about to lose.
+    pub fn commit_queues(&mut self, queues: &[u32]) -> Result<(), ClientError> {
+        self.commit_where(|q| queues.contains(&q))
+    }
+
+    fn commit_where(&mut self, pick: impl Fn(u32) -> bool) -> Result<(), ClientError> {
+        let positions: Vec<(u32, i64)> = self
+            .cursors
+            .iter()
+            .filter(|c| pick(c.queue) && c.committed != Some(c.position))
+            .map(|c| (c.queue, c.position))
+            .collect();
+        if positions.is_empty() {
+            return Ok(());
+        }
         if self.conn.as_ref().is_none_or(Connection::is_closed) {
             self.reconnect()?;
         }
         let Some(conn) = &self.conn else {
             return Err(ClientError::Disconnected);
         };
-        let mut pending = Vec::with_capacity(self.cursors.len());
-        for c in &self.cursors {
-            let req = commit_request(&self.config.group, &self.topic, c.queue, c.position);
-            pending.push(conn.send(&req)?);
+        let mut pending = Vec::with_capacity(positions.len());
+        for &(queue, position) in &positions {
+            let req = commit_request(&self.config.group, &self.topic, queue, position);
+            pending.push((queue, position, conn.send(&req)?));
         }
         let mut first_err = None;
-        for p in pending {
+        for (queue, position, p) in pending {
             match p.wait(conn.timeouts().request) {
-                Ok(Reply::Done) => {}
+                Ok(Reply::Done) => {
+                    if let Some(c) = self.cursors.iter_mut().find(|c| c.queue == queue) {
+                        c.committed = Some(position);
+                    }
+                }
                 Ok(_) => {
                     first_err.get_or_insert(ClientError::UnexpectedReply(ApiKey::CommitOffset));
                 }
@@ -444,8 +488,7 @@ impl Consumer {
         let first = self.next_first % n.max(1);
         self.next_first = self.next_first.wrapping_add(1);
         for k in 0..n {
-            let idx = (first + k) % n;
-            let c = &mut self.cursors[idx];
+            let c = &mut self.cursors[(first + k) % n];
             if c.fetch.is_some() || c.not_before.is_some_and(|t| t > now) {
                 continue;
             }
@@ -460,9 +503,10 @@ impl Consumer {
                 max_wait_ms: self.config.max_wait_ms,
             };
             let tx = self.tx.clone();
+            let queue = c.queue;
             let sent = conn.send_with(&req, move |comp| {
                 let _ = tx.send(FetchEvent {
-                    idx,
+                    queue,
                     token,
                     result: comp.into_reply(),
                 });
@@ -485,11 +529,11 @@ impl Consumer {
 
     /// Applies one fetch reply.
     fn handle(&mut self, ev: FetchEvent, out: &mut Vec<ConsumedRecord>) {
-        let Some(c) = self.cursors.get_mut(ev.idx) else {
-            return;
+        let Some(c) = self.cursors.iter_mut().find(|c| c.queue == ev.queue) else {
+            return; // the queue was unassigned while its fetch was in flight
         };
         let Some(f) = c.fetch.filter(|f| f.token == ev.token) else {
-            return; // stale: superseded by a seek or reconnect
+            return; // stale: superseded by a seek, reconnect or reassignment
         };
         c.fetch = None;
         let mut error = None;
@@ -538,6 +582,53 @@ impl Consumer {
             self.pending_error.get_or_insert(e);
         }
     }
+}
+
+/// Sorted, without duplicates.
+fn sorted_set(mut queues: Vec<u32>) -> Vec<u32> {
+    queues.sort_unstable();
+    queues.dedup();
+    queues
+}
+
+/// Cursors for `queues` (of topic `info`): each at the group's committed
+/// offset, else at the queue's start or end per `config.from`. The
+/// committed offsets are asked for all at once, then collected.
+fn start_cursors(
+    conn: &Connection,
+    topic: &str,
+    config: &ConsumerConfig,
+    info: &TopicInfo,
+    queues: &[u32],
+) -> Result<Vec<Cursor>, ClientError> {
+    let mut pending = Vec::with_capacity(queues.len());
+    for &q in queues {
+        let Some(qi) = info.queues.iter().find(|qi| qi.queue == q) else {
+            return Err(ClientError::Config(format!(
+                "queue {q} does not exist (topic {topic} has {} queues)",
+                info.queues.len()
+            )));
+        };
+        let p = conn.send(&fetch_offset_request(&config.group, topic, q))?;
+        pending.push((qi, p));
+    }
+    let mut cursors = Vec::with_capacity(pending.len());
+    for (qi, p) in pending {
+        let committed = offset_reply(p.wait(conn.timeouts().request)?)?;
+        let position = committed.unwrap_or(match config.from {
+            StartFrom::Earliest => qi.start_offset,
+            StartFrom::Latest => qi.end_offset,
+        });
+        cursors.push(Cursor {
+            queue: qi.queue,
+            position,
+            committed,
+            fetch: None,
+            max_bytes: config.max_bytes,
+            not_before: None,
+        });
+    }
+    Ok(cursors)
 }
 
 fn timeouts(config: &ConsumerConfig) -> Timeouts {

@@ -1,8 +1,10 @@
 //! A tiny in-memory broker for the client's tests (compiled only under
 //! `cfg(test)`): one thread per connection, requests answered in order, the
-//! idempotent-producer sequence check, committed offsets, and knobs to
-//! inject faults (drop a connection after storing a batch, reject a queue's
-//! produces, move a queue's log start).
+//! idempotent-producer sequence check, committed offsets, topic growth,
+//! consumer groups (the broker's own `GroupCoordinator`, expiring sessions
+//! on every request), and knobs to inject faults (drop a connection after
+//! storing a batch, reject a queue's produces, move a queue's log start,
+//! forget every group member).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -17,8 +19,10 @@ use coremq_shards::batch::{set_base_offset, split_batches, BatchHeader};
 use crate::protocol::frame::{parse_request, put_response_header};
 use crate::protocol::messages::{encode_error, encode_reply};
 use crate::protocol::{
-    ErrorCode, ErrorReply, Flush, QueueInfo, Reply, Request, TopicInfo, TopicSpec,
+    Assignment, ErrorCode, ErrorReply, Flush, GroupInfo, GroupOffset, MemberInfo, QueueInfo, Reply,
+    Request, TopicInfo, TopicSpec,
 };
+use coremq_shards::group_coordinator::{GroupCoordinator, GroupError, Join, MemberAssignment};
 
 /// Poll interval of a fetch waiting for data.
 const FETCH_WAIT_STEP: Duration = Duration::from_millis(2);
@@ -47,6 +51,7 @@ pub(crate) struct State {
     pub produce_requests: u64,
     /// Set by a produce that is to be swallowed, read by its connection.
     swallow_now: bool,
+    groups: GroupCoordinator,
 }
 
 #[derive(Clone)]
@@ -100,6 +105,123 @@ impl FakeBroker {
 
     pub fn set_log_start(&self, queue: u32, start: i64) {
         self.state().queues[queue as usize].log_start = start;
+    }
+
+    /// Forgets every group member, as a broker restart does.
+    pub fn forget_members(&self) {
+        self.state().groups = GroupCoordinator::default();
+    }
+}
+
+fn group_error(e: GroupError) -> ErrorReply {
+    let code = match e {
+        GroupError::UnknownMember { .. } => ErrorCode::UnknownMember,
+        GroupError::Inconsistent { .. } => ErrorCode::InconsistentGroup,
+        GroupError::Invalid(_) => ErrorCode::InvalidRequest,
+    };
+    ErrorReply::new(code, e.to_string())
+}
+
+fn to_assignment(group: &str, a: MemberAssignment) -> Assignment {
+    Assignment {
+        offsets_group: if a.broadcast {
+            format!("{group}/{}", a.member_id)
+        } else {
+            group.to_string()
+        },
+        member_id: a.member_id,
+        generation: a.generation,
+        queues: a.queues,
+        members: a.members,
+    }
+}
+
+/// Answers the group apis (sessions are expired first).
+fn answer_group(st: &mut State, req: Request) -> Result<Reply, ErrorReply> {
+    let now = Instant::now();
+    st.groups.expire(now);
+    let queues = st.queues.len() as u32;
+    match req {
+        Request::JoinGroup(j) => {
+            if st.topic.as_ref().is_none_or(|t| t.name != j.topic) {
+                return Err(ErrorReply::new(ErrorCode::UnknownTopic, "no such topic"));
+            }
+            let a = st
+                .groups
+                .join(
+                    Join {
+                        group: &j.group,
+                        topic: &j.topic,
+                        member_id: &j.member_id,
+                        strategy: j.strategy,
+                        broadcast: j.broadcast,
+                        session_timeout: Duration::from_millis(u64::from(j.session_timeout_ms)),
+                        queues,
+                    },
+                    now,
+                )
+                .map_err(group_error)?;
+            Ok(Reply::Assignment(to_assignment(&j.group, a)))
+        }
+        Request::Heartbeat(m) => {
+            let a = st
+                .groups
+                .heartbeat(&m.group, &m.member_id, queues, now)
+                .map_err(group_error)?;
+            Ok(Reply::Assignment(to_assignment(&m.group, a)))
+        }
+        Request::LeaveGroup(m) => {
+            st.groups
+                .leave(&m.group, &m.member_id)
+                .map_err(group_error)?;
+            Ok(Reply::Done)
+        }
+        Request::DescribeGroup { group } => {
+            let Some(v) = st.groups.describe(&group, now) else {
+                return Err(ErrorReply::new(ErrorCode::UnknownMember, "no such group"));
+            };
+            let offsets = (0..queues)
+                .map(|q| {
+                    let committed = st.offsets.get(&(group.clone(), q)).copied().unwrap_or(-1);
+                    let end = st.queues[q as usize].next_offset;
+                    GroupOffset {
+                        member_id: String::new(),
+                        queue: q,
+                        committed,
+                        end_offset: end,
+                        lag: end - committed.max(st.queues[q as usize].log_start),
+                    }
+                })
+                .collect();
+            Ok(Reply::Group(GroupInfo {
+                group,
+                topic: v.topic,
+                strategy: v.strategy,
+                broadcast: v.broadcast,
+                generation: v.generation,
+                members: v
+                    .members
+                    .into_iter()
+                    .map(|(member_id, queues, ago)| MemberInfo {
+                        member_id,
+                        queues,
+                        last_heartbeat_ms_ago: ago.as_millis() as u64,
+                    })
+                    .collect(),
+                offsets,
+            }))
+        }
+        Request::ListGroups => {
+            let mut names = st.groups.groups();
+            names.extend(st.offsets.keys().map(|(g, _)| g.clone()));
+            names.sort();
+            names.dedup();
+            Ok(Reply::Groups(names))
+        }
+        other => Err(ErrorReply::new(
+            ErrorCode::Internal,
+            format!("{:?} is not a group request", other.api()),
+        )),
     }
 }
 
@@ -202,7 +324,32 @@ fn answer(state: &Mutex<State>, req: Request) -> (Result<Reply, ErrorReply>, boo
             st.topic = None;
             (Ok(Reply::Done), false)
         }
-        Request::Produce {
+        Request::JoinGroup(_)
+        | Request::Heartbeat(_)
+        | Request::LeaveGroup(_)
+        | Request::DescribeGroup { .. }
+        | Request::ListGroups => (answer_group(&mut state.lock().unwrap(), req), false),
+        Request::AlterTopic(a) => {
+            let mut st = state.lock().unwrap();
+            if !topic_ok(&st, &a.name) {
+                return (err(ErrorCode::UnknownTopic, "no such topic"), false);
+            }
+            if a.queues as usize <= st.queues.len() {
+                return (err(ErrorCode::InvalidRequest, "topics only grow"), false);
+            }
+            st.queues.resize_with(a.queues as usize, Queue::default);
+            if let Some(spec) = st.topic.as_mut() {
+                spec.queues = a.queues;
+            }
+            (Ok(Reply::Topic(topic_info(&st))), false)
+        }
+        Request::ProduceWith {
+            topic,
+            queue,
+            batch,
+            ..
+        }
+        | Request::Produce {
             topic,
             queue,
             batch,
@@ -331,6 +478,15 @@ fn answer(state: &Mutex<State>, req: Request) -> (Result<Reply, ErrorReply>, boo
                 max_message_bytes: 1 << 20,
                 max_frame_bytes: 16 << 20,
             })),
+            false,
+        ),
+        // Apis the client tests do not use.
+        #[allow(unreachable_patterns)]
+        other => (
+            err(
+                ErrorCode::UnknownApi,
+                &format!("the fake broker does not serve {:?}", other.api()),
+            ),
             false,
         ),
     }

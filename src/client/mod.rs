@@ -16,8 +16,11 @@
 //! On top of [`Connection`]: [`Admin`] does one round trip per call;
 //! [`Producer`] batches records into Kafka v2 record batches per queue and
 //! ships them from a background thread with retries and idempotent
-//! sequence numbers; [`Consumer`] long-polls every assigned queue and tracks
-//! the group's positions.
+//! sequence numbers, and follows a topic that grows; [`Consumer`] long-polls
+//! a set of queues and tracks the group's positions; [`GroupConsumer`] is a
+//! consumer-group member whose queues the broker assigns and rebalances
+//! (see its module for the protocol and the at-least-once duplicate window);
+//! [`Deduplicator`] skips redelivered messages on the consumer side.
 //!
 //! [`Request`]: crate::protocol::Request
 //! [`Reply`]: crate::protocol::Reply
@@ -25,14 +28,19 @@
 pub mod admin;
 pub mod connection;
 pub mod consumer;
+pub mod dedup;
+pub mod group_consumer;
 pub mod producer;
 
+pub use crate::protocol::Strategy;
 pub use admin::Admin;
 pub use connection::{
     ClientError, Completion, Connection, PendingReply, Timeouts, RESPONSE_FRAME_BYTES_MAX,
 };
 pub use consumer::{ConsumedRecord, Consumer, ConsumerConfig, StartFrom};
 pub use coremq_shards::batch::Compression;
+pub use dedup::{Deduplicator, MessageId};
+pub use group_consumer::{AssignmentChange, GroupConfig, GroupConsumer};
 pub use producer::{Message, ProduceSummary, Producer, ProducerConfig};
 
 #[cfg(test)]

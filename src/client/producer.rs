@@ -22,6 +22,13 @@
 //!   starts again at sequence 0, so later batches are not rejected forever.
 //! - Every sealed batch is resolved exactly once: acked (counted in the next
 //!   [`ProduceSummary`]) or failed (reported by the next [`Producer::flush`]).
+//!
+//! Topics grow while producers run (`topic alter`): every
+//! `topic_refresh` (default [`TOPIC_REFRESH_INTERVAL_DEFAULT`]), after an
+//! `UNKNOWN_QUEUE` reply, and when a message names a queue past the known
+//! count, the sender re-describes the topic; new queues join the round
+//! robin and keyed messages hash over the new count (a key may move to
+//! another queue, as in Kafka). The queue count never shrinks.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -58,6 +65,10 @@ pub const PRODUCER_EPOCH: i16 = 0;
 /// Per-record bytes added to key and value when estimating whether a record
 /// still fits the open batch (varint lengths, deltas, attributes).
 const RECORD_OVERHEAD_BYTES: usize = 24;
+/// Per-header bytes added to its key and value in the same estimate.
+const HEADER_OVERHEAD_BYTES: usize = 10;
+/// Default interval between re-reads of the topic's queue count.
+pub const TOPIC_REFRESH_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 
 /// How the producer batches, retries and times out.
 #[derive(Debug, Clone)]
@@ -83,6 +94,9 @@ pub struct ProducerConfig {
     pub max_in_flight_per_queue: usize,
     /// `send` blocks while sealed, unacknowledged batches hold this many bytes.
     pub buffer_bytes_max: usize,
+    /// Re-read the topic's queue count this often (zero: only on
+    /// `UNKNOWN_QUEUE` or an explicit queue past the known count).
+    pub topic_refresh: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -99,6 +113,7 @@ impl Default for ProducerConfig {
             request_timeout: REQUEST_TIMEOUT_DEFAULT,
             max_in_flight_per_queue: MAX_IN_FLIGHT_PER_QUEUE_DEFAULT,
             buffer_bytes_max: BUFFER_BYTES_MAX_DEFAULT,
+            topic_refresh: TOPIC_REFRESH_INTERVAL_DEFAULT,
         }
     }
 }
@@ -140,6 +155,9 @@ pub struct Message {
     pub queue: Option<u32>,
     /// Record timestamp; the current time when absent.
     pub timestamp_ms: Option<i64>,
+    /// Record headers, in order. An `id` header ([`crate::client::dedup::ID_HEADER`])
+    /// names the message for consumer-side deduplication.
+    pub headers: Vec<(String, Bytes)>,
 }
 
 impl Message {
@@ -158,6 +176,12 @@ impl Message {
 
     pub fn with_queue(mut self, queue: u32) -> Message {
         self.queue = Some(queue);
+        self
+    }
+
+    /// Adds a record header (appended; names may repeat).
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Message {
+        self.headers.push((key.into(), value.into()));
         self
     }
 }
@@ -185,6 +209,16 @@ impl Partitioner {
 
     pub fn queues(&self) -> u32 {
         self.queues
+    }
+
+    /// Raises the queue count (never lowers it); returns whether it grew.
+    pub fn grow(&mut self, queues: u32) -> bool {
+        if queues > self.queues {
+            self.queues = queues;
+            true
+        } else {
+            false
+        }
     }
 
     pub fn pick(&mut self, explicit: Option<u32>, key: Option<&[u8]>) -> Result<u32, ClientError> {
@@ -331,11 +365,22 @@ struct State {
     first_error: Option<ClientError>,
     shutdown: bool,
     sender_exited: bool,
+    /// The producer id queues start with (also queues added by a refresh).
+    producer_id: i64,
+    /// The next periodic refresh of the topic's queue count.
+    next_refresh_at: Option<Instant>,
+    /// Refresh as soon as possible (an UNKNOWN_QUEUE reply came).
+    refresh_now: bool,
+    refresh_in_flight: bool,
 }
 
 impl State {
     fn new(queues: u32, producer_id: i64) -> State {
         State {
+            producer_id,
+            next_refresh_at: None,
+            refresh_now: false,
+            refresh_in_flight: false,
             queues: (0..queues).map(|_| QueueState::new(producer_id)).collect(),
             partitioner: Partitioner::new(queues),
             conn: None,
@@ -367,7 +412,15 @@ impl State {
         if key_len > i32::MAX as usize || msg.value.len() > i32::MAX as usize {
             return Err(ClientError::Config("message over 2 GiB".into()));
         }
-        let record_bytes = key_len + msg.value.len() + RECORD_OVERHEAD_BYTES;
+        let header_bytes: usize = msg
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + HEADER_OVERHEAD_BYTES)
+            .sum();
+        if header_bytes > i32::MAX as usize {
+            return Err(ClientError::Config("message headers over 2 GiB".into()));
+        }
+        let record_bytes = key_len + msg.value.len() + header_bytes + RECORD_OVERHEAD_BYTES;
         let ts = msg.timestamp_ms.unwrap_or_else(now_ms);
         let mut wake = false;
 
@@ -386,8 +439,13 @@ impl State {
                 opened_at: now,
             }
         });
+        let headers: Vec<(&str, Option<&[u8]>)> = msg
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), Some(v.as_ref())))
+            .collect();
         open.builder
-            .push(ts, msg.key.as_deref(), Some(&msg.value), &[]);
+            .push(ts, msg.key.as_deref(), Some(&msg.value), &headers);
         if open.builder.len() >= cfg.batch_messages_max
             || open.builder.estimated_bytes() >= cfg.batch_bytes_max
             || cfg.linger.is_zero()
@@ -429,6 +487,30 @@ impl State {
             attempts: 0,
             state: BatchState::Waiting,
         });
+    }
+
+    /// The topic now has `queues` queues: new ones join the partitioner
+    /// (round robin and key hash) with a fresh sequence under the
+    /// producer's id. A smaller count is ignored (topics only grow).
+    fn grow(&mut self, queues: u32) {
+        if !self.partitioner.grow(queues) {
+            return;
+        }
+        tracing::info!(
+            from = self.queues.len(),
+            to = queues,
+            "the topic grew; producing to its new queues"
+        );
+        let id = self.producer_id;
+        self.queues
+            .resize_with(queues as usize, || QueueState::new(id));
+    }
+
+    /// Whether the sender should re-describe the topic now.
+    fn refresh_due(&self, now: Instant) -> bool {
+        self.conn.is_some()
+            && !self.refresh_in_flight
+            && (self.refresh_now || self.next_refresh_at.is_some_and(|t| t <= now))
     }
 
     /// Seals open batches whose linger has passed (all of them if `force`).
@@ -537,6 +619,11 @@ impl State {
         if self.conn.is_none() && self.has_waiting() {
             consider(self.next_connect_at.unwrap_or(now));
         }
+        if self.conn.is_some() && !self.refresh_in_flight {
+            if let Some(t) = self.next_refresh_at {
+                consider(t);
+            }
+        }
         next
     }
 
@@ -550,6 +637,11 @@ impl State {
         result: Result<Reply, ClientError>,
         now: Instant,
     ) {
+        if let Err(e) = &result {
+            if e.broker_code() == Some(ErrorCode::UnknownQueue) {
+                self.refresh_now = true;
+            }
+        }
         let Some(qs) = self.queues.get_mut(q) else {
             return;
         };
@@ -694,6 +786,8 @@ enum Event {
         token: u64,
         result: Result<Reply, ClientError>,
     },
+    /// The answer to a refresh of the topic's description.
+    Topic(Result<Reply, ClientError>),
 }
 
 struct Shared {
@@ -762,6 +856,9 @@ impl Producer {
         let producer_id = new_producer_id();
         let mut state = State::new(queues, producer_id);
         state.conn = Some(Arc::new(conn));
+        if !config.topic_refresh.is_zero() {
+            state.next_refresh_at = Some(Instant::now() + config.topic_refresh);
+        }
         let shared = Arc::new(Shared {
             addr: addr.to_string(),
             topic: topic.to_string(),
@@ -787,8 +884,20 @@ impl Producer {
         &self.shared.topic
     }
 
+    /// The topic's queue count as the producer knows it (it grows when a
+    /// refresh sees a grown topic).
     pub fn queues(&self) -> u32 {
         self.shared.lock().partitioner.queues()
+    }
+
+    /// Re-reads the topic's queue count now (blocking round trip) and
+    /// starts using new queues; returns the count.
+    pub fn refresh(&self) -> Result<u32, ClientError> {
+        let conn = self.connection()?;
+        let info = describe_topic(&conn, &self.shared.topic)?;
+        let mut st = self.shared.lock();
+        st.grow(info.queues.len() as u32);
+        Ok(st.partitioner.queues())
     }
 
     /// The producer id batches are stamped with at start (a queue switches
@@ -801,6 +910,11 @@ impl Producer {
     /// unacknowledged bytes are over `buffer_bytes_max`.
     pub fn send(&self, msg: Message) -> Result<(), ClientError> {
         let cfg = &self.shared.config;
+        let known = self.shared.lock().partitioner.queues();
+        if msg.queue.is_some_and(|q| q >= known) {
+            // Perhaps the topic grew since the last refresh: look before refusing.
+            self.refresh()?;
+        }
         let mut st = self.shared.lock();
         while st.buffered_bytes >= cfg.buffer_bytes_max && !st.sender_exited {
             st = self.shared.wait(st);
@@ -857,25 +971,30 @@ impl Producer {
     /// producer's connection and waits for its reply, bypassing batching,
     /// sequencing and retries.
     pub fn send_batch(&self, queue: u32, batch: Bytes) -> Result<Reply, ClientError> {
-        let conn = {
-            let mut st = self.shared.lock();
-            match &st.conn {
-                Some(c) if !c.is_closed() => Arc::clone(c),
-                _ => {
-                    let c = Arc::new(Connection::connect(
-                        &self.shared.addr,
-                        self.shared.timeouts(),
-                    )?);
-                    st.conn = Some(Arc::clone(&c));
-                    c
-                }
-            }
-        };
+        let conn = self.connection()?;
         conn.call(&Request::Produce {
             topic: self.shared.topic.clone(),
             queue,
             batch,
         })
+    }
+}
+
+impl Producer {
+    /// The sender's connection, or a new one if it has none (or a dead one).
+    fn connection(&self) -> Result<Arc<Connection>, ClientError> {
+        let mut st = self.shared.lock();
+        match &st.conn {
+            Some(c) if !c.is_closed() => Ok(Arc::clone(c)),
+            _ => {
+                let c = Arc::new(Connection::connect(
+                    &self.shared.addr,
+                    self.shared.timeouts(),
+                )?);
+                st.conn = Some(Arc::clone(&c));
+                Ok(c)
+            }
+        }
     }
 }
 
@@ -968,10 +1087,28 @@ fn run_sender(shared: Arc<Shared>, tx: mpsc::Sender<Event>, rx: mpsc::Receiver<E
             Some(c) => (Some(Arc::clone(c)), st.take_sendable(cfg, now)),
             None => (None, Vec::new()),
         };
+        let refresh = st.refresh_due(now);
+        if refresh {
+            st.refresh_in_flight = true;
+            st.refresh_now = false;
+            st.next_refresh_at = (!cfg.topic_refresh.is_zero()).then(|| now + cfg.topic_refresh);
+        }
         let deadline = st.next_deadline(cfg, now);
         drop(st);
 
         if let Some(conn) = conn {
+            if refresh {
+                let req = Request::DescribeTopic {
+                    name: shared.topic.clone(),
+                };
+                let reply_tx = tx.clone();
+                let sent = conn.send_with(&req, move |c| {
+                    let _ = reply_tx.send(Event::Topic(c.into_reply()));
+                });
+                if let Err(e) = sent {
+                    let _ = tx.send(Event::Topic(Err(e)));
+                }
+            }
             for o in outgoing {
                 let req = Request::Produce {
                     topic: shared.topic.clone(),
@@ -1010,19 +1147,29 @@ fn run_sender(shared: Arc<Shared>, tx: mpsc::Sender<Event>, rx: mpsc::Receiver<E
         };
         events.extend(rx.try_iter());
         let mut resolved = false;
-        if events.iter().any(|e| matches!(e, Event::Reply { .. })) {
+        if events.iter().any(|e| !matches!(e, Event::Wake)) {
             let mut st = shared.lock();
             let now = Instant::now();
             for e in events.drain(..) {
-                if let Event::Reply {
-                    queue,
-                    no,
-                    token,
-                    result,
-                } = e
-                {
-                    st.on_reply(cfg, queue as usize, no, token, result, now);
-                    resolved = true;
+                match e {
+                    Event::Reply {
+                        queue,
+                        no,
+                        token,
+                        result,
+                    } => {
+                        st.on_reply(cfg, queue as usize, no, token, result, now);
+                        resolved = true;
+                    }
+                    Event::Topic(result) => {
+                        st.refresh_in_flight = false;
+                        match result {
+                            Ok(Reply::Topic(info)) => st.grow(info.queues.len() as u32),
+                            Ok(_) => tracing::debug!("unexpected reply to a topic refresh"),
+                            Err(e) => tracing::debug!("topic refresh failed: {e}"),
+                        }
+                    }
+                    Event::Wake => {}
                 }
             }
         }
@@ -1385,6 +1532,65 @@ mod tests {
             again.iter().map(|o| o.no).collect::<Vec<_>>(),
             vec![0, 1, 2]
         );
+    }
+
+    #[test]
+    fn growing_adds_queues_to_the_round_robin_and_rehashes_keys() {
+        let cfg = cfg();
+        let mut st = State::new(2, 42);
+        let now = Instant::now();
+        st.grow(1); // topics never shrink
+        assert_eq!((st.queues.len(), st.partitioner.queues()), (2, 2));
+        st.grow(4);
+        assert_eq!((st.queues.len(), st.partitioner.queues()), (4, 4));
+        assert!(!st.partitioner.grow(4));
+        for i in 0..8 {
+            st.append(&cfg, Message::new(format!("{i}")), now).unwrap();
+        }
+        let key_q = key_queue(b"user-1", 4) as usize;
+        st.append(&cfg, Message::new("k").with_key("user-1"), now)
+            .unwrap();
+        st.seal_due(&cfg, now, true);
+        for (q, qs) in st.queues.iter().enumerate() {
+            let h = header(&qs.batches[0].bytes);
+            let extra = i32::from(q == key_q);
+            assert_eq!(h.records_count, 2 + extra, "queue {q}");
+            // A new queue starts its sequence at 0 under the producer's id.
+            assert_eq!((h.producer_id, h.base_sequence), (42, 0));
+        }
+    }
+
+    #[test]
+    fn headers_are_written_into_the_record() {
+        let cfg = cfg();
+        let mut st = State::new(1, 1);
+        let msg = Message::new("v")
+            .with_header("id", "order-1")
+            .with_header("trace", Bytes::from_static(b"\x00\x01"));
+        st.append(&cfg, msg, Instant::now()).unwrap();
+        st.seal_due(&cfg, Instant::now(), true);
+        let (_, recs) = decode_records(&st.queues[0].batches[0].bytes).unwrap();
+        assert_eq!(
+            recs[0].headers,
+            vec![
+                ("id".to_string(), Some(Bytes::from_static(b"order-1"))),
+                ("trace".to_string(), Some(Bytes::from_static(b"\x00\x01"))),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_queue_reply_asks_for_a_refresh() {
+        let cfg = cfg();
+        let mut st = sealed(&cfg, 1);
+        st.conn = None;
+        let now = Instant::now();
+        let sent = st.take_sendable(&cfg, now);
+        let e = ErrorReply::new(ErrorCode::UnknownQueue, "gone");
+        st.on_reply(&cfg, 0, 0, sent[0].token, Err(ClientError::Broker(e)), now);
+        assert!(st.refresh_now);
+        // Only with a connection to ask on, and one refresh at a time.
+        assert!(!st.refresh_due(now));
     }
 
     #[test]

@@ -340,3 +340,345 @@ fn admin_round_trips() {
         Some(ErrorCode::UnknownTopic)
     );
 }
+
+fn group_cfg(group: &str, session_ms: u64) -> GroupConfig {
+    GroupConfig {
+        consumer: consumer_cfg(group),
+        session_timeout: Duration::from_millis(session_ms),
+        ..GroupConfig::new(group)
+    }
+}
+
+/// Polls `m` until `done` holds (or fails after a generous while); returns
+/// the records polled meanwhile.
+fn poll_until(
+    m: &mut GroupConsumer,
+    mut done: impl FnMut(&GroupConsumer) -> bool,
+) -> Vec<ConsumedRecord> {
+    let stop = Instant::now() + Duration::from_secs(10);
+    let mut out = Vec::new();
+    while !done(m) {
+        assert!(Instant::now() < stop, "condition never held: {m:?}");
+        out.extend(m.poll(Duration::from_millis(50)).unwrap());
+    }
+    out
+}
+
+fn produce_n(addr: &str, n: usize) {
+    let p = Producer::connect(addr, "t", fast()).unwrap();
+    for i in 0..n {
+        p.send(Message::new(format!("m{i}"))).unwrap();
+    }
+    p.flush().unwrap();
+}
+
+#[test]
+fn assign_adds_and_drops_queues() {
+    let b = FakeBroker::start("t", 3);
+    produce_n(&b.addr, 30);
+    let mut c = Consumer::connect(
+        &b.addr,
+        "t",
+        ConsumerConfig {
+            queues: Some(vec![0]),
+            ..consumer_cfg("g")
+        },
+    )
+    .unwrap();
+    assert_eq!(drain(&mut c, 10).len(), 10);
+    c.commit().unwrap();
+    // A fetch of queue 0 is in flight now; dropping the queue ignores its reply.
+    c.poll(Duration::from_millis(1)).unwrap();
+    c.assign(vec![2, 1, 2]).unwrap();
+    assert_eq!(c.queues(), vec![1, 2]);
+    assert_eq!(c.positions(), vec![(1, 0), (2, 0)]);
+    let got = drain(&mut c, 20);
+    assert_eq!(got.len(), 20);
+    assert!(got.iter().all(|r| r.queue != 0));
+    // Queue 0 comes back at the group's committed offset: nothing new there.
+    c.assign(vec![0]).unwrap();
+    assert_eq!(c.positions(), vec![(0, 10)]);
+    assert!(c.poll(Duration::from_millis(100)).unwrap().is_empty());
+    // A queue the topic does not have is refused and nothing changes.
+    assert!(matches!(c.assign(vec![0, 5]), Err(ClientError::Config(_))));
+    assert_eq!(c.queues(), vec![0]);
+    // After the topic grows, its new queue can be assigned.
+    Admin::connect(&b.addr)
+        .unwrap()
+        .alter_topic("t", 6)
+        .unwrap();
+    c.assign(vec![5]).unwrap();
+    assert_eq!(c.positions(), vec![(5, 0)]);
+    c.assign(Vec::new()).unwrap();
+    assert!(c.poll(Duration::from_millis(50)).unwrap().is_empty());
+    c.commit().unwrap();
+}
+
+#[test]
+fn admin_group_round_trips() {
+    let b = FakeBroker::start("t", 2);
+    let a = Admin::connect(&b.addr).unwrap();
+    let join = crate::protocol::JoinGroup {
+        group: "g".into(),
+        topic: "t".into(),
+        member_id: "m1".into(),
+        strategy: Strategy::Averagely,
+        broadcast: false,
+        session_timeout_ms: 10_000,
+    };
+    let first = a.join_group(join.clone()).unwrap();
+    assert_eq!(
+        (
+            first.member_id.as_str(),
+            first.generation,
+            first.queues.clone()
+        ),
+        ("m1", 1, vec![0, 1])
+    );
+    assert_eq!(first.offsets_group, "g");
+    let hb = a.heartbeat("g", "m1").unwrap();
+    assert_eq!(hb, first);
+    // The topic grows: the next heartbeat is a new generation.
+    let grown = a.alter_topic("t", 3).unwrap();
+    assert_eq!(grown.queues.len(), 3);
+    let hb = a.heartbeat("g", "m1").unwrap();
+    assert_eq!((hb.generation, hb.queues), (2, vec![0, 1, 2]));
+    let d = a.describe_group("g").unwrap();
+    assert_eq!(d.members.len(), 1);
+    assert_eq!(d.members[0].queues, vec![0, 1, 2]);
+    assert_eq!(a.list_groups().unwrap(), vec!["g".to_string()]);
+    let mut other = join;
+    other.member_id = "m2".into();
+    other.strategy = Strategy::AveragelyByCircle;
+    assert_eq!(
+        a.join_group(other).unwrap_err().broker_code(),
+        Some(ErrorCode::InconsistentGroup)
+    );
+    a.leave_group("g", "m1").unwrap();
+    assert_eq!(
+        a.heartbeat("g", "m1").unwrap_err().broker_code(),
+        Some(ErrorCode::UnknownMember)
+    );
+    assert_eq!(
+        a.describe_group("g").unwrap_err().broker_code(),
+        Some(ErrorCode::UnknownMember)
+    );
+}
+
+#[test]
+fn group_members_split_queues_and_take_over_on_leave() {
+    let b = FakeBroker::start("t", 4);
+    produce_n(&b.addr, 40);
+    let mut m1 = GroupConsumer::connect(&b.addr, "t", group_cfg("g", 600)).unwrap();
+    assert_eq!(m1.assignment(), &[0, 1, 2, 3]);
+    let first = m1.take_assignment_changes();
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        (
+            first[0].added.clone(),
+            first[0].members,
+            first[0].topic_queues
+        ),
+        (vec![0, 1, 2, 3], 1, 4)
+    );
+    // m1 reads (and commits) a little before m2 joins.
+    let mut got = m1.poll(Duration::from_secs(5)).unwrap();
+    assert!(!got.is_empty());
+    m1.commit().unwrap();
+
+    let mut m2 = GroupConsumer::connect(&b.addr, "t", group_cfg("g", 600)).unwrap();
+    assert_eq!(m2.assignment(), &[2, 3]);
+    // m1 learns of the rebalance on a heartbeat; it commits what it is losing.
+    let generation = m2.generation();
+    got.extend(poll_until(&mut m1, |m| m.generation() == generation));
+    assert_eq!(m1.assignment(), &[0, 1]);
+    assert_eq!(m1.members(), 2);
+    let change = m1.take_assignment_changes().pop().unwrap();
+    assert_eq!(change.revoked, vec![2, 3]);
+    assert!(change.added.is_empty());
+
+    // Together they read everything at least once; each only its own queues now.
+    let mut seen: BTreeSet<Bytes> = got.iter().map(|r| r.value.clone().unwrap()).collect();
+    // (m2 started its queues at the commit m1 had made before the
+    // rebalance, so it may read again what m1 read of them since.)
+    let stop = Instant::now() + Duration::from_secs(10);
+    let mut quiet_rounds = 0;
+    while quiet_rounds < 3 && Instant::now() < stop {
+        quiet_rounds += 1;
+        for (m, mine) in [(&mut m1, [0, 1]), (&mut m2, [2, 3])] {
+            for r in m.poll(Duration::from_millis(50)).unwrap() {
+                assert!(mine.contains(&r.queue), "{r:?}");
+                seen.insert(r.value.unwrap());
+                quiet_rounds = 0;
+            }
+            m.commit().unwrap();
+        }
+    }
+    assert_eq!(seen.len(), 40);
+
+    // m2 leaves: m1 takes its queues back from m2's commits (nothing left).
+    m2.close().unwrap();
+    poll_until(&mut m1, |m| m.assignment().len() == 4);
+    assert_eq!(m1.members(), 1);
+    let late = m1.poll(Duration::from_millis(200)).unwrap();
+    assert!(late.is_empty(), "{late:?} {:?}", m1.positions());
+    m1.close().unwrap();
+    assert_eq!(
+        Admin::connect(&b.addr).unwrap().list_groups().unwrap(),
+        vec!["g".to_string()],
+        "offsets stay after the last member leaves"
+    );
+}
+
+#[test]
+fn forgotten_member_rejoins() {
+    let b = FakeBroker::start("t", 2);
+    let mut m = GroupConsumer::connect(
+        &b.addr,
+        "t",
+        GroupConfig {
+            member_id: Some("fixed".into()),
+            ..group_cfg("g", 300)
+        },
+    )
+    .unwrap();
+    m.take_assignment_changes();
+    b.forget_members();
+    // The next heartbeat is UNKNOWN_MEMBER: the member joins again, same id.
+    m.heartbeat().unwrap();
+    assert_eq!(m.member_id(), "fixed");
+    assert_eq!(m.assignment(), &[0, 1]);
+    let d = Admin::connect(&b.addr)
+        .unwrap()
+        .describe_group("g")
+        .unwrap();
+    assert_eq!(d.members[0].member_id, "fixed");
+    m.close().unwrap();
+}
+
+#[test]
+fn broadcast_members_each_read_everything_with_their_own_offsets() {
+    let b = FakeBroker::start("t", 2);
+    produce_n(&b.addr, 20);
+    let cfg = |id: &str| GroupConfig {
+        broadcast: true,
+        member_id: Some(id.into()),
+        ..group_cfg("g", 600)
+    };
+    let mut x = GroupConsumer::connect(&b.addr, "t", cfg("x")).unwrap();
+    let mut y = GroupConsumer::connect(&b.addr, "t", cfg("y")).unwrap();
+    assert_eq!(x.offsets_group(), "g/x");
+    for m in [&mut x, &mut y] {
+        let mut n = 0;
+        let stop = Instant::now() + Duration::from_secs(10);
+        while n < 20 && Instant::now() < stop {
+            n += m.poll(Duration::from_millis(100)).unwrap().len();
+        }
+        assert_eq!(n, 20);
+        assert_eq!(m.assignment(), &[0, 1]);
+        m.commit().unwrap();
+    }
+    assert_eq!(b.state().committed("g/x", 0), Some(10));
+    assert_eq!(b.state().committed("g/y", 1), Some(10));
+    assert_eq!(b.state().committed("g", 0), None);
+    x.close().unwrap();
+    y.close().unwrap();
+}
+
+#[test]
+fn producer_follows_a_growing_topic() {
+    let b = FakeBroker::start("t", 2);
+    let p = Producer::connect(
+        &b.addr,
+        "t",
+        ProducerConfig {
+            topic_refresh: Duration::from_millis(20),
+            ..fast()
+        },
+    )
+    .unwrap();
+    Admin::connect(&b.addr)
+        .unwrap()
+        .alter_topic("t", 4)
+        .unwrap();
+    let stop = Instant::now() + Duration::from_secs(10);
+    while p.queues() < 4 {
+        assert!(
+            Instant::now() < stop,
+            "the producer never saw the new queues"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for i in 0..40 {
+        p.send(Message::new(format!("{i}"))).unwrap();
+    }
+    // Keyed messages hash over the new count.
+    for _ in 0..3 {
+        p.send(Message::new("k").with_key("user-7")).unwrap();
+    }
+    p.flush().unwrap();
+    let key_q = producer::key_queue(b"user-7", 4);
+    for q in 0..4 {
+        let extra = if q == key_q { 3 } else { 0 };
+        assert_eq!(b.values(q).len(), 10 + extra, "queue {q}");
+    }
+}
+
+#[test]
+fn explicit_queue_past_the_known_count_refreshes_first() {
+    let b = FakeBroker::start("t", 1);
+    let p = Producer::connect(
+        &b.addr,
+        "t",
+        ProducerConfig {
+            topic_refresh: Duration::ZERO,
+            ..fast()
+        },
+    )
+    .unwrap();
+    Admin::connect(&b.addr)
+        .unwrap()
+        .alter_topic("t", 3)
+        .unwrap();
+    p.send(Message::new("late").with_queue(2)).unwrap();
+    p.flush().unwrap();
+    assert_eq!(p.queues(), 3);
+    assert_eq!(b.values(2).len(), 1);
+    assert!(matches!(
+        p.send(Message::new("x").with_queue(3)),
+        Err(ClientError::Config(_))
+    ));
+}
+
+#[test]
+fn headers_reach_the_consumer_and_name_the_message() {
+    let b = FakeBroker::start("t", 1);
+    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    for _ in 0..2 {
+        // The same message stored twice (e.g. resent by an application).
+        p.send(
+            Message::new("v")
+                .with_header(dedup::ID_HEADER, "order-1")
+                .with_header("trace", "t1"),
+        )
+        .unwrap();
+    }
+    p.send(Message::new("plain")).unwrap();
+    p.flush().unwrap();
+    let mut c = Consumer::connect(&b.addr, "t", consumer_cfg("g")).unwrap();
+    let got = drain(&mut c, 3);
+    assert_eq!(
+        got[0].headers,
+        vec![
+            ("id".to_string(), Some(Bytes::from_static(b"order-1"))),
+            ("trace".to_string(), Some(Bytes::from_static(b"t1"))),
+        ]
+    );
+    let mut d = Deduplicator::default();
+    let fresh: Vec<bool> = got.iter().map(|r| d.first_time_record("t", r)).collect();
+    assert_eq!(fresh, vec![true, false, true]);
+    // Redelivery of the same offsets (a rebalance, a restart) is skipped too.
+    c.seek(0, 0).unwrap();
+    let again = drain(&mut c, 3);
+    assert!(again.iter().all(|r| !d.first_time_record("t", r)));
+}

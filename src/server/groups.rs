@@ -8,6 +8,7 @@
 
 use super::shard_context::{validate_group, ShardCtx};
 use crate::metadata::Metadata;
+use crate::protocol::messages::GROUP_NAME_BYTES_MAX;
 use crate::protocol::{
     Assignment, ErrorCode, ErrorReply, GroupInfo, GroupOffset, JoinGroup, MemberInfo, MemberRef,
     Reply, Response,
@@ -15,6 +16,9 @@ use crate::protocol::{
 use coremq_shards::group_coordinator::{GroupError, Join, MemberAssignment};
 use coremq_shards::QueueKey;
 use std::time::{Duration, Instant};
+
+/// Longest member id the coordinator generates ("member-" + 16 hex + "-" + counter).
+const GENERATED_MEMBER_ID_BYTES_MAX: usize = 48;
 
 /// How often each shard drops members whose session expired.
 pub const GROUP_EXPIRY_CHECK_MS: u64 = 100;
@@ -62,6 +66,16 @@ impl ShardCtx {
                     format!("invalid member id {:?}: use [A-Za-z0-9._-]", j.member_id),
                 )
             })?;
+        }
+        // A broadcast member commits under `group/member`, which must fit a group-name field.
+        if j.broadcast
+            && j.group.len() + 1 + j.member_id.len().max(GENERATED_MEMBER_ID_BYTES_MAX)
+                > GROUP_NAME_BYTES_MAX
+        {
+            return Err(ErrorReply::new(
+                ErrorCode::InvalidRequest,
+                format!("in broadcast mode, group and member names together must stay under {GROUP_NAME_BYTES_MAX} bytes"),
+            ));
         }
         let t = meta.topic(&j.topic)?;
         let a = self

@@ -1,0 +1,666 @@
+//! `coremq-perf run`: one benchmark run from start to report.
+//!
+//! The run creates its own topics (named `PREFIX-<unix ms>-<pid>-<n>`, so
+//! runs never share data), connects every consumer and producer first (a
+//! broker that refuses shows up before anything is sent), then starts the
+//! consumer threads and the producer threads with a common start time a
+//! little in the future. While producers work, the main thread prints a
+//! progress line to stderr every [`PROGRESS_INTERVAL`]. When the measured
+//! window ends it takes the counts for the rates, lets producers collect
+//! their outstanding acks, gives consumers up to the drain time to catch up
+//! with everything acked, stops them, deletes the topics (also on error)
+//! and builds the [`Report`].
+//!
+//! With shard-direct connections (the default) each producer opens one
+//! connection per shard it writes to, on that shard's own port, and each
+//! consumer one per shard it reads from (a consumer thread per shard), so no
+//! request crosses cores inside the broker; `--no-shard-direct` sends
+//! everything through the shared port, as a shard-unaware client would.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use coremq::client::{Admin, Connection, Consumer, ConsumerConfig, StartFrom, Timeouts};
+use coremq::protocol::{QueueInfo, TopicInfo, TopicSpec};
+use coremq_shards::batch::BATCH_HEADER_BYTES;
+
+use crate::consumer::{self, ConsumerShared};
+use crate::error::PerfError;
+use crate::producer::{
+    Producer, ProducerShared, ProducerSpec, Route, Window, OPEN_LOOP_IN_FLIGHT_BYTES_MAX,
+    RECORD_OVERHEAD_BYTES,
+};
+use crate::rss::RssSampler;
+use crate::schedule::{Clock, Pacing, Schedule};
+use crate::stats::{check, merge_all, rates, Report, Tally};
+use crate::workload::Workload;
+
+/// Time from spawning the producers to the first intended send, so every
+/// thread is up and waiting when the schedule starts.
+pub const START_DELAY: Duration = Duration::from_millis(200);
+/// Time between two progress lines.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+/// Default time consumers get to catch up after the producers stop.
+pub const DRAIN_S_DEFAULT: f64 = 10.0;
+/// How often the drain checks whether consumers have caught up.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// Nanoseconds per second.
+const NANOS_PER_SEC: f64 = 1e9;
+
+/// How to run, besides the workload itself.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub broker: String,
+    pub workload: Workload,
+    pub topic_prefix: String,
+    pub broker_pid: Option<u32>,
+    /// Longest wait for consumers after the producers stop.
+    pub drain: Duration,
+    /// Closed loop: unacknowledged batches per producer.
+    pub window: usize,
+    /// Connect to each queue's shard port rather than the shared one.
+    pub shard_direct: bool,
+}
+
+fn to_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The address of a shard's own port: the broker's host with `port`.
+pub fn shard_addr(broker: &str, port: u16) -> Option<String> {
+    let (host, _) = broker.rsplit_once(':')?;
+    Some(format!("{host}:{port}"))
+}
+
+/// Where to reach `q`: its shard's port if shard-direct and advertised.
+fn queue_addr(opts: &RunOptions, q: &QueueInfo) -> String {
+    if opts.shard_direct && q.shard_port != 0 {
+        if let Some(a) = shard_addr(&opts.broker, q.shard_port) {
+            return a;
+        }
+    }
+    opts.broker.clone()
+}
+
+/// Checks that the largest batch the workload builds fits the broker.
+pub fn check_fits(w: &Workload, max_message_bytes: u64) -> Result<(), PerfError> {
+    let one_message = (BATCH_HEADER_BYTES + w.message_size + RECORD_OVERHEAD_BYTES) as u64;
+    if one_message > max_message_bytes {
+        return Err(PerfError::Invalid(format!(
+            "a {}-byte message makes a {one_message}-byte batch, over the broker's \
+             max message size of {max_message_bytes} bytes",
+            w.message_size
+        )));
+    }
+    if w.batch_bytes as u64 > max_message_bytes {
+        return Err(PerfError::Invalid(format!(
+            "batchBytes {} is over the broker's max message size of {max_message_bytes} bytes",
+            w.batch_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// The run's topics; deleted when dropped (best effort, reported on stderr).
+struct Topics<'a> {
+    admin: &'a Admin,
+    infos: Vec<TopicInfo>,
+}
+
+impl<'a> Topics<'a> {
+    fn create(admin: &'a Admin, opts: &RunOptions, clock: &Clock) -> Result<Topics<'a>, PerfError> {
+        let w = &opts.workload;
+        let stamp_ms = clock.now_ns() / 1_000_000;
+        let mut topics = Topics {
+            admin,
+            infos: Vec::new(),
+        };
+        for t in 0..w.topics {
+            let name = format!(
+                "{}-{stamp_ms}-{}-{t}",
+                opts.topic_prefix,
+                std::process::id()
+            );
+            let spec = TopicSpec {
+                name: name.clone(),
+                queues: w.partitions_per_topic,
+                flush: w.flush.into(),
+                segment_bytes: 0,
+                retention_ms: 0,
+                retention_bytes: 0,
+            };
+            let info = admin
+                .create_topic(spec)
+                .map_err(|e| PerfError::client(format!("cannot create topic {name}"), e))?;
+            topics.infos.push(info);
+        }
+        Ok(topics)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.infos.iter().map(|i| i.spec.name.clone()).collect()
+    }
+}
+
+impl Drop for Topics<'_> {
+    fn drop(&mut self) {
+        for info in self.infos.drain(..) {
+            if let Err(e) = self.admin.delete_topic(&info.spec.name) {
+                eprintln!("warning: cannot delete topic {}: {e}", info.spec.name);
+            }
+        }
+    }
+}
+
+/// The run's threads; dropping stops and joins them all.
+#[derive(Default)]
+struct Threads {
+    abort_producers: Arc<AtomicBool>,
+    stop_consumers: Arc<AtomicBool>,
+    producers: Vec<JoinHandle<()>>,
+    consumers: Vec<JoinHandle<()>>,
+}
+
+fn join_all(handles: &mut Vec<JoinHandle<()>>, what: &str) -> Result<(), PerfError> {
+    let mut panicked = 0;
+    for h in handles.drain(..) {
+        if h.join().is_err() {
+            panicked += 1;
+        }
+    }
+    if panicked > 0 {
+        return Err(PerfError::Thread(format!(
+            "{panicked} {what} threads panicked"
+        )));
+    }
+    Ok(())
+}
+
+impl Threads {
+    fn spawn_producer(&mut self, name: String, p: Producer) -> Result<(), PerfError> {
+        let h = thread::Builder::new()
+            .name(name)
+            .spawn(move || p.run())
+            .map_err(|e| PerfError::io("cannot start a producer thread", e))?;
+        self.producers.push(h);
+        Ok(())
+    }
+
+    fn spawn_consumer(
+        &mut self,
+        name: String,
+        c: Consumer,
+        clock: Clock,
+        shared: Arc<ConsumerShared>,
+    ) -> Result<(), PerfError> {
+        let stop = Arc::clone(&self.stop_consumers);
+        let h = thread::Builder::new()
+            .name(name)
+            .spawn(move || consumer::run(c, clock, shared, stop))
+            .map_err(|e| PerfError::io("cannot start a consumer thread", e))?;
+        self.consumers.push(h);
+        Ok(())
+    }
+
+    fn join_producers(&mut self) -> Result<(), PerfError> {
+        join_all(&mut self.producers, "producer")
+    }
+
+    fn stop_consumers(&mut self) -> Result<(), PerfError> {
+        self.stop_consumers.store(true, Ordering::Relaxed);
+        join_all(&mut self.consumers, "consumer")
+    }
+}
+
+impl Drop for Threads {
+    fn drop(&mut self) {
+        self.abort_producers.store(true, Ordering::Relaxed);
+        self.stop_consumers.store(true, Ordering::Relaxed);
+        let _ = join_all(&mut self.producers, "producer");
+        let _ = join_all(&mut self.consumers, "consumer");
+    }
+}
+
+/// Runs the benchmark and returns its report (also when its checks fail).
+pub fn run(opts: &RunOptions) -> Result<Report, PerfError> {
+    let clock = Clock::new()?;
+    let rss = match opts.broker_pid {
+        Some(pid) => Some(RssSampler::start(pid)?),
+        None => None,
+    };
+    let admin = Admin::connect(&opts.broker).map_err(|e| {
+        PerfError::client(
+            format!("cannot connect to the broker at {}", opts.broker),
+            e,
+        )
+    })?;
+    let node = admin
+        .metadata()
+        .map_err(|e| PerfError::client("cannot read the broker's metadata", e))?;
+    check_fits(&opts.workload, node.max_message_bytes)?;
+    let topics = Topics::create(&admin, opts, &clock)?;
+    let result = run_on_topics(opts, &topics, clock);
+    drop(topics);
+    let rss_max = rss.and_then(RssSampler::finish);
+    let mut report = result?;
+    report.broker_rss_mb_max = rss_max.map(|m| m.rss_mb);
+    report.broker_rss_anon_mb_max = rss_max.and_then(|m| m.anon_mb);
+    Ok(report)
+}
+
+/// Connections and routes of one producer over the queues of `info`.
+fn connect_producer(
+    opts: &RunOptions,
+    info: &TopicInfo,
+) -> Result<(Vec<Connection>, Vec<Route>), PerfError> {
+    let mut by_addr: BTreeMap<String, usize> = BTreeMap::new();
+    let mut conns = Vec::new();
+    let mut routes = Vec::new();
+    for q in &info.queues {
+        let addr = queue_addr(opts, q);
+        let idx = match by_addr.get(&addr) {
+            Some(&i) => i,
+            None => {
+                let c = Connection::connect(&addr, Timeouts::default()).map_err(|e| {
+                    PerfError::client(format!("producer cannot connect to {addr}"), e)
+                })?;
+                conns.push(c);
+                by_addr.insert(addr, conns.len() - 1);
+                conns.len() - 1
+            }
+        };
+        routes.push(Route {
+            queue: q.queue,
+            conn: idx,
+        });
+    }
+    Ok((conns, routes))
+}
+
+/// Sums of every thread's counts, taken by the main thread.
+struct Counts {
+    sent: u64,
+    acked: u64,
+    acked_bytes: u64,
+    consumed: u64,
+    consumed_bytes: u64,
+}
+
+fn counts(producers: &[Arc<ProducerShared>], consumers: &[Arc<ConsumerShared>]) -> Counts {
+    let mut c = Counts {
+        sent: 0,
+        acked: 0,
+        acked_bytes: 0,
+        consumed: 0,
+        consumed_bytes: 0,
+    };
+    for p in producers {
+        c.sent += p.sent();
+        let (m, b) = p.acked();
+        c.acked += m;
+        c.acked_bytes += b;
+    }
+    for s in consumers {
+        let (m, b) = s.consumed();
+        c.consumed += m;
+        c.consumed_bytes += b;
+    }
+    c
+}
+
+/// Per topic and subscription: (name, consumed, acked on the topic).
+fn subscription_progress(
+    topics: &[String],
+    subscriptions: u32,
+    producers: &[Arc<ProducerShared>],
+    consumers: &[Arc<ConsumerShared>],
+) -> Vec<(String, u64, u64)> {
+    let mut acked = vec![0u64; topics.len()];
+    for p in producers {
+        acked[p.topic] += p.acked().0;
+    }
+    let mut out = Vec::new();
+    for (t, name) in topics.iter().enumerate() {
+        for s in 0..subscriptions as usize {
+            let consumed: u64 = consumers
+                .iter()
+                .filter(|c| c.topic == t && c.subscription == s)
+                .map(|c| c.consumed().0)
+                .sum();
+            out.push((format!("{name}/sub-{s}"), consumed, acked[t]));
+        }
+    }
+    out
+}
+
+fn run_on_topics(
+    opts: &RunOptions,
+    topics: &Topics<'_>,
+    clock: Clock,
+) -> Result<Report, PerfError> {
+    let w = &opts.workload;
+    let names = topics.names();
+    let mut threads = Threads::default();
+
+    // Connect everything before any thread starts.
+    let mut consumer_jobs = Vec::new();
+    for (t, info) in topics.infos.iter().enumerate() {
+        for s in 0..w.subscriptions_per_topic {
+            let group = format!("{}-sub-{s}", info.spec.name);
+            for c in 0..w.consumer_per_subscription {
+                let mut by_addr: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+                for q in info
+                    .queues
+                    .iter()
+                    .filter(|q| q.queue % w.consumer_per_subscription == c)
+                {
+                    by_addr
+                        .entry(queue_addr(opts, q))
+                        .or_default()
+                        .push(q.queue);
+                }
+                for (addr, queues) in by_addr {
+                    let cfg = ConsumerConfig {
+                        group: group.clone(),
+                        from: StartFrom::Earliest,
+                        queues: Some(queues),
+                        ..ConsumerConfig::default()
+                    };
+                    let consumer = Consumer::connect(&addr, &info.spec.name, cfg).map_err(|e| {
+                        PerfError::client(format!("consumer cannot connect to {addr}"), e)
+                    })?;
+                    let shared = Arc::new(ConsumerShared::new(t, s as usize));
+                    consumer_jobs.push((format!("perf-c{t}.{s}.{c}"), consumer, shared));
+                }
+            }
+        }
+    }
+    let mut producer_conns = Vec::new();
+    for (t, info) in topics.infos.iter().enumerate() {
+        for _ in 0..w.producers_per_topic {
+            let (conns, routes) = connect_producer(opts, info)?;
+            producer_conns.push((t, info.spec.name.clone(), conns, routes));
+        }
+    }
+
+    // Consumers first, so they are polling when the first message lands.
+    let consumers: Vec<Arc<ConsumerShared>> = consumer_jobs
+        .iter()
+        .map(|(_, _, s)| Arc::clone(s))
+        .collect();
+    for (name, consumer, shared) in consumer_jobs {
+        threads.spawn_consumer(name, consumer, clock, shared)?;
+    }
+
+    let start_ns = clock.now_ns() + to_ns(START_DELAY);
+    let end_ns = start_ns + to_ns(w.duration());
+    let total_producers = w.total_producers();
+    let window = if w.open_loop() {
+        Window::Bytes(OPEN_LOOP_IN_FLIGHT_BYTES_MAX)
+    } else {
+        Window::Batches(opts.window)
+    };
+    let mut producers: Vec<Arc<ProducerShared>> = Vec::new();
+    for (i, (t, topic, conns, routes)) in producer_conns.into_iter().enumerate() {
+        let pacing = if w.open_loop() {
+            Pacing::Open(Schedule::staggered(
+                start_ns,
+                w.producer_rate,
+                i as u64,
+                total_producers,
+            ))
+        } else {
+            Pacing::Closed
+        };
+        let shared = Arc::new(ProducerShared::new(t));
+        let spec = ProducerSpec {
+            topic,
+            routes,
+            conns,
+            pacing,
+            start_ns,
+            end_ns,
+            message_size: w.message_size,
+            batch_bytes: w.batch_bytes,
+            linger: w.linger(),
+            window,
+            clock,
+            abort: Arc::clone(&threads.abort_producers),
+        };
+        producers.push(Arc::clone(&shared));
+        threads.spawn_producer(format!("perf-p{i}"), Producer::new(spec, shared))?;
+    }
+
+    // Progress until the measured window ends.
+    let interval_ns = to_ns(PROGRESS_INTERVAL);
+    let mut next_progress = start_ns + interval_ns;
+    let mut last = (start_ns, 0u64, 0u64, 0u64);
+    clock.sleep_until(start_ns);
+    loop {
+        let now = clock.now_ns();
+        if now >= end_ns {
+            break;
+        }
+        if now >= next_progress {
+            let c = counts(&producers, &consumers);
+            let secs = (now - last.0) as f64 / NANOS_PER_SEC;
+            let tally = merge_all(
+                producers
+                    .iter()
+                    .map(|p| p.tally())
+                    .collect::<Vec<_>>()
+                    .iter(),
+            );
+            let (pub_rate, pub_mb) = rates(c.acked - last.1, c.acked_bytes - last.2, secs);
+            let (con_rate, _) = rates(c.consumed - last.3, 0, secs);
+            eprintln!(
+                "[{:6.1}s] publish {pub_rate:9.0} msg/s {pub_mb:7.1} MB/s | consume {con_rate:9.0} msg/s | \
+                 publish p99 {} us | sent {} acked {} consumed {}",
+                (now - start_ns) as f64 / NANOS_PER_SEC,
+                tally.latency.quantile(0.99),
+                c.sent,
+                c.acked,
+                c.consumed,
+            );
+            last = (now, c.acked, c.acked_bytes, c.consumed);
+            next_progress += interval_ns;
+        }
+        clock.sleep_until(next_progress.min(end_ns));
+    }
+    let window_counts = counts(&producers, &consumers);
+    let measured_seconds = (clock.now_ns() - start_ns) as f64 / NANOS_PER_SEC;
+
+    // Outstanding acks, then the consumers' drain.
+    threads.join_producers()?;
+    let drain_end = clock.now_ns() + to_ns(opts.drain);
+    loop {
+        let progress =
+            subscription_progress(&names, w.subscriptions_per_topic, &producers, &consumers);
+        let caught_up = progress
+            .iter()
+            .all(|(_, consumed, acked)| consumed >= acked);
+        if caught_up || clock.now_ns() >= drain_end {
+            break;
+        }
+        thread::sleep(DRAIN_POLL);
+    }
+    threads.stop_consumers()?;
+
+    // The report.
+    let final_counts = counts(&producers, &consumers);
+    let publish: Tally = merge_all(
+        producers
+            .iter()
+            .map(|p| p.tally())
+            .collect::<Vec<_>>()
+            .iter(),
+    );
+    let consume: Tally = merge_all(
+        consumers
+            .iter()
+            .map(|c| c.tally())
+            .collect::<Vec<_>>()
+            .iter(),
+    );
+    for e in producers
+        .iter()
+        .filter_map(|p| p.first_error())
+        .chain(consumers.iter().filter_map(|c| c.first_error()))
+        .take(5)
+    {
+        eprintln!("error: {e}");
+    }
+    let progress = subscription_progress(&names, w.subscriptions_per_topic, &producers, &consumers);
+    let errors = publish.errors + consume.errors;
+    let failures = check(final_counts.sent, final_counts.acked, errors, &progress);
+    let (publish_msgs_per_s, publish_mb_per_s) = rates(
+        window_counts.acked,
+        window_counts.acked_bytes,
+        measured_seconds,
+    );
+    let (consume_msgs_per_s, consume_mb_per_s) = rates(
+        window_counts.consumed,
+        window_counts.consumed_bytes,
+        measured_seconds,
+    );
+    Ok(Report {
+        publish_msgs_per_s,
+        publish_mb_per_s,
+        consume_msgs_per_s,
+        consume_mb_per_s,
+        publish_latency_us: publish.latency.summary(),
+        e2e_latency_us: consume.latency.summary(),
+        sent: final_counts.sent,
+        acked: final_counts.acked,
+        consumed: final_counts.consumed,
+        expected_consumed: final_counts.acked * u64::from(w.subscriptions_per_topic),
+        errors,
+        publish_errors: publish.errors,
+        consume_errors: consume.errors,
+        open_loop: w.open_loop(),
+        measured_seconds,
+        broker: opts.broker.clone(),
+        topics: names,
+        workload: w.clone(),
+        broker_rss_mb_max: None,
+        broker_rss_anon_mb_max: None,
+        passed: failures.is_empty(),
+        failures,
+    })
+}
+
+/// The human summary printed to stdout at the end of a run.
+pub fn summary_text(r: &Report) -> String {
+    let w = &r.workload;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "workload: {} | {} topic(s) x {} queue(s), {} B messages, {} producer(s)/topic, \
+         {} subscription(s) x {} consumer(s), flush {}, batch {} B, linger {} ms",
+        w.name,
+        w.topics,
+        w.partitions_per_topic,
+        w.message_size,
+        w.producers_per_topic,
+        w.subscriptions_per_topic,
+        w.consumer_per_subscription,
+        w.flush,
+        w.batch_bytes,
+        w.linger_ms,
+    );
+    if r.open_loop {
+        let _ = writeln!(
+            s,
+            "rate: open loop, target {} msg/s ({:.0} per producer); latency from each \
+             message's scheduled send time",
+            w.producer_rate,
+            w.rate_per_producer()
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "rate: CLOSED LOOP (rate 0, as fast as possible with a pipelining window); \
+             latency from message creation, so it hides queueing in the producer"
+        );
+    }
+    let _ = writeln!(s, "measured: {:.1} s", r.measured_seconds);
+    let _ = writeln!(
+        s,
+        "publish: {:.0} msg/s, {:.2} MB/s | sent {} acked {} errors {}",
+        r.publish_msgs_per_s, r.publish_mb_per_s, r.sent, r.acked, r.publish_errors
+    );
+    let _ = writeln!(
+        s,
+        "consume: {:.0} msg/s, {:.2} MB/s | consumed {} of {} errors {}",
+        r.consume_msgs_per_s, r.consume_mb_per_s, r.consumed, r.expected_consumed, r.consume_errors
+    );
+    for (what, l) in [
+        ("publish", &r.publish_latency_us),
+        ("e2e", &r.e2e_latency_us),
+    ] {
+        let _ = writeln!(
+            s,
+            "{what} latency us: p50 {} p99 {} p99.9 {} p99.99 {} max {} (mean {:.0}, n {})",
+            l.p50, l.p99, l.p999, l.p9999, l.max, l.mean, l.count
+        );
+    }
+    if let Some(mb) = r.broker_rss_mb_max {
+        let anon = r
+            .broker_rss_anon_mb_max
+            .map_or(String::new(), |a| format!(" (anonymous: {a:.1} MiB)"));
+        let _ = writeln!(s, "broker RSS max: {mb:.1} MiB{anon}");
+    }
+    if r.passed {
+        let _ = writeln!(s, "result: PASS");
+    } else {
+        let _ = writeln!(s, "result: FAIL: {}", r.failures.join("; "));
+    }
+    s
+}
+
+/// Writes the report as pretty JSON.
+pub fn write_json(report: &Report, path: &PathBuf) -> Result<(), PerfError> {
+    let mut text = serde_json::to_string_pretty(report)?;
+    text.push('\n');
+    std::fs::write(path, text).map_err(|source| PerfError::WriteReport {
+        path: path.clone(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::Overrides;
+
+    #[test]
+    fn shard_addresses_keep_the_host() {
+        assert_eq!(
+            shard_addr("127.0.0.1:9700", 9711).as_deref(),
+            Some("127.0.0.1:9711")
+        );
+        assert_eq!(shard_addr("[::1]:9700", 5).as_deref(), Some("[::1]:5"));
+        assert_eq!(shard_addr("localhost", 5), None);
+    }
+
+    #[test]
+    fn batches_must_fit_the_broker() {
+        let w = Workload::resolve(None, &Overrides::default()).unwrap();
+        assert!(check_fits(&w, 1 << 20).is_ok());
+        assert!(check_fits(&w, 32 << 10).unwrap_err().is_usage());
+        let big = Workload::resolve(
+            None,
+            &Overrides {
+                message_size: Some(2 << 20),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert!(check_fits(&big, 1 << 20).unwrap_err().is_usage());
+    }
+}

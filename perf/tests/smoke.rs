@@ -1,0 +1,199 @@
+//! Smoke test of `coremq-perf run` against a real broker.
+//!
+//! Starts the debug `coremq` broker (`<target dir>/debug/coremq`, built
+//! with `cargo build -p coremq` if it is not there yet) in a temporary data
+//! directory on free ports, runs a 3-second open-loop workload with the
+//! perf binary Cargo built for this test, and checks the JSON report: every
+//! message sent was acked and consumed, and the latency percentiles are
+//! there. It asserts nothing about timing. The broker is stopped (SIGTERM,
+//! then SIGKILL) by a guard, also when the test fails.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Longest wait for the broker to print its listening address.
+const BROKER_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the broker to exit after SIGTERM before it is killed.
+const BROKER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a perf run may take (3 s measured, plus acks and the drain).
+const PERF_RUN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a child process is checked for having exited.
+const EXIT_POLL: Duration = Duration::from_millis(50);
+/// What the broker prints before its address once it accepts connections.
+const LISTENING_PREFIX: &str = "listening on ";
+/// What follows the shared address on that line.
+const LISTENING_SUFFIX: &str = " (every shard)";
+
+/// `<target dir>/debug/coremq`, derived from where Cargo put the perf binary
+/// (`<target dir>/<profile>/coremq-perf`); built first if missing.
+fn broker_binary() -> PathBuf {
+    let perf = Path::new(env!("CARGO_BIN_EXE_coremq-perf"));
+    let target_dir = perf
+        .parent()
+        .and_then(Path::parent)
+        .expect("the perf binary lives in <target dir>/<profile>/");
+    let broker = target_dir
+        .join("debug")
+        .join(format!("coremq{}", std::env::consts::EXE_SUFFIX));
+    if !broker.exists() {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("perf/ is inside the workspace");
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let status = Command::new(cargo)
+            .args(["build", "-p", "coremq", "--bin", "coremq"])
+            .env("CARGO_TARGET_DIR", target_dir)
+            .current_dir(workspace)
+            .status()
+            .expect("run cargo build -p coremq");
+        assert!(status.success(), "cargo build -p coremq failed: {status}");
+        assert!(broker.exists(), "{} still missing", broker.display());
+    }
+    broker
+}
+
+/// Waits for `child` to exit, killing it after `timeout`.
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(EXIT_POLL);
+    }
+}
+
+/// A running broker; stopped when dropped, even if the test panicked.
+struct Broker {
+    child: Child,
+    addr: String,
+    stderr_log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let bin = broker_binary();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stderr_log = dir.path().join("broker.stderr");
+        let stderr = File::create(&stderr_log).expect("broker stderr log");
+        let mut child = Command::new(&bin)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen", "127.0.0.1:0", "--shard-port-base", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        // Reads every line (so the pipe never fills) and reports the address.
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix(LISTENING_PREFIX) {
+                    if let Some(addr) = rest.strip_suffix(LISTENING_SUFFIX) {
+                        let _ = tx.send(addr.to_string());
+                    }
+                }
+            }
+        });
+        // Own the child before waiting, so a timeout still stops it.
+        let mut broker = Broker {
+            child,
+            addr: String::new(),
+            stderr_log,
+            _dir: dir,
+        };
+        broker.addr = rx
+            .recv_timeout(BROKER_START_TIMEOUT)
+            .expect("the broker did not print its listening address");
+        broker
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        // SIGTERM lets the broker flush and exit cleanly; SIGKILL if it won't.
+        let termed = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !termed || wait_with_timeout(&mut self.child, BROKER_STOP_TIMEOUT).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            if let Ok(log) = std::fs::read_to_string(&self.stderr_log) {
+                eprintln!("--- broker stderr ---\n{log}");
+            }
+        }
+    }
+}
+
+#[test]
+fn run_reports_every_message_acked_and_consumed() {
+    let broker = Broker::start();
+    let out = tempfile::tempdir().expect("temp dir");
+    let json = out.path().join("report.json");
+    let stdout_log = out.path().join("perf.stdout");
+    let stderr_log = out.path().join("perf.stderr");
+    let mut perf = Command::new(env!("CARGO_BIN_EXE_coremq-perf"))
+        .args(["run", "--broker", &broker.addr])
+        .args(["--duration-s", "3", "--rate", "2000"])
+        .args(["--message-size", "256", "--queues", "2"])
+        .arg("--json")
+        .arg(&json)
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout_log).expect("perf stdout log"))
+        .stderr(File::create(&stderr_log).expect("perf stderr log"))
+        .spawn()
+        .expect("start coremq-perf");
+    let status = wait_with_timeout(&mut perf, PERF_RUN_TIMEOUT);
+    let stdout = std::fs::read_to_string(&stdout_log).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+    let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    let status = status.unwrap_or_else(|| panic!("coremq-perf did not finish\n{context}"));
+    assert!(status.success(), "coremq-perf failed: {status}\n{context}");
+
+    let text =
+        std::fs::read_to_string(&json).unwrap_or_else(|e| panic!("no JSON report: {e}\n{context}"));
+    let report: serde_json::Value = serde_json::from_str(&text).expect("report is JSON");
+    let count = |key: &str| {
+        report[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{key} missing or not a count in {text}"))
+    };
+    let (sent, acked, consumed) = (count("sent"), count("acked"), count("consumed"));
+    assert!(sent > 0, "{text}");
+    assert_eq!(sent, acked, "{text}");
+    assert_eq!(acked, consumed, "{text}");
+    assert_eq!(count("errors"), 0, "{text}");
+    for hist in ["publish_latency_us", "e2e_latency_us"] {
+        for p in ["p50", "p99", "p999", "p9999", "max"] {
+            assert!(report[hist][p].is_u64(), "{hist}.{p} missing in {text}");
+        }
+    }
+    for key in [
+        "publish_msgs_per_s",
+        "publish_mb_per_s",
+        "consume_msgs_per_s",
+    ] {
+        assert!(report[key].is_f64(), "{key} missing in {text}");
+    }
+    assert_eq!(report["workload"]["partitionsPerTopic"], 2, "{text}");
+    assert_eq!(report["workload"]["messageSize"], 256, "{text}");
+    assert!(stdout.contains("result: PASS"), "{context}");
+}

@@ -520,7 +520,9 @@ impl CommitLog {
             let dst = buf.as_bytes_mut();
             dst[..used].copy_from_slice(&buf_bytes);
             dst[used..].fill(0);
+            let started = Instant::now();
             file.write_at(buf, file_off).await?;
+            slow_io("write", started);
             let mut st = self.state.borrow_mut();
             let new_rel = file_off + used as u64;
             let keep_from = (align_down(new_rel) - file_off) as usize;
@@ -587,7 +589,9 @@ impl CommitLog {
             (st.file.clone(), st.written)
         };
         if let Some((_, f)) = file {
+            let started = Instant::now();
             f.fdatasync().await?;
+            slow_io("fdatasync", started);
         }
         let mut st = self.state.borrow_mut();
         st.synced = st.synced.max(target);
@@ -617,6 +621,16 @@ impl CommitLog {
                 _ => break,
             }
         }
+    }
+}
+
+/// An I/O slower than this is logged: the disk, not the broker, is the bottleneck then.
+const SLOW_IO_MS: u128 = 500;
+
+fn slow_io(op: &str, started: Instant) {
+    let ms = started.elapsed().as_millis();
+    if ms >= SLOW_IO_MS {
+        tracing::warn!(op, ms, "slow commit-log i/o");
     }
 }
 

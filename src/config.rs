@@ -22,6 +22,8 @@ pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 100;
 pub const FLUSH_BYTES_DEFAULT: u64 = 16 << 20;
 /// Default largest frame on a connection.
 pub const MAX_FRAME_BYTES_DEFAULT: usize = 16 << 20;
+/// Largest frame the broker may be configured for: what the client library accepts.
+pub const MAX_FRAME_BYTES_LIMIT: usize = 64 << 20;
 /// Default largest record batch (Kafka's message.max.bytes).
 pub const MAX_MESSAGE_BYTES_DEFAULT: usize = 1 << 20;
 /// Default memory per shard for recently written batches served to consumers.
@@ -220,6 +222,12 @@ impl Config {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.shards == 0 || self.shards > 256 {
             return invalid(format!("--shards must be 1..=256, not {}", self.shards));
+        }
+        if self.max_frame_bytes > MAX_FRAME_BYTES_LIMIT {
+            return invalid(format!(
+                "--max-frame-bytes must be at most {MAX_FRAME_BYTES_LIMIT} (64 MiB), not {}",
+                self.max_frame_bytes
+            ));
         }
         if self.max_message_bytes < 1024 {
             return invalid("--max-message-bytes must be at least 1024".into());

@@ -132,6 +132,7 @@ impl CommitLog {
         let mut end = 0u64;
         let mut tail_block = Vec::new();
         let mut file = None;
+        let mut recovered_tail: VecDeque<(u64, Bytes)> = VecDeque::new();
         for (i, &base) in bases.iter().enumerate() {
             let path = cfg.dir.join(segment::file_name(base));
             let size = std::fs::metadata(&path)?.len();
@@ -175,6 +176,17 @@ impl CommitLog {
             if last {
                 // Rewrite the block holding the valid end with zeros after it and
                 // cut the file there, so nothing past the end can come back.
+                // The block holding the valid end is rewritten by the next
+                // write: serve the entries in it from memory, not the map.
+                for e in scan.entries.iter().rev() {
+                    let end = e.batch_rel + e.header.total_bytes() as u64;
+                    if end <= align_down(scan.valid_end) {
+                        break;
+                    }
+                    let bytes =
+                        Bytes::copy_from_slice(&seg.map[e.batch_rel as usize..end as usize]);
+                    recovered_tail.push_front((base + e.batch_rel, bytes));
+                }
                 let f = glommio::io::OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -209,8 +221,8 @@ impl CommitLog {
                 file,
                 tail_block,
                 pending: Vec::new(),
-                tail_cache: VecDeque::new(),
-                tail_cache_bytes: 0,
+                tail_cache_bytes: recovered_tail.iter().map(|(_, b)| b.len()).sum(),
+                tail_cache: recovered_tail,
                 sync_waiters: Vec::new(),
                 failed: None,
                 last_sync: Instant::now(),

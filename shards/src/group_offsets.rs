@@ -42,6 +42,14 @@ impl GroupOffsets {
         (self.path.clone(), encode(&self.offsets))
     }
 
+    /// The file path and contents as they would be with `offset` set,
+    /// without setting it: a commit applies it only once the file is written.
+    pub fn preview(&self, group: &str, key: QueueKey, offset: i64) -> (PathBuf, Vec<u8>) {
+        let mut next = self.offsets.clone();
+        next.insert((group.to_string(), key), offset);
+        (self.path.clone(), encode(&next))
+    }
+
     /// Drops the offsets of queues that no longer exist.
     pub fn retain(&mut self, keep: impl Fn(QueueKey) -> bool) {
         self.offsets.retain(|(_, k), _| keep(*k));

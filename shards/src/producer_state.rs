@@ -66,7 +66,14 @@ impl ProducerTable {
             });
         }
         if h.producer_epoch > p.epoch {
-            // A new epoch starts its sequences again.
+            // A new epoch starts its sequences again, at 0.
+            if h.base_sequence != 0 {
+                return Err(ShardError::OutOfOrderSequence {
+                    producer_id: h.producer_id,
+                    expected: 0,
+                    got: h.base_sequence,
+                });
+            }
             return Ok(SequenceCheck::Append);
         }
         let last_seq = h.last_sequence();
@@ -174,6 +181,11 @@ mod tests {
         assert!(matches!(
             t.check(&header(7, 0, 5, 1)),
             Err(ShardError::InvalidProducerEpoch { .. })
+        ));
+        // A newer epoch must start at sequence 0.
+        assert!(matches!(
+            t.check(&header(7, 2, 5, 1)),
+            Err(ShardError::OutOfOrderSequence { expected: 0, .. })
         ));
         // Non-idempotent batches always append.
         assert_eq!(

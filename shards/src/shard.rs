@@ -565,8 +565,11 @@ impl Shard {
     pub async fn commit_offset(&self, group: &str, key: QueueKey, offset: i64) -> Result<()> {
         // One commit at a time, so the file is rewritten in commit order.
         let _permit = self.offsets_lock.acquire_permit(1).await;
-        let (path, snapshot) = self.offsets.borrow_mut().set(group, key, offset);
-        durable_file::write_atomic(&path, &snapshot).await
+        let (path, snapshot) = self.offsets.borrow().preview(group, key, offset);
+        durable_file::write_atomic(&path, &snapshot).await?;
+        // Visible to FetchOffset only once durable.
+        self.offsets.borrow_mut().set(group, key, offset);
+        Ok(())
     }
 
     /// Committed offsets of `group` and of its broadcast members (`group/member`).

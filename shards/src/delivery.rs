@@ -40,6 +40,17 @@ pub struct Handout {
     pub deadline_ms: i64,
 }
 
+/// What a rejection did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nacked {
+    /// The offset was not out (already settled, or never handed out).
+    NotOut,
+    /// It goes out again with the next receive.
+    Retry,
+    /// It used up its attempts.
+    Dead(Dead),
+}
+
 /// A message that used up its attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dead {
@@ -187,17 +198,19 @@ impl Subscription {
     }
 
     /// Rejects `offset`: it goes out again at once, or dies if out of attempts.
-    pub fn nack(&mut self, offset: i64, cfg: DeliveryConfig) -> Option<Dead> {
-        let f = self.in_flight.remove(&offset)?;
+    pub fn nack(&mut self, offset: i64, cfg: DeliveryConfig) -> Nacked {
+        let Some(f) = self.in_flight.remove(&offset) else {
+            return Nacked::NotOut;
+        };
         if f.attempts >= cfg.max_attempts {
             self.mark_done(offset);
-            return Some(Dead {
+            return Nacked::Dead(Dead {
                 offset,
                 attempts: f.attempts,
             });
         }
         self.retry.insert(offset, f.attempts);
-        None
+        Nacked::Retry
     }
 
     fn mark_done(&mut self, offset: i64) {
@@ -310,13 +323,14 @@ mod tests {
         assert!(s.expire(0, 1));
         let (h, _) = s.take(&q, u64::MAX, 10, CFG, 1000);
         assert_eq!((h[0].offset, h[0].attempt), (0, 2));
-        assert_eq!(s.nack(0, CFG), None);
+        assert_eq!(s.nack(0, CFG), Nacked::Retry);
+        assert_eq!(s.nack(0, CFG), Nacked::NotOut);
         let (h, _) = s.take(&q, u64::MAX, 10, CFG, 1000);
         assert_eq!(h[0].attempt, 3);
         // The third failure is the last: dead, and done.
         assert_eq!(
             s.nack(0, CFG),
-            Some(Dead {
+            Nacked::Dead(Dead {
                 offset: 0,
                 attempts: 3
             })

@@ -16,7 +16,7 @@
 //! attempt count — nothing is silently lost or stuck; acknowledgements after
 //! the last save may be repeated (at-least-once).
 
-use crate::delivery::{DeliveryConfig, Handout, Subscription, SubscriptionSnapshot, LANES};
+use crate::delivery::{DeliveryConfig, Handout, Nacked, Subscription, SubscriptionSnapshot, LANES};
 use crate::durable_file;
 use crate::error::{Result, ShardError};
 use crate::shard::{now_ms, Shard, Timer};
@@ -175,11 +175,12 @@ impl Shard {
         for &o in offsets {
             if nack {
                 match sub.nack(o, cfg) {
-                    Some(d) => {
+                    Nacked::Dead(d) => {
                         settled += 1;
                         dead.push(d);
                     }
-                    None => settled += 1,
+                    Nacked::Retry => settled += 1,
+                    Nacked::NotOut => {}
                 }
             } else if sub.ack(o) {
                 settled += 1;

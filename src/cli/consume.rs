@@ -16,6 +16,15 @@
 //! `--count` still allows; the consumer is rewound (`seek`) to the first
 //! unprinted record of each queue before committing, so the next run
 //! starts exactly there.
+//!
+//! With `--push` the broker pushes the group's messages instead
+//! ([`PushConsumer`]: no membership, any number of processes share the
+//! work). Each message is printed (json adds its `attempt`), then
+//! acknowledged — unless `--no-ack`, which leaves it to come back after
+//! `--ack-timeout-ms`; `--nack-every K` rejects every K-th message received
+//! in this run instead (it goes out again at once, and to `<group>-dlq`
+//! after `--max-attempts` deliveries). Messages received but not printed
+//! (past `--count`) are rejected so they go out again at once.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -24,9 +33,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::client::group_consumer::SESSION_TIMEOUT_DEFAULT;
+use crate::client::push_consumer::{
+    ACK_TIMEOUT_DEFAULT, MAX_ATTEMPTS_DEFAULT, RECEIVE_MESSAGES_DEFAULT,
+};
 use crate::client::{
     AssignmentChange, ClientError, ConsumedRecord, Consumer, ConsumerConfig, GroupConfig,
-    GroupConsumer, StartFrom, Strategy,
+    GroupConsumer, PushConfig, PushConsumer, PushedRecord, StartFrom, Strategy,
 };
 
 use super::group::format_queues;
@@ -36,6 +48,8 @@ use super::{BrokerArg, CliError};
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 5000;
 /// Default `--session-timeout-ms`.
 pub const SESSION_TIMEOUT_MS_DEFAULT: u64 = SESSION_TIMEOUT_DEFAULT.as_millis() as u64;
+/// Default `--ack-timeout-ms`.
+pub const ACK_TIMEOUT_MS_DEFAULT: u64 = ACK_TIMEOUT_DEFAULT.as_millis() as u64;
 /// Longest single poll, so a stop signal is noticed promptly.
 const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -51,7 +65,7 @@ pub enum StartArg {
 pub enum OutputFormat {
     /// The value as text
     Value,
-    /// One JSON object per line: queue, offset, timestamp, key, value
+    /// One JSON object per line: queue, offset, timestamp, key, value (and attempt with --push)
     Json,
 }
 
@@ -93,6 +107,30 @@ pub struct ConsumeArgs {
         conflicts_with_all = ["strategy", "broadcast", "member", "session_timeout_ms"]
     )]
     pub queue: Option<u32>,
+    /// Push delivery: the broker hands out the group's messages to whoever
+    /// asks, with acknowledgements, redelivery and a dead-letter topic
+    #[arg(
+        long,
+        conflicts_with_all = ["broadcast", "strategy", "queue", "member", "session_timeout_ms", "from"]
+    )]
+    pub push: bool,
+    /// With --push: a message not acknowledged this many ms after delivery goes out again
+    #[arg(long, value_name = "MS", default_value_t = ACK_TIMEOUT_MS_DEFAULT, requires = "push")]
+    pub ack_timeout_ms: u64,
+    /// With --push: deliveries of a message before it goes to <group>-dlq
+    #[arg(long, value_name = "N", default_value_t = MAX_ATTEMPTS_DEFAULT, requires = "push")]
+    pub max_attempts: u32,
+    /// With --push: print without acknowledging (messages come back after the ack timeout)
+    #[arg(long, requires = "push")]
+    pub no_ack: bool,
+    /// With --push: reject every K-th message received instead of acknowledging it
+    #[arg(
+        long,
+        value_name = "K",
+        requires = "push",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub nack_every: Option<u64>,
     /// How the group spreads queues over members (set by its first member)
     #[arg(long, value_enum, default_value = "averagely")]
     pub strategy: StrategyArg,
@@ -127,12 +165,16 @@ pub(super) fn run(args: &ConsumeArgs) -> Result<(), CliError> {
             tracing::warn!("cannot handle signal {sig}: {e}");
         }
     }
-    let n = consume(
-        args,
-        &mut std::io::stdout().lock(),
-        &mut std::io::stderr(),
-        &stop,
-    )?;
+    let n = if args.push {
+        consume_push(args, &mut std::io::stdout().lock(), &stop)?
+    } else {
+        consume(
+            args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr(),
+            &stop,
+        )?
+    };
     eprintln!("consumed {n} messages");
     Ok(())
 }
@@ -291,6 +333,120 @@ pub(super) fn consume(
     Ok(printed)
 }
 
+/// What to do with a printed pushed message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Settle {
+    Ack,
+    Nack,
+    /// `--no-ack`: leave it out until its ack timeout.
+    Leave,
+}
+
+/// The fate of the `received`-th (1-based) message of a `--push` run.
+pub(super) fn settle_for(args: &ConsumeArgs, received: u64) -> Settle {
+    if args.nack_every.is_some_and(|k| received.is_multiple_of(k)) {
+        Settle::Nack
+    } else if args.no_ack {
+        Settle::Leave
+    } else {
+        Settle::Ack
+    }
+}
+
+fn connect_push(args: &ConsumeArgs) -> Result<PushConsumer, CliError> {
+    let addr = &args.broker.broker;
+    let config = PushConfig {
+        ack_timeout: Duration::from_millis(args.ack_timeout_ms),
+        max_attempts: args.max_attempts,
+        // No point in taking out many more than will be printed.
+        max_messages: args.count.map_or(RECEIVE_MESSAGES_DEFAULT, |n| {
+            n.clamp(1, u64::from(RECEIVE_MESSAGES_DEFAULT)) as u32
+        }),
+        ..PushConfig::new(args.group.clone())
+    };
+    PushConsumer::connect(addr, &args.topic, config)
+        .map_err(|e| CliError::connecting(e, addr, &args.topic))
+}
+
+/// `--push`: prints pushed messages into `out` and settles each after
+/// printing, until the count, the idle timeout or `stop`; returns how many
+/// were printed.
+pub(super) fn consume_push(
+    args: &ConsumeArgs,
+    out: &mut impl Write,
+    stop: &AtomicBool,
+) -> Result<u64, CliError> {
+    let mut push = connect_push(args)?;
+    let explain = |e| CliError::from_client(e, &args.topic);
+    let idle = Duration::from_millis(args.timeout_ms);
+    let mut printed = 0u64;
+    let mut last_new = Instant::now();
+    let mut line = String::new();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let left = args.count.map(|n| n.saturating_sub(printed));
+        if left == Some(0) {
+            break;
+        }
+        let wait = idle.saturating_sub(last_new.elapsed());
+        if wait.is_zero() {
+            break;
+        }
+        let records = push.poll(wait.min(STOP_CHECK_INTERVAL)).map_err(explain)?;
+        if records.is_empty() {
+            continue;
+        }
+        last_new = Instant::now();
+        let take = left.map_or(records.len(), |n| records.len().min(n as usize));
+        let (mut acks, mut nacks) = (Vec::new(), Vec::new());
+        for r in &records[..take] {
+            line.clear();
+            format_pushed(r, args.format, &mut line);
+            line.push('\n');
+            out.write_all(line.as_bytes()).map_err(CliError::Stdout)?;
+            printed += 1;
+            match settle_for(args, printed) {
+                Settle::Ack => acks.push(r.position()),
+                Settle::Nack => nacks.push(r.position()),
+                Settle::Leave => {}
+            }
+        }
+        out.flush().map_err(CliError::Stdout)?;
+        // Not printed: back to the broker at once.
+        nacks.extend(records[take..].iter().map(PushedRecord::position));
+        push.ack(&acks).map_err(explain)?;
+        push.nack(&nacks).map_err(explain)?;
+    }
+    push.close().map_err(explain)?;
+    Ok(printed)
+}
+
+/// Appends one pushed message in `format` (no newline); json has its attempt.
+pub(super) fn format_pushed(r: &PushedRecord, format: OutputFormat, out: &mut String) {
+    let text =
+        |b: &Option<bytes::Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+    match format {
+        OutputFormat::Value => {
+            if let Some(v) = &r.value {
+                out.push_str(&String::from_utf8_lossy(v));
+            }
+        }
+        OutputFormat::Json => {
+            let obj = serde_json::json!({
+                "queue": r.queue,
+                "offset": r.offset,
+                "attempt": r.attempt,
+                "timestamp": r.timestamp,
+                "key": text(&r.key),
+                "value": text(&r.value),
+            });
+            out.push_str(&obj.to_string());
+        }
+    }
+}
+
 /// Per queue, the lowest offset among records that were not printed.
 pub(super) fn first_unprinted(rest: &[ConsumedRecord]) -> BTreeMap<u32, i64> {
     let mut first = BTreeMap::new();
@@ -405,6 +561,11 @@ mod tests {
             broadcast: false,
             member: None,
             session_timeout_ms: 1000,
+            push: false,
+            ack_timeout_ms: ACK_TIMEOUT_MS_DEFAULT,
+            max_attempts: MAX_ATTEMPTS_DEFAULT,
+            no_ack: false,
+            nack_every: None,
             timeout_ms: 300,
             format: OutputFormat::Value,
             broker: BrokerArg {
@@ -440,6 +601,55 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(run_consume(&args(&b.addr, None), &mut out).unwrap(), 0);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn push_prints_attempts_nacks_every_kth_and_releases_the_rest() {
+        let b = FakeBroker::start("t", 1);
+        let p = Producer::connect(&b.addr, "t", ProducerConfig::default()).unwrap();
+        for i in 0..4 {
+            p.send(Message::new(format!("m{i}"))).unwrap();
+        }
+        p.flush().unwrap();
+        let mut a = args(&b.addr, Some(3));
+        a.push = true;
+        a.nack_every = Some(2);
+        a.format = OutputFormat::Json;
+        assert_eq!(settle_for(&a, 1), Settle::Ack);
+        assert_eq!(settle_for(&a, 2), Settle::Nack);
+        let mut out = Vec::new();
+        let stop = AtomicBool::new(false);
+        assert_eq!(consume_push(&a, &mut out, &stop).unwrap(), 3);
+        let rows: Vec<serde_json::Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let got: Vec<(&str, u64)> = rows
+            .iter()
+            .map(|v| (v["value"].as_str().unwrap(), v["attempt"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(got, vec![("m0", 1), ("m1", 1), ("m2", 1)]);
+        // m0 and m2 acked; m1 nacked; m3 (not printed) released: both come back now.
+        a.count = None;
+        a.nack_every = None;
+        let mut out = Vec::new();
+        assert_eq!(consume_push(&a, &mut out, &stop).unwrap(), 2);
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("\"value\":\"m1\"") && text.contains("\"value\":\"m3\""),
+            "{text}"
+        );
+        assert!(text.contains("\"attempt\":2"), "{text}");
+        assert_eq!(b.state().committed("g", 0), Some(4));
+        // --no-ack prints and leaves nothing settled.
+        let mut a = args(&b.addr, None);
+        a.push = true;
+        a.no_ack = true;
+        a.group = "h".into();
+        let mut out = Vec::new();
+        assert_eq!(consume_push(&a, &mut out, &stop).unwrap(), 4);
+        assert_eq!(b.state().committed("h", 0), Some(0));
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod topic;
 
 use std::process::ExitCode;
 
+use crate::client::producer::MessageError;
 use crate::client::ClientError;
 use crate::protocol::ErrorCode;
 
@@ -75,6 +76,12 @@ pub enum CliError {
     Stdin(std::io::Error),
     #[error("cannot write stdout: {0}")]
     Stdout(std::io::Error),
+    /// A command-line value out of range (the option, then why).
+    #[error("{option}: {source}")]
+    InvalidOption {
+        option: &'static str,
+        source: MessageError,
+    },
     #[error(transparent)]
     Client(ClientError),
 }
@@ -350,6 +357,124 @@ mod tests {
         ])
         .is_err());
         assert!(parse(&["consume", "t", "--group", "g", "--queue", "1", "--member", "x"]).is_err());
+    }
+
+    #[test]
+    fn push_consume_parses_and_conflicts_with_membership_options() {
+        let ClientCommand::Consume(c) = parse(&["consume", "t", "--group", "g", "--push"]).unwrap()
+        else {
+            panic!()
+        };
+        assert!(c.push);
+        assert_eq!(
+            (c.ack_timeout_ms, c.max_attempts, c.no_ack, c.nack_every),
+            (30_000, 16, false, None)
+        );
+        let ClientCommand::Consume(c) = parse(&[
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--push",
+            "--ack-timeout-ms",
+            "500",
+            "--max-attempts",
+            "3",
+            "--no-ack",
+            "--nack-every",
+            "2",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (c.ack_timeout_ms, c.max_attempts, c.no_ack, c.nack_every),
+            (500, 3, true, Some(2))
+        );
+        for extra in [
+            &["--broadcast"][..],
+            &["--strategy", "averagely"],
+            &["--queue", "1"],
+            &["--from", "latest"],
+        ] {
+            let mut args = vec!["consume", "t", "--group", "g", "--push"];
+            args.extend_from_slice(extra);
+            let e = parse(&args).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{extra:?}: {e}"
+            );
+        }
+        // Push-only options need --push.
+        for extra in [
+            &["--no-ack"][..],
+            &["--nack-every", "2"],
+            &["--ack-timeout-ms", "10"],
+            &["--max-attempts", "2"],
+        ] {
+            let mut args = vec!["consume", "t", "--group", "g"];
+            args.extend_from_slice(extra);
+            assert!(parse(&args).is_err(), "{extra:?}");
+        }
+        assert!(parse(&[
+            "consume",
+            "t",
+            "--group",
+            "g",
+            "--push",
+            "--nack-every",
+            "0"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn produce_options_parse_and_are_checked() {
+        let ClientCommand::Produce(p) =
+            parse(&["produce", "t", "--delay-ms", "2000", "--priority", "3"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((p.delay_ms, p.priority), (2000, 3));
+        let (priority, delay) = produce::options(&p).unwrap();
+        assert_eq!(priority, 3);
+        assert_eq!(
+            delay,
+            Some(crate::client::Delay::After(std::time::Duration::from_secs(
+                2
+            )))
+        );
+        let ClientCommand::Produce(p) = parse(&["produce", "t"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(produce::options(&p).unwrap(), (0, None));
+        // Out-of-range values parse, then are refused with the option named.
+        let ClientCommand::Produce(p) = parse(&["produce", "t", "--delay-ms", "-5"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            produce::options(&p).unwrap_err().to_string(),
+            "--delay-ms: delay must not be negative, not -5 ms"
+        );
+        let ClientCommand::Produce(p) = parse(&["produce", "t", "--priority", "4"]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            produce::options(&p).unwrap_err().to_string(),
+            "--priority: priority must be 0..=3 (0 the lowest), not 4"
+        );
+        let ninety_one_days = (91i64 * 24 * 3600 * 1000).to_string();
+        let ClientCommand::Produce(p) =
+            parse(&["produce", "t", "--delay-ms", &ninety_one_days]).unwrap()
+        else {
+            panic!()
+        };
+        assert!(produce::options(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 7776000000 ms (90 days)"));
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! `coremq produce TOPIC`: every stdin line becomes one message (trailing
 //! `\n` or `\r\n` stripped), batched through [`Producer`]. Success means the
 //! broker acknowledged every line read; anything less is an error.
+//!
+//! `--priority P` (0..=3) and `--delay-ms MS` (0..=90 days) apply to every
+//! line; they are checked before anything is sent (a value out of range is
+//! an error naming the option, exit status 1). A delayed message is stored
+//! at once and becomes visible `MS` after it is sent.
 
 use std::io::BufRead;
 use std::time::Duration;
@@ -8,7 +13,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use coremq_shards::batch::Compression;
 
-use crate::client::producer::{BATCH_BYTES_MAX_DEFAULT, LINGER_DEFAULT};
+use crate::client::producer::{
+    check_priority, delay_from_ms, Delay, BATCH_BYTES_MAX_DEFAULT, LINGER_DEFAULT,
+};
 use crate::client::{Message, Producer, ProducerConfig};
 
 use super::{BrokerArg, CliError};
@@ -32,6 +39,22 @@ pub struct ProduceArgs {
     /// Send a batch at the latest this many ms after its first message
     #[arg(long, value_name = "MS", default_value_t = LINGER_DEFAULT.as_millis() as u64)]
     pub linger_ms: u64,
+    /// Deliver every message this many ms after it is sent (0 = at once, at most 90 days)
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub delay_ms: i64,
+    /// Priority of every message, 0 (lowest) to 3: push consumers get higher ones first
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub priority: i64,
     #[command(flatten)]
     pub broker: BrokerArg,
 }
@@ -44,6 +67,7 @@ pub(super) fn run(args: &ProduceArgs) -> Result<(), CliError> {
 
 /// Produces every line of `input`; returns how many were acknowledged.
 pub(super) fn produce(args: &ProduceArgs, mut input: impl BufRead) -> Result<u64, CliError> {
+    let (priority, delay) = options(args)?;
     let addr = &args.broker.broker;
     let config = ProducerConfig {
         batch_bytes_max: args.batch_bytes.max(1),
@@ -77,6 +101,8 @@ pub(super) fn produce(args: &ProduceArgs, mut input: impl BufRead) -> Result<u64
                 queue: args.queue,
                 timestamp_ms: None,
                 headers: Vec::new(),
+                priority,
+                delay,
             })
             .map_err(explain)?;
         sent += 1;
@@ -89,6 +115,19 @@ pub(super) fn produce(args: &ProduceArgs, mut input: impl BufRead) -> Result<u64
         });
     }
     Ok(sent)
+}
+
+/// The checked `--priority` and `--delay-ms`.
+pub(super) fn options(args: &ProduceArgs) -> Result<(u8, Option<Delay>), CliError> {
+    let priority = check_priority(args.priority).map_err(|source| CliError::InvalidOption {
+        option: "--priority",
+        source,
+    })?;
+    let delay = delay_from_ms(args.delay_ms).map_err(|source| CliError::InvalidOption {
+        option: "--delay-ms",
+        source,
+    })?;
+    Ok((priority, delay))
 }
 
 /// Drops a trailing `\n` (and the `\r` of a `\r\n`).
@@ -114,6 +153,8 @@ mod tests {
             compression: Compression::Lz4,
             batch_bytes: 100,
             linger_ms: 1,
+            delay_ms: 0,
+            priority: 0,
             broker: BrokerArg {
                 broker: addr.into(),
             },

@@ -63,6 +63,9 @@ pub enum ClientError {
     /// A bad argument or setting (the text says which).
     #[error("{0}")]
     Config(String),
+    /// A message's options are out of range (priority, delay).
+    #[error("invalid message: {0}")]
+    InvalidMessage(#[from] super::producer::MessageError),
     /// The reply decoded, but is not the kind the request asks for.
     #[error("unexpected reply to a {0:?} request")]
     UnexpectedReply(ApiKey),

@@ -13,8 +13,14 @@
 //! (`max_age`): ids are forgotten oldest-first-seen first, so a duplicate
 //! is only caught while its first sighting is still in the window. Size the
 //! window to cover the redelivery span (for a group consumer: what is read
-//! in one heartbeat interval plus one poll, per queue taken over). The window
-//! is in memory: a restarted process starts empty.
+//! in one heartbeat interval plus one poll, per queue taken over; for a push
+//! consumer: what is handed out within one ack timeout, since a message
+//! comes back once that passes). The window is in memory: a restarted
+//! process starts empty.
+//!
+//! With push delivery ([`crate::client::PushConsumer`]) a redelivered
+//! message keeps its position, so even without an `id` header the position
+//! catches it; [`Deduplicator::first_time_pushed`] takes a [`PushedRecord`].
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -22,6 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::consumer::ConsumedRecord;
+use super::push_consumer::PushedRecord;
 
 /// The record header that names a message for deduplication.
 pub const ID_HEADER: &str = "id";
@@ -45,8 +52,21 @@ impl MessageId {
     /// The `id` header of `record` if it has one (the first, if repeated),
     /// else its position in `topic`.
     pub fn of(topic: &str, record: &ConsumedRecord) -> MessageId {
-        let header = record
-            .headers
+        Self::from_parts(topic, record.queue, record.offset, &record.headers)
+    }
+
+    /// [`MessageId::of`] for a message handed out by push delivery.
+    pub fn of_pushed(topic: &str, record: &PushedRecord) -> MessageId {
+        Self::from_parts(topic, record.queue, record.offset, &record.headers)
+    }
+
+    fn from_parts(
+        topic: &str,
+        queue: u32,
+        offset: i64,
+        headers: &[(String, Option<Bytes>)],
+    ) -> MessageId {
+        let header = headers
             .iter()
             .find(|(k, v)| k == ID_HEADER && v.is_some())
             .and_then(|(_, v)| v.clone());
@@ -54,8 +74,8 @@ impl MessageId {
             Some(id) => MessageId::Header(id),
             None => MessageId::Position {
                 topic: topic.to_string(),
-                queue: record.queue,
-                offset: record.offset,
+                queue,
+                offset,
             },
         }
     }
@@ -100,6 +120,11 @@ impl Deduplicator {
     /// [`Deduplicator::first_time`] for a consumed record of `topic`.
     pub fn first_time_record(&mut self, topic: &str, record: &ConsumedRecord) -> bool {
         self.first_time(MessageId::of(topic, record))
+    }
+
+    /// [`Deduplicator::first_time`] for a pushed message of `topic`.
+    pub fn first_time_pushed(&mut self, topic: &str, record: &PushedRecord) -> bool {
+        self.first_time(MessageId::of_pushed(topic, record))
     }
 
     /// [`Deduplicator::first_time`] at a given instant (`now` must not go back).
@@ -210,6 +235,34 @@ mod tests {
         // A null id header does not name the message.
         let c = record(0, 2, &[(ID_HEADER, None)]);
         assert_eq!(MessageId::of("t", &c), pos(2));
+    }
+
+    #[test]
+    fn a_redelivered_pushed_message_is_a_duplicate() {
+        let first = PushedRecord {
+            queue: 1,
+            offset: 4,
+            attempt: 1,
+            timestamp: 0,
+            key: None,
+            value: Some(Bytes::from_static(b"v")),
+            headers: Vec::new(),
+        };
+        let again = PushedRecord {
+            attempt: 2,
+            ..first.clone()
+        };
+        let mut d = Deduplicator::default();
+        assert!(d.first_time_pushed("t", &first));
+        assert!(!d.first_time_pushed("t", &again));
+        // The same id header as a pulled record: one message.
+        let named = PushedRecord {
+            offset: 9,
+            headers: vec![(ID_HEADER.into(), Some(Bytes::from_static(b"order-9")))],
+            ..first
+        };
+        assert!(d.first_time_record("t", &record(0, 1, &[(ID_HEADER, Some(b"order-9"))])));
+        assert!(!d.first_time_pushed("t", &named));
     }
 
     #[test]

@@ -2,9 +2,13 @@
 //! `cfg(test)`): one thread per connection, requests answered in order, the
 //! idempotent-producer sequence check, committed offsets, topic growth,
 //! consumer groups (the broker's own `GroupCoordinator`, expiring sessions
-//! on every request), and knobs to inject faults (drop a connection after
-//! storing a batch, reject a queue's produces, move a queue's log start,
-//! forget every group member).
+//! on every request), produce options (priority, delay: a delayed batch is
+//! held and stored when due, checked on every request), push delivery (the
+//! broker's own `delivery::Subscription` per group and queue, ack timeouts
+//! checked on every request, dead letters recorded rather than produced),
+//! and knobs to inject faults (drop a connection after storing a batch,
+//! reject a queue's produces, move a queue's log start, forget every group
+//! member).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -15,6 +19,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use coremq_shards::batch::{set_base_offset, split_batches, BatchHeader};
+use coremq_shards::consume_queue::{ConsumeQueue, IndexEntry};
+use coremq_shards::delivery::{Dead, DeliveryConfig, Subscription};
+use coremq_shards::segment::PRIORITY_MAX;
+use coremq_shards::shard::{ProduceOptions, DELAY_MS_MAX};
 
 use crate::protocol::frame::{parse_request, put_response_header};
 use crate::protocol::messages::{encode_error, encode_reply};
@@ -24,17 +32,62 @@ use crate::protocol::{
 };
 use coremq_shards::group_coordinator::{GroupCoordinator, GroupError, Join, MemberAssignment};
 
-/// Poll interval of a fetch waiting for data.
+/// Poll interval of a fetch or receive waiting for data.
 const FETCH_WAIT_STEP: Duration = Duration::from_millis(2);
 
 #[derive(Default)]
 struct Queue {
     /// (base offset, stored bytes)
     batches: Vec<(i64, Bytes)>,
+    /// The same batches as the broker indexes them (position = batch number).
+    index: ConsumeQueue,
     next_offset: i64,
     log_start: i64,
     /// (producer id) -> (next expected sequence, base offsets by base sequence)
     producers: HashMap<i64, (i32, HashMap<i32, i64>)>,
+    /// Delayed batches not due yet: (due, priority, batch).
+    delayed: Vec<(Instant, u8, Bytes)>,
+}
+
+impl Queue {
+    /// Stores a batch at the end of the queue; returns its base offset.
+    fn store(&mut self, batch: &[u8], priority: u8) -> i64 {
+        let h = BatchHeader::parse(batch).expect("validated before");
+        let base = self.next_offset;
+        let mut raw = batch.to_vec();
+        set_base_offset(&mut raw, base);
+        self.index.push(IndexEntry {
+            base_offset: base,
+            batch_pos: self.batches.len() as u64,
+            batch_len: 1,
+            record_count: h.records_count as u32,
+            max_timestamp: h.max_timestamp,
+            priority,
+        });
+        self.batches.push((base, Bytes::from(raw)));
+        self.next_offset += i64::from(h.records_count);
+        base
+    }
+}
+
+/// A group's push-delivery state on one queue.
+struct PushSub {
+    sub: Subscription,
+    /// Ack deadlines: (deadline ms, offset, attempt).
+    timers: Vec<(i64, i64, u32)>,
+}
+
+/// A message that used up its attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeadLetter {
+    pub group: String,
+    pub queue: u32,
+    pub offset: i64,
+    pub attempts: u32,
+}
+
+fn wall_ms() -> i64 {
+    coremq_shards::shard::now_ms()
 }
 
 #[derive(Default)]
@@ -49,6 +102,11 @@ pub(crate) struct State {
     /// Reject every produce to this queue with MESSAGE_TOO_LARGE.
     pub reject_queue: Option<u32>,
     pub produce_requests: u64,
+    /// Per produce request: its queue, and its options (`None`: a plain Produce).
+    pub produce_options: Vec<(u32, Option<ProduceOptions>)>,
+    /// Messages dead-lettered by push delivery.
+    pub dead_letters: Vec<DeadLetter>,
+    subs: HashMap<(String, u32), PushSub>,
     /// Set by a produce that is to be swallowed, read by its connection.
     swallow_now: bool,
     groups: GroupCoordinator,
@@ -238,7 +296,7 @@ fn serve(mut s: TcpStream, state: Arc<Mutex<State>>) {
         let Ok((h, body)) = parse_request(Bytes::from(body)) else {
             return;
         };
-        let Ok(req) = Request::decode(h.api, body) else {
+        let Ok(req) = Request::decode_versioned(h.api, h.api_version, body) else {
             return;
         };
         let (resp, hang_up) = answer(&state, req);
@@ -298,6 +356,23 @@ fn topic_info(st: &State) -> TopicInfo {
 /// Returns the response, and whether to close the connection instead of answering.
 fn answer(state: &Mutex<State>, req: Request) -> (Result<Reply, ErrorReply>, bool) {
     let topic_ok = |st: &State, t: &str| st.topic.as_ref().is_some_and(|s| s.name == t);
+    state.lock().unwrap().tick();
+    let (req, options) = match req {
+        Request::ProduceWith {
+            topic,
+            queue,
+            options,
+            batch,
+        } => (
+            Request::Produce {
+                topic,
+                queue,
+                batch,
+            },
+            Some(options),
+        ),
+        other => (other, None),
+    };
     match req {
         Request::DescribeTopic { name } => {
             let st = state.lock().unwrap();
@@ -343,21 +418,20 @@ fn answer(state: &Mutex<State>, req: Request) -> (Result<Reply, ErrorReply>, boo
             }
             (Ok(Reply::Topic(topic_info(&st))), false)
         }
-        Request::ProduceWith {
-            topic,
-            queue,
-            batch,
-            ..
-        }
-        | Request::Produce {
+        Request::Produce {
             topic,
             queue,
             batch,
         } => {
             let mut st = state.lock().unwrap();
             st.produce_requests += 1;
+            st.produce_options.push((queue, options));
             if !topic_ok(&st, &topic) {
                 return (err(ErrorCode::UnknownTopic, "no such topic"), false);
+            }
+            let opts = options.unwrap_or_default();
+            if opts.priority > PRIORITY_MAX || !(0..=DELAY_MS_MAX).contains(&opts.delay_ms) {
+                return (err(ErrorCode::InvalidRequest, "bad produce options"), false);
             }
             if st.reject_queue == Some(queue) {
                 return (err(ErrorCode::MessageTooLarge, "rejected"), false);
@@ -394,13 +468,21 @@ fn answer(state: &Mutex<State>, req: Request) -> (Result<Reply, ErrorReply>, boo
                     return (err(ErrorCode::OutOfOrderSequence, "gap"), hang_up);
                 }
                 *expected += h.records_count;
-                seen.insert(h.base_sequence, q.next_offset);
+                let base = if opts.delay_ms > 0 { -1 } else { q.next_offset };
+                seen.insert(h.base_sequence, base);
             }
-            let base = q.next_offset;
-            let mut raw = batch.to_vec();
-            set_base_offset(&mut raw, base);
-            q.batches.push((base, Bytes::from(raw)));
-            q.next_offset += i64::from(h.records_count);
+            if opts.delay_ms > 0 {
+                let due = Instant::now() + Duration::from_millis(opts.delay_ms as u64);
+                q.delayed.push((due, opts.priority, batch));
+                return (
+                    Ok(Reply::Produce {
+                        base_offset: -1,
+                        duplicate: false,
+                    }),
+                    hang_up,
+                );
+            }
+            let base = q.store(&batch, opts.priority);
             (
                 Ok(Reply::Produce {
                     base_offset: base,
@@ -480,6 +562,95 @@ fn answer(state: &Mutex<State>, req: Request) -> (Result<Reply, ErrorReply>, boo
             })),
             false,
         ),
+        Request::Receive(r) => {
+            let until = Instant::now() + Duration::from_millis(u64::from(r.max_wait_ms));
+            let cfg = DeliveryConfig {
+                ack_timeout_ms: i64::from(r.ack_timeout_ms),
+                max_attempts: r.max_attempts,
+            };
+            loop {
+                {
+                    let mut st = state.lock().unwrap();
+                    st.tick();
+                    if !topic_ok(&st, &r.topic) {
+                        return (err(ErrorCode::UnknownTopic, "no such topic"), false);
+                    }
+                    if r.queue as usize >= st.queues.len() {
+                        return (err(ErrorCode::UnknownQueue, "no such queue"), false);
+                    }
+                    let st = &mut *st;
+                    let q = &st.queues[r.queue as usize];
+                    let committed = st.offsets.get(&(r.group.clone(), r.queue)).copied();
+                    let ps = st
+                        .subs
+                        .entry((r.group.clone(), r.queue))
+                        .or_insert_with(|| PushSub {
+                            sub: Subscription::new(committed.unwrap_or(q.log_start)),
+                            timers: Vec::new(),
+                        });
+                    let now = wall_ms();
+                    let (handouts, dead) =
+                        ps.sub
+                            .take(&q.index, u64::MAX, r.max_messages.max(1) as usize, cfg, now);
+                    for h in &handouts {
+                        ps.timers.push((h.deadline_ms, h.offset, h.attempt));
+                    }
+                    let ack_level = ps.sub.ack_level();
+                    st.offsets.insert((r.group.clone(), r.queue), ack_level);
+                    st.bury(&r.group, r.queue, dead);
+                    if !handouts.is_empty() || Instant::now() >= until {
+                        let q = &st.queues[r.queue as usize];
+                        let mut data = BytesMut::new();
+                        let mut taken = Vec::new();
+                        for h in &handouts {
+                            let i = q.index.entries_from(h.offset).next().map(|e| e.batch_pos);
+                            if let Some(i) = i.filter(|i| !taken.contains(i)) {
+                                taken.push(i);
+                                data.extend_from_slice(&q.batches[i as usize].1);
+                            }
+                        }
+                        return (
+                            Ok(Reply::Delivery {
+                                messages: handouts.iter().map(|h| (h.offset, h.attempt)).collect(),
+                                batches: vec![data.freeze()],
+                            }),
+                            false,
+                        );
+                    }
+                }
+                thread::sleep(FETCH_WAIT_STEP);
+            }
+        }
+        Request::Ack(a) => {
+            let mut st = state.lock().unwrap();
+            let cfg = DeliveryConfig {
+                ack_timeout_ms: i64::from(a.ack_timeout_ms),
+                max_attempts: a.max_attempts,
+            };
+            let Some(ps) = st.subs.get_mut(&(a.group.clone(), a.queue)) else {
+                return (Ok(Reply::Settled(0)), false);
+            };
+            let mut settled = 0;
+            let mut dead = Vec::new();
+            for &o in &a.offsets {
+                if a.nack {
+                    match ps.sub.nack(o, cfg) {
+                        coremq_shards::delivery::Nacked::Dead(d) => {
+                            dead.push(d);
+                            settled += 1;
+                        }
+                        coremq_shards::delivery::Nacked::Retry => settled += 1,
+                        coremq_shards::delivery::Nacked::NotOut => {}
+                    }
+                } else if ps.sub.ack(o) {
+                    settled += 1;
+                }
+            }
+            let ack_level = ps.sub.ack_level();
+            st.offsets.insert((a.group.clone(), a.queue), ack_level);
+            st.bury(&a.group, a.queue, dead);
+            (Ok(Reply::Settled(settled)), false)
+        }
         // Apis the client tests do not use.
         #[allow(unreachable_patterns)]
         other => (
@@ -495,5 +666,44 @@ fn answer(state: &Mutex<State>, req: Request) -> (Result<Reply, ErrorReply>, boo
 impl State {
     pub fn committed(&self, group: &str, queue: u32) -> Option<i64> {
         self.offsets.get(&(group.to_string(), queue)).copied()
+    }
+
+    /// Stores delayed batches that came due and expires ack timeouts.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        for q in &mut self.queues {
+            let (due, waiting): (Vec<_>, Vec<_>) =
+                q.delayed.drain(..).partition(|(at, _, _)| *at <= now);
+            q.delayed = waiting;
+            for (_, priority, batch) in due {
+                q.store(&batch, priority);
+            }
+        }
+        let now_ms = wall_ms();
+        for ps in self.subs.values_mut() {
+            let (fired, waiting): (Vec<_>, Vec<_>) = ps
+                .timers
+                .drain(..)
+                .partition(|(deadline, _, _)| *deadline <= now_ms);
+            ps.timers = waiting;
+            for (_, offset, attempt) in fired {
+                ps.sub.expire(offset, attempt);
+            }
+        }
+    }
+
+    fn bury(&mut self, group: &str, queue: u32, dead: Vec<Dead>) {
+        self.dead_letters
+            .extend(dead.into_iter().map(|d| DeadLetter {
+                group: group.to_string(),
+                queue,
+                offset: d.offset,
+                attempts: d.attempts,
+            }));
+    }
+
+    /// Delayed batches of `queue` not due yet.
+    pub fn delayed(&self, queue: u32) -> usize {
+        self.queues[queue as usize].delayed.len()
     }
 }

@@ -20,7 +20,11 @@
 //! a set of queues and tracks the group's positions; [`GroupConsumer`] is a
 //! consumer-group member whose queues the broker assigns and rebalances
 //! (see its module for the protocol and the at-least-once duplicate window);
-//! [`Deduplicator`] skips redelivered messages on the consumer side.
+//! [`PushConsumer`] has the broker push messages to a group with
+//! acknowledgements, redelivery and dead letters (see its module for the
+//! loop and its guarantees); [`Deduplicator`] skips redelivered messages on
+//! the consumer side. Messages may carry a priority and a delay
+//! ([`Message::with_priority`], [`Message::with_delay`]).
 //!
 //! [`Request`]: crate::protocol::Request
 //! [`Reply`]: crate::protocol::Reply
@@ -31,6 +35,7 @@ pub mod consumer;
 pub mod dedup;
 pub mod group_consumer;
 pub mod producer;
+pub mod push_consumer;
 
 pub use crate::protocol::Strategy;
 pub use admin::Admin;
@@ -41,7 +46,8 @@ pub use consumer::{ConsumedRecord, Consumer, ConsumerConfig, StartFrom};
 pub use coremq_shards::batch::Compression;
 pub use dedup::{Deduplicator, MessageId};
 pub use group_consumer::{AssignmentChange, GroupConfig, GroupConsumer};
-pub use producer::{Message, ProduceSummary, Producer, ProducerConfig};
+pub use producer::{Delay, Message, MessageError, ProduceSummary, Producer, ProducerConfig};
+pub use push_consumer::{PushConfig, PushConsumer, PushedRecord};
 
 #[cfg(test)]
 pub(crate) mod fake_broker;

@@ -23,6 +23,19 @@
 //! - Every sealed batch is resolved exactly once: acked (counted in the next
 //!   [`ProduceSummary`]) or failed (reported by the next [`Producer::flush`]).
 //!
+//! Per-message options: a priority (0..=[`PRIORITY_MAX`], 0 the lowest)
+//! and a delay or due time ([`Message::with_priority`],
+//! [`Message::with_delay`], [`Message::with_due_at`]). The broker stores
+//! options per batch, so each queue keeps one open batch per distinct
+//! (priority, delay) and options never mix in a batch; a batch with default
+//! options goes out as a plain `Produce`, any other as `ProduceWith`
+//! (Produce v2). All batches of a queue share its sequence numbers, and a
+//! retry resends the same bytes with the same options. Order is kept among
+//! messages of one queue with the same options; messages with different
+//! options land in different batches, whose offsets follow the order the
+//! batches were sealed in. A delayed batch's offset is assigned when it
+//! comes due (its ack carries base offset -1).
+//!
 //! Topics grow while producers run (`topic alter`): every
 //! `topic_refresh` (default [`TOPIC_REFRESH_INTERVAL_DEFAULT`]), after an
 //! `UNKNOWN_QUEUE` reply, and when a message names a queue past the known
@@ -38,6 +51,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use coremq_shards::batch::{BatchBuilder, Compression, RECORDS_PER_BATCH_MAX};
+pub use coremq_shards::segment::PRIORITY_MAX;
+pub use coremq_shards::shard::{ProduceOptions, DELAY_MS_MAX};
 
 use crate::protocol::{ApiKey, ErrorCode, Reply, Request};
 
@@ -146,6 +161,144 @@ impl ProducerConfig {
     }
 }
 
+/// Why a message cannot be produced as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("priority must be 0..={max} (0 the lowest), not {priority}")]
+    Priority { priority: i64, max: u8 },
+    #[error("delay must not be negative, not {delay_ms} ms")]
+    NegativeDelay { delay_ms: i64 },
+    #[error("delay must be at most {max_ms} ms (90 days), not {delay_ms} ms")]
+    DelayTooLong { delay_ms: u128, max_ms: i64 },
+}
+
+/// Checks a priority given as any integer (a command-line value, say).
+pub fn check_priority(priority: i64) -> Result<u8, MessageError> {
+    match u8::try_from(priority) {
+        Ok(p) if p <= PRIORITY_MAX => Ok(p),
+        _ => Err(MessageError::Priority {
+            priority,
+            max: PRIORITY_MAX,
+        }),
+    }
+}
+
+/// Checks a delay in milliseconds (0 = none) and turns it into a [`Delay`].
+pub fn delay_from_ms(delay_ms: i64) -> Result<Option<Delay>, MessageError> {
+    if delay_ms < 0 {
+        return Err(MessageError::NegativeDelay { delay_ms });
+    }
+    if delay_ms > DELAY_MS_MAX {
+        return Err(MessageError::DelayTooLong {
+            delay_ms: delay_ms as u128,
+            max_ms: DELAY_MS_MAX,
+        });
+    }
+    Ok((delay_ms > 0).then(|| Delay::After(Duration::from_millis(delay_ms as u64))))
+}
+
+/// When a delayed message becomes visible to consumers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delay {
+    /// This long after its batch is sent (the linger adds at most `linger`).
+    After(Duration),
+    /// At this wall-clock time (a time in the past means at once).
+    At(SystemTime),
+}
+
+impl Delay {
+    /// The batch key: an `After` delay in ms, rounded up so a message is
+    /// never early; an `At` time in ms since the UNIX epoch.
+    fn key(self) -> DelayKey {
+        match self {
+            Delay::After(d) => {
+                let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+                DelayKey::AfterMs(ms.min(i64::MAX as u128) as i64)
+            }
+            Delay::At(t) => {
+                let ms = match t.duration_since(UNIX_EPOCH) {
+                    Ok(d) => d.as_millis().min(i64::MAX as u128) as i64,
+                    Err(_) => 0,
+                };
+                DelayKey::AtMs(ms)
+            }
+        }
+    }
+
+    fn check(self) -> Result<(), MessageError> {
+        let delay_ms = match self.key() {
+            DelayKey::None => 0,
+            DelayKey::AfterMs(ms) => ms,
+            DelayKey::AtMs(at) => at.saturating_sub(now_ms()),
+        };
+        if delay_ms > DELAY_MS_MAX {
+            return Err(MessageError::DelayTooLong {
+                delay_ms: delay_ms as u128,
+                max_ms: DELAY_MS_MAX,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A delay as batches are keyed by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DelayKey {
+    None,
+    AfterMs(i64),
+    /// Due at this many ms since the UNIX epoch.
+    AtMs(i64),
+}
+
+/// What a batch shares besides its queue: messages with different options
+/// never share a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchKey {
+    priority: u8,
+    delay: DelayKey,
+}
+
+impl BatchKey {
+    fn of(msg: &Message) -> BatchKey {
+        BatchKey {
+            priority: msg.priority,
+            delay: msg.delay.map_or(DelayKey::None, Delay::key),
+        }
+    }
+
+    /// The produce options of a batch sealed at `now_ms`.
+    fn options(self, now_ms: i64) -> ProduceOptions {
+        let delay_ms = match self.delay {
+            DelayKey::None => 0,
+            DelayKey::AfterMs(ms) => ms,
+            DelayKey::AtMs(at) => at.saturating_sub(now_ms).max(0),
+        };
+        ProduceOptions {
+            priority: self.priority,
+            delay_ms,
+        }
+    }
+}
+
+/// The request that carries one batch: a plain `Produce` when the options
+/// are the defaults, `ProduceWith` (Produce v2) otherwise.
+pub fn produce_request(topic: &str, queue: u32, options: ProduceOptions, batch: Bytes) -> Request {
+    if options == ProduceOptions::default() {
+        Request::Produce {
+            topic: topic.to_string(),
+            queue,
+            batch,
+        }
+    } else {
+        Request::ProduceWith {
+            topic: topic.to_string(),
+            queue,
+            options,
+            batch,
+        }
+    }
+}
+
 /// One message to produce.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Message {
@@ -158,6 +311,11 @@ pub struct Message {
     /// Record headers, in order. An `id` header ([`crate::client::dedup::ID_HEADER`])
     /// names the message for consumer-side deduplication.
     pub headers: Vec<(String, Bytes)>,
+    /// 0 (the lowest, default) to [`PRIORITY_MAX`]: push delivery hands out
+    /// pending messages of a higher priority first. Offsets do not change.
+    pub priority: u8,
+    /// Keep the message invisible until then; `None` = at once.
+    pub delay: Option<Delay>,
 }
 
 impl Message {
@@ -183,6 +341,34 @@ impl Message {
     pub fn with_header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Message {
         self.headers.push((key.into(), value.into()));
         self
+    }
+
+    /// Sets the priority, 0 (lowest) to [`PRIORITY_MAX`]; a higher one is
+    /// refused by [`Producer::send`].
+    pub fn with_priority(mut self, priority: u8) -> Message {
+        self.priority = priority;
+        self
+    }
+
+    /// Delivers the message `delay` after it is sent (zero: at once).
+    pub fn with_delay(mut self, delay: Duration) -> Message {
+        self.delay = (!delay.is_zero()).then_some(Delay::After(delay));
+        self
+    }
+
+    /// Delivers the message at `due` (wall clock; a past time means at once).
+    pub fn with_due_at(mut self, due: SystemTime) -> Message {
+        self.delay = Some(Delay::At(due));
+        self
+    }
+
+    /// Checks the options: priority in range, delay at most 90 days.
+    pub fn validate(&self) -> Result<(), MessageError> {
+        check_priority(i64::from(self.priority))?;
+        if let Some(d) = self.delay {
+            d.check()?;
+        }
+        Ok(())
     }
 }
 
@@ -270,9 +456,10 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The batch of a queue that is still accepting messages.
+/// A batch of a queue that is still accepting messages (one per options).
 #[derive(Debug)]
 struct OpenBatch {
+    key: BatchKey,
     builder: BatchBuilder,
     opened_at: Instant,
 }
@@ -294,6 +481,8 @@ struct SealedBatch {
     base_seq: i32,
     messages: u64,
     bytes: Bytes,
+    /// Fixed at sealing, like the bytes: a resend carries the same options.
+    options: ProduceOptions,
     /// Resends so far.
     attempts: u32,
     state: BatchState,
@@ -305,7 +494,8 @@ struct QueueState {
     producer_id: i64,
     /// Base sequence of the next sealed batch.
     next_seq: i32,
-    open: Option<OpenBatch>,
+    /// Open batches, oldest first, at most one per options.
+    open: Vec<OpenBatch>,
     /// Sealed, unresolved batches in sequence order (acked ones linger until the front clears).
     batches: VecDeque<SealedBatch>,
     /// No (re)send from this queue before this instant (retry backoff).
@@ -317,7 +507,7 @@ impl QueueState {
         QueueState {
             producer_id,
             next_seq: 0,
-            open: None,
+            open: Vec::new(),
             batches: VecDeque::new(),
             retry_at: None,
         }
@@ -342,6 +532,7 @@ struct Outgoing {
     no: u64,
     token: u64,
     bytes: Bytes,
+    options: ProduceOptions,
 }
 
 /// Everything the producer's threads share, behind one mutex.
@@ -407,6 +598,7 @@ impl State {
         msg: Message,
         now: Instant,
     ) -> Result<bool, ClientError> {
+        msg.validate()?;
         let q = self.partitioner.pick(msg.queue, msg.key.as_deref())? as usize;
         let key_len = msg.key.as_ref().map_or(0, |k| k.len());
         if key_len > i32::MAX as usize || msg.value.len() > i32::MAX as usize {
@@ -424,21 +616,34 @@ impl State {
         let ts = msg.timestamp_ms.unwrap_or_else(now_ms);
         let mut wake = false;
 
-        let full = self.queues[q].open.as_ref().is_some_and(|o| {
+        let key = BatchKey::of(&msg);
+        let slot = self.queues[q].open.iter().position(|o| o.key == key);
+        let full = slot.is_some_and(|i| {
+            let o = &self.queues[q].open[i];
             !o.builder.is_empty()
                 && o.builder.estimated_bytes() + record_bytes > cfg.batch_bytes_max
         });
-        if full {
-            self.seal(cfg, q);
-            wake = true;
-        }
-        let open = self.queues[q].open.get_or_insert_with(|| {
-            wake = true;
-            OpenBatch {
-                builder: BatchBuilder::new(cfg.compression),
-                opened_at: now,
+        let slot = match slot {
+            Some(i) if full => {
+                self.seal(cfg, q, i);
+                None
             }
-        });
+            other => other,
+        };
+        let slot = match slot {
+            Some(i) => i,
+            None => {
+                wake = true;
+                let open = &mut self.queues[q].open;
+                open.push(OpenBatch {
+                    key,
+                    builder: BatchBuilder::new(cfg.compression),
+                    opened_at: now,
+                });
+                open.len() - 1
+            }
+        };
+        let open = &mut self.queues[q].open[slot];
         let headers: Vec<(&str, Option<&[u8]>)> = msg
             .headers
             .iter()
@@ -450,17 +655,20 @@ impl State {
             || open.builder.estimated_bytes() >= cfg.batch_bytes_max
             || cfg.linger.is_zero()
         {
-            self.seal(cfg, q);
+            self.seal(cfg, q, slot);
             wake = true;
         }
         Ok(wake)
     }
 
-    /// Closes queue `q`'s open batch: stamps producer id and base sequence,
-    /// encodes it and queues it for sending.
-    fn seal(&mut self, cfg: &ProducerConfig, q: usize) {
+    /// Closes open batch `slot` of queue `q`: stamps producer id and base
+    /// sequence, fixes its produce options, encodes it and queues it for sending.
+    fn seal(&mut self, cfg: &ProducerConfig, q: usize, slot: usize) {
         let qs = &mut self.queues[q];
-        let Some(open) = qs.open.take() else { return };
+        if slot >= qs.open.len() {
+            return;
+        }
+        let open = qs.open.remove(slot);
         if open.builder.is_empty() {
             return;
         }
@@ -473,6 +681,7 @@ impl State {
             open.builder
         };
         qs.next_seq = increment_sequence(base_seq, messages as i32);
+        let options = open.key.options(now_ms());
         let bytes = builder.build();
         let no = self.next_batch_no;
         self.next_batch_no += 1;
@@ -484,6 +693,7 @@ impl State {
             base_seq,
             messages: messages as u64,
             bytes,
+            options,
             attempts: 0,
             state: BatchState::Waiting,
         });
@@ -513,15 +723,18 @@ impl State {
             && (self.refresh_now || self.next_refresh_at.is_some_and(|t| t <= now))
     }
 
-    /// Seals open batches whose linger has passed (all of them if `force`).
+    /// Seals open batches whose linger has passed (all of them if
+    /// `force`), oldest first within a queue.
     fn seal_due(&mut self, cfg: &ProducerConfig, now: Instant, force: bool) {
         for q in 0..self.queues.len() {
-            let due = self.queues[q]
-                .open
-                .as_ref()
-                .is_some_and(|o| force || o.opened_at + cfg.linger <= now);
-            if due {
-                self.seal(cfg, q);
+            let mut slot = 0;
+            while slot < self.queues[q].open.len() {
+                let o = &self.queues[q].open[slot];
+                if force || o.opened_at + cfg.linger <= now {
+                    self.seal(cfg, q, slot);
+                } else {
+                    slot += 1;
+                }
             }
         }
     }
@@ -555,6 +768,7 @@ impl State {
                         no: b.no,
                         token,
                         bytes: b.bytes.clone(),
+                        options: b.options,
                     });
                 }
             }
@@ -600,7 +814,7 @@ impl State {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for qs in &self.queues {
-            if let Some(o) = &qs.open {
+            for o in &qs.open {
                 consider(o.opened_at + cfg.linger);
             }
             if let Some(t) = qs.retry_at {
@@ -1026,7 +1240,7 @@ impl Drop for ExitGuard {
             let open: u64 = st
                 .queues
                 .iter()
-                .filter_map(|q| q.open.as_ref())
+                .flat_map(|q| q.open.iter())
                 .map(|o| o.builder.len() as u64)
                 .sum();
             let lost = sealed + open;
@@ -1110,11 +1324,7 @@ fn run_sender(shared: Arc<Shared>, tx: mpsc::Sender<Event>, rx: mpsc::Receiver<E
                 }
             }
             for o in outgoing {
-                let req = Request::Produce {
-                    topic: shared.topic.clone(),
-                    queue: o.queue,
-                    batch: o.bytes,
-                };
+                let req = produce_request(&shared.topic, o.queue, o.options, o.bytes);
                 let reply_tx = tx.clone();
                 let (queue, no, token) = (o.queue, o.no, o.token);
                 let sent = conn.send_with(&req, move |c| {

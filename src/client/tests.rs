@@ -682,3 +682,276 @@ fn headers_reach_the_consumer_and_name_the_message() {
     let again = drain(&mut c, 3);
     assert!(again.iter().all(|r| !d.first_time_record("t", r)));
 }
+
+// ---- Produce options (priority, delay) and push delivery ----
+
+fn push_cfg(group: &str) -> PushConfig {
+    PushConfig {
+        max_wait_ms: 50,
+        request_timeout: Duration::from_secs(5),
+        ..PushConfig::new(group)
+    }
+}
+
+/// Polls until `n` records came or `limit` passes.
+fn drain_push(c: &mut PushConsumer, n: usize, limit: Duration) -> Vec<PushedRecord> {
+    let mut out = Vec::new();
+    let stop = Instant::now() + limit;
+    while out.len() < n && Instant::now() < stop {
+        out.extend(c.poll(Duration::from_millis(100)).unwrap());
+    }
+    out
+}
+
+fn text(r: &PushedRecord) -> String {
+    String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap()
+}
+
+#[test]
+fn options_never_mix_in_a_batch_and_defaults_stay_plain_produce() {
+    let b = FakeBroker::start("t", 1);
+    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    p.send(Message::new("plain-1")).unwrap();
+    p.send(Message::new("high-1").with_priority(3)).unwrap();
+    p.send(Message::new("plain-2")).unwrap();
+    p.send(Message::new("high-2").with_priority(3)).unwrap();
+    p.send(Message::new("late").with_delay(Duration::from_millis(300)))
+        .unwrap();
+    let s = p.flush().unwrap();
+    assert_eq!(s.acked_messages, 5);
+    let mut opts = b.state().produce_options.clone();
+    opts.sort_by_key(|(_, o)| o.map(|o| (o.priority, o.delay_ms)));
+    assert_eq!(
+        opts,
+        vec![
+            (0, None),
+            (
+                0,
+                Some(producer::ProduceOptions {
+                    priority: 0,
+                    delay_ms: 300
+                })
+            ),
+            (
+                0,
+                Some(producer::ProduceOptions {
+                    priority: 3,
+                    delay_ms: 0
+                })
+            ),
+        ]
+    );
+    // Each batch holds only its own messages, in send order.
+    let stored: Vec<String> = b
+        .values(0)
+        .into_iter()
+        .map(|(_, v)| String::from_utf8(v.to_vec()).unwrap())
+        .collect();
+    let mut sorted = stored.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec!["high-1", "high-2", "plain-1", "plain-2"]);
+    let pos = |v: &str| stored.iter().position(|s| s == v).unwrap();
+    assert_eq!(pos("plain-2"), pos("plain-1") + 1);
+    assert_eq!(pos("high-2"), pos("high-1") + 1);
+    // The delayed one is held until due, then stored.
+    assert_eq!(b.state().delayed(0), 1);
+    std::thread::sleep(Duration::from_millis(400));
+    let mut c = Consumer::connect(&b.addr, "t", consumer_cfg("g")).unwrap();
+    let got = drain(&mut c, 5);
+    assert_eq!(got.len(), 5);
+    assert_eq!(got[4].value.as_deref(), Some(&b"late"[..]));
+}
+
+#[test]
+fn out_of_range_options_are_refused_before_sending() {
+    let b = FakeBroker::start("t", 1);
+    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    let e = p.send(Message::new("x").with_priority(4)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::InvalidMessage(MessageError::Priority {
+                priority: 4,
+                max: 3
+            })
+        ),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "invalid message: priority must be 0..=3 (0 the lowest), not 4"
+    );
+    let far = Duration::from_millis(producer::DELAY_MS_MAX as u64 + 1);
+    let e = p.send(Message::new("x").with_delay(far)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ClientError::InvalidMessage(MessageError::DelayTooLong { .. })
+        ),
+        "{e:?}"
+    );
+    let e = p
+        .send(Message::new("x").with_due_at(std::time::SystemTime::now() + far * 2))
+        .unwrap_err();
+    assert!(matches!(e, ClientError::InvalidMessage(_)), "{e:?}");
+    // A due time in the past is "at once": a plain produce.
+    p.send(Message::new("now").with_due_at(std::time::SystemTime::now() - Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(p.flush().unwrap().acked_messages, 1);
+    assert_eq!(b.state().produce_options, vec![(0, None)]);
+    assert_eq!(producer::delay_from_ms(0), Ok(None));
+    assert!(producer::delay_from_ms(-1).is_err());
+}
+
+#[test]
+fn retried_batches_keep_their_options() {
+    let b = FakeBroker::start("t", 1);
+    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    // The broker stores the first batch but hangs up before acking.
+    b.state().drop_after_store = 1;
+    p.send(Message::new("a").with_priority(2)).unwrap();
+    let s = p.flush().unwrap();
+    assert_eq!((s.acked_messages, s.duplicates), (1, 1));
+    let opts = b.state().produce_options.clone();
+    assert_eq!(opts.len(), 2);
+    assert!(opts.iter().all(|(_, o)| o.is_some_and(|o| o.priority == 2)));
+    assert_eq!(b.values(0).len(), 1, "stored once");
+}
+
+#[test]
+fn push_acks_redelivers_after_timeout_and_dead_letters() {
+    let b = FakeBroker::start("t", 2);
+    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    for i in 0..4 {
+        p.send(Message::new(format!("m{i}"))).unwrap();
+    }
+    p.flush().unwrap();
+
+    let cfg = PushConfig {
+        ack_timeout: Duration::from_millis(200),
+        max_attempts: 2,
+        ..push_cfg("g")
+    };
+    let mut c = PushConsumer::connect(&b.addr, "t", cfg).unwrap();
+    assert_eq!(c.queues(), vec![0, 1]);
+    let got = drain_push(&mut c, 4, Duration::from_secs(5));
+    assert_eq!(got.len(), 4);
+    assert!(got.iter().all(|r| r.attempt == 1));
+    // Ack m0 and m1's positions; nack one; leave one to time out.
+    let (acked, rest): (Vec<_>, Vec<_>) = got.iter().partition(|r| text(r).as_str() < "m2");
+    assert_eq!(
+        c.ack(&acked.iter().map(|r| r.position()).collect::<Vec<_>>())
+            .unwrap(),
+        2
+    );
+    assert_eq!(c.nack(&[rest[0].position()]).unwrap(), 1);
+    // The nacked one comes back at once, the other after its timeout: attempt 2 both.
+    let again = drain_push(&mut c, 2, Duration::from_secs(5));
+    let mut seen: Vec<(String, u32)> = again.iter().map(|r| (text(r), r.attempt)).collect();
+    seen.sort();
+    assert_eq!(seen, vec![("m2".into(), 2), ("m3".into(), 2)]);
+    // A second ack of a settled message settles nothing.
+    assert_eq!(c.ack(&[acked[0].position()]).unwrap(), 0);
+    // Both fail once more: that was their last attempt.
+    let positions: Vec<_> = again.iter().map(|r| r.position()).collect();
+    assert_eq!(c.nack(&positions).unwrap(), 2);
+    let dead = b.state().dead_letters.clone();
+    assert_eq!(dead.len(), 2);
+    assert!(dead.iter().all(|d| d.group == "g" && d.attempts == 2));
+    // Nothing is left; every queue's progress is committed.
+    assert!(drain_push(&mut c, 1, Duration::from_millis(300)).is_empty());
+    assert_eq!(b.state().committed("g", 0), Some(2));
+    assert_eq!(b.state().committed("g", 1), Some(2));
+    c.close().unwrap();
+}
+
+#[test]
+fn push_hands_out_higher_priorities_first() {
+    let b = FakeBroker::start("t", 1);
+    let p = Producer::connect(
+        &b.addr,
+        "t",
+        ProducerConfig {
+            linger: Duration::ZERO,
+            ..fast()
+        },
+    )
+    .unwrap();
+    for i in 0..12u8 {
+        p.send(Message::new(format!("{}-{i:02}", i % 4)).with_priority(i % 4))
+            .unwrap();
+    }
+    p.flush().unwrap();
+    let mut c = PushConsumer::connect(
+        &b.addr,
+        "t",
+        PushConfig {
+            max_messages: 5,
+            ..push_cfg("g")
+        },
+    )
+    .unwrap();
+    let got = drain_push(&mut c, 12, Duration::from_secs(5));
+    let values: Vec<String> = got.iter().map(text).collect();
+    let mut expect = values.clone();
+    // Priority descending, then send order (offsets) within a priority.
+    expect.sort_by(|a, b| b[..1].cmp(&a[..1]).then(a.cmp(b)));
+    assert_eq!(values, expect);
+    assert_eq!(&values[0][..1], "3");
+    c.ack(&got.iter().map(PushedRecord::position).collect::<Vec<_>>())
+        .unwrap();
+    assert_eq!(b.state().committed("g", 0), Some(12));
+}
+
+#[test]
+fn close_releases_what_was_never_returned() {
+    let b = FakeBroker::start("t", 1);
+    let mut c = PushConsumer::connect(&b.addr, "t", push_cfg("g")).unwrap();
+    // A receive goes out and stays open: nothing to hand out yet.
+    assert!(c.poll(Duration::from_millis(20)).unwrap().is_empty());
+    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    p.send(Message::new("x")).unwrap();
+    p.flush().unwrap();
+    // The open receive hands "x" out; close nacks it instead of leaving it out.
+    c.close().unwrap();
+    let mut d = PushConsumer::connect(&b.addr, "t", push_cfg("g")).unwrap();
+    let got = drain_push(&mut d, 1, Duration::from_secs(5));
+    assert_eq!(got.len(), 1);
+    assert!(got[0].attempt <= 2, "{:?}", got[0]);
+    assert_eq!(d.ack(&[got[0].position()]).unwrap(), 1);
+}
+
+#[test]
+fn push_consumer_refuses_bad_settings_and_queues() {
+    let b = FakeBroker::start("t", 2);
+    let e = PushConsumer::connect(
+        &b.addr,
+        "t",
+        PushConfig {
+            queues: Some(vec![5]),
+            ..push_cfg("g")
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("queue 5 does not exist"), "{e}");
+    let e = PushConsumer::connect(
+        &b.addr,
+        "t",
+        PushConfig {
+            max_attempts: 0,
+            ..push_cfg("g")
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, ClientError::Config(_)), "{e:?}");
+    let c = PushConsumer::connect(
+        &b.addr,
+        "t",
+        PushConfig {
+            queues: Some(vec![1, 1]),
+            ..push_cfg("g")
+        },
+    )
+    .unwrap();
+    assert_eq!(c.queues(), vec![1]);
+}

@@ -228,3 +228,43 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// The JSON lines of `coremq consume --format json` output.
+pub fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Sends one raw `ProduceWith` (Produce v2) of a one-record batch, bypassing
+/// every client-side check, and returns the broker's answer.
+pub fn raw_produce_with(
+    addr: &str,
+    topic: &str,
+    queue: u32,
+    priority: u8,
+    delay_ms: i64,
+) -> Result<coremq::protocol::Reply, coremq::client::ClientError> {
+    use coremq::client::{Compression, Connection, Timeouts};
+    let mut b = coremq_shards::batch::BatchBuilder::new(Compression::None);
+    b.push(0, None, Some(b"raw"), &[]);
+    let conn = Connection::connect(addr, Timeouts::default())?;
+    conn.call(&coremq::protocol::Request::ProduceWith {
+        topic: topic.to_string(),
+        queue,
+        options: coremq::protocol::messages::ProduceOptions { priority, delay_ms },
+        batch: b.build(),
+    })
+}
+
+/// The committed offset and lag of `group` on `queue`, as `group describe` shows them.
+pub fn group_progress(addr: &str, group: &str, queue: u32) -> Option<(i64, i64)> {
+    let admin = Admin::connect(addr).ok()?;
+    let info = admin.describe_group(group).ok()?;
+    info.offsets
+        .iter()
+        .find(|o| o.queue == queue && o.member_id.is_empty())
+        .map(|o| (o.committed, o.lag))
+}

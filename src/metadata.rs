@@ -5,7 +5,7 @@
 //! changes are rare, serialised by a mutex, written to `metadata.bin`
 //! (an rkyv archive with a version and a CRC-32, replaced atomically) and
 //! then published. A queue's shard is fixed when the queue is created (round
-//! robin from a cursor that moves per topic), so it never changes when the
+//! robin: queue q of topic id t goes to shard (t + q) % shards), so it never changes when the
 //! core count does; the node refuses to start with fewer shards than its
 //! placement needs. This file is written with blocking `std::fs` under the
 //! lock: it is small, rare, and never on the data path.

@@ -125,13 +125,9 @@ impl Subscription {
         let mut dead = Vec::new();
         let room = IN_FLIGHT_PER_QUEUE_MAX.saturating_sub(self.in_flight.len());
         let max = max.min(room);
-        // Messages below the queue's start were deleted by retention.
+        // Messages below the queue's start were deleted by retention: settled.
         let start = queue.start_offset();
-        let gone: Vec<i64> = self.retry.range(..start).map(|(o, _)| *o).collect();
-        for o in gone {
-            self.retry.remove(&o);
-            self.mark_done(o);
-        }
+        self.skip_to(start);
         while out.len() < max {
             let Some((&offset, &attempts)) = self.retry.iter().next() else {
                 break;
@@ -211,6 +207,24 @@ impl Subscription {
         }
         self.retry.insert(offset, f.attempts);
         Nacked::Retry
+    }
+
+    /// Everything below `start` is gone from the queue: count it settled,
+    /// so the ack level (the group's committed offset) keeps moving.
+    fn skip_to(&mut self, start: i64) {
+        if self.ack_level >= start {
+            return;
+        }
+        self.ack_level = start;
+        self.retry = self.retry.split_off(&start);
+        self.in_flight = self.in_flight.split_off(&start);
+        self.done_above = self.done_above.split_off(&start);
+        for l in &mut self.lane_next {
+            *l = (*l).max(start);
+        }
+        while self.done_above.remove(&self.ack_level) {
+            self.ack_level += 1;
+        }
     }
 
     fn mark_done(&mut self, offset: i64) {
@@ -336,6 +350,21 @@ mod tests {
             })
         );
         assert_eq!(s.ack_level(), 2);
+    }
+
+    #[test]
+    fn messages_deleted_by_retention_count_as_settled() {
+        let mut q = queue(&[0, 0, 0, 0]);
+        let mut s = Subscription::new(0);
+        let (h, _) = s.take(&q, u64::MAX, 1, CFG, 0);
+        assert_eq!(offsets(&h), vec![0]);
+        // Retention deletes the first three batches before anything is acked.
+        q.truncate_before(300);
+        let (h, _) = s.take(&q, u64::MAX, 10, CFG, 0);
+        assert_eq!(offsets(&h), vec![3]);
+        assert_eq!(s.ack_level(), 3);
+        assert!(s.ack(3));
+        assert_eq!(s.ack_level(), 4);
     }
 
     #[test]

@@ -45,8 +45,15 @@ impl GroupOffsets {
     /// The file path and contents as they would be with `offset` set,
     /// without setting it: a commit applies it only once the file is written.
     pub fn preview(&self, group: &str, key: QueueKey, offset: i64) -> (PathBuf, Vec<u8>) {
+        self.preview_all(&[(group.to_string(), key, offset)])
+    }
+
+    /// `preview` for several offsets at once.
+    pub fn preview_all(&self, updates: &[(String, QueueKey, i64)]) -> (PathBuf, Vec<u8>) {
         let mut next = self.offsets.clone();
-        next.insert((group.to_string(), key), offset);
+        for (g, k, o) in updates {
+            next.insert((g.clone(), *k), *o);
+        }
         (self.path.clone(), encode(&next))
     }
 

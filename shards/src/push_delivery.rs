@@ -223,22 +223,35 @@ impl Shard {
             return Ok(());
         }
         let _permit = self.offsets_lock.acquire_permit(1).await;
-        let (file, offsets_write) = {
+        let (file, updates) = {
             let subs = self.subscriptions.borrow();
-            let mut offsets = self.offsets.borrow_mut();
-            let mut last = None;
-            for ((group, key), sub) in subs.iter() {
-                if offsets.get(group, *key) != Some(sub.ack_level()) {
-                    last = Some(offsets.set(group, *key, sub.ack_level()));
+            let offsets = self.offsets.borrow();
+            let updates: Vec<(String, QueueKey, i64)> = subs
+                .iter()
+                .filter(|((g, k), s)| offsets.get(g, *k) != Some(s.ack_level()))
+                .map(|((g, k), s)| (g.to_string(), *k, s.ack_level()))
+                .collect();
+            (encode(&subs), updates)
+        };
+        let result = async {
+            durable_file::write_atomic(&self.cfg.dir.join("deliveries"), &file).await?;
+            if !updates.is_empty() {
+                let (path, snapshot) = self.offsets.borrow().preview_all(&updates);
+                durable_file::write_atomic(&path, &snapshot).await?;
+                // Visible to FetchOffset only once durable.
+                let mut offsets = self.offsets.borrow_mut();
+                for (g, k, o) in &updates {
+                    offsets.set(g, *k, *o);
                 }
             }
-            (encode(&subs), last)
-        };
-        durable_file::write_atomic(&self.cfg.dir.join("deliveries"), &file).await?;
-        if let Some((path, snapshot)) = offsets_write {
-            durable_file::write_atomic(&path, &snapshot).await?;
+            Ok(())
         }
-        Ok(())
+        .await;
+        if result.is_err() {
+            // Try again at the next save.
+            self.subscriptions_dirty.set(true);
+        }
+        result
     }
 
     /// Push-delivery state of `group` on `key`: (ack level, messages in flight).

@@ -81,7 +81,7 @@ pub fn file_name(base: u64) -> String {
 /// The base position a segment file name encodes.
 pub fn parse_file_name(name: &str) -> Option<u64> {
     let stem = name.strip_suffix(".log")?;
-    if stem.len() != 20 {
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     stem.parse().ok()
@@ -377,6 +377,7 @@ mod tests {
     fn file_names_round_trip() {
         assert_eq!(parse_file_name(&file_name(1234)), Some(1234));
         assert_eq!(parse_file_name("x.log"), None);
+        assert_eq!(parse_file_name("+0000000000000000001.log"), None);
         assert_eq!(align_up(1), 4096);
         assert_eq!(align_down(4097), 4096);
     }

@@ -599,6 +599,12 @@ impl Shard {
     /// Forgets queues (and their committed offsets) that `keep` rejects.
     pub fn retain_queues(&self, keep: impl Fn(QueueKey) -> bool) {
         self.queues.borrow_mut().retain(|k, _| keep(*k));
+        let mut subs = self.subscriptions.borrow_mut();
+        let before = subs.len();
+        subs.retain(|(_, k), _| keep(*k));
+        if subs.len() != before {
+            self.subscriptions_dirty.set(true);
+        }
         self.offsets.borrow_mut().retain(keep);
     }
 

@@ -903,15 +903,53 @@ mod tests {
                 Err(ShardError::OffsetOutOfRange { .. })
             ));
             assert_eq!(values(&shard, K, start).await.len() as i64, 100 - start);
-            // Time retention with a deleted topic's data: everything sealed goes.
-            let r = shard.enforce_retention(i64::MAX, |_| None).await.unwrap();
+            // Time retention: with 1 ms retention and a clock far ahead, every
+            // sealed segment is past it.
+            let by_time = QueuePolicy {
+                retention_ms: 1,
+                retention_bytes: 0,
+                ..policy
+            };
+            for _ in 0..30 {
+                let p = shard
+                    .produce(K, batch(&[&"o".repeat(500)], 0), policy)
+                    .unwrap();
+                shard.durable(&p).await.unwrap();
+            }
+            let r = shard
+                .enforce_retention(now_ms() + 60_000, |_| Some(by_time))
+                .await
+                .unwrap();
+            assert!(r.segments_deleted > 0, "{r:?}");
+            let p = shard
+                .produce(K, batch(&["fresh"], now_ms()), policy)
+                .unwrap();
+            shard.durable(&p).await.unwrap();
+            // ...but not while the data is younger than the retention time.
+            let young = QueuePolicy {
+                retention_ms: 3_600_000,
+                ..by_time
+            };
+            let r = shard
+                .enforce_retention(now_ms(), |_| Some(young))
+                .await
+                .unwrap();
+            assert_eq!(r.segments_deleted, 0);
+            // A deleted topic's data never holds a segment back.
+            for _ in 0..30 {
+                let p = shard
+                    .produce(K, batch(&[&"d".repeat(500)], now_ms()), policy)
+                    .unwrap();
+                shard.durable(&p).await.unwrap();
+            }
+            let r = shard.enforce_retention(now_ms(), |_| None).await.unwrap();
             assert!(r.segments_deleted > 0);
             shard.stop().await;
             // Offsets keep counting after a restart even though the data is gone.
             let shard = Shard::open(cfg(&d)).await.unwrap();
             glommio::spawn_local(shard.writer()).detach();
             let p = shard.produce(K, batch(&["z"], 0), policy).unwrap();
-            assert_eq!(p.base_offset, 100);
+            assert_eq!(p.base_offset, 161);
             shard.durable(&p).await.unwrap();
             shard.stop().await;
         });

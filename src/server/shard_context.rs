@@ -113,13 +113,8 @@ impl ShardCtx {
             | Request::ProduceWith { topic, queue, .. }
             | Request::Fetch { topic, queue, .. }
             | Request::CommitOffset { topic, queue, .. }
-            | Request::FetchOffset { topic, queue, .. } => {
-                match queue_of(&self.meta.snapshot(), topic, *queue) {
-                    Ok((_, owner, _)) => Some(owner),
-                    Err(e) => return ready(Err(e)).boxed_local(),
-                }
-            }
-            Request::Receive(crate::protocol::Receive { topic, queue, .. })
+            | Request::FetchOffset { topic, queue, .. }
+            | Request::Receive(crate::protocol::Receive { topic, queue, .. })
             | Request::Ack(crate::protocol::Ack { topic, queue, .. }) => {
                 match queue_of(&self.meta.snapshot(), topic, *queue) {
                     Ok((_, owner, _)) => Some(owner),

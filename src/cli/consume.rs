@@ -290,39 +290,21 @@ pub(super) fn consume(
 ) -> Result<u64, CliError> {
     let mut reader = connect(args)?;
     let explain = |e| CliError::from_group_client(e, &args.topic, &args.group);
-    let idle = Duration::from_millis(args.timeout_ms);
-    let mut printed = 0u64;
-    let mut last_new = Instant::now();
+    let mut budget = Budget::new(args);
     let mut line = String::new();
     loop {
         report(&mut reader, notes);
-        if stop.load(Ordering::Relaxed) {
+        let Some(wait) = budget.next_wait(stop) else {
             break;
-        }
-        let left = args.count.map(|n| n.saturating_sub(printed));
-        if left == Some(0) {
-            break;
-        }
-        let wait = idle.saturating_sub(last_new.elapsed());
-        if wait.is_zero() {
-            break;
-        }
-        let records = reader
-            .poll(wait.min(STOP_CHECK_INTERVAL))
-            .map_err(explain)?;
+        };
+        let records = reader.poll(wait).map_err(explain)?;
         if records.is_empty() {
             continue;
         }
-        last_new = Instant::now();
-        let take = left.map_or(records.len(), |n| records.len().min(n as usize));
-        for r in &records[..take] {
-            line.clear();
-            format_record(r, args.format, &mut line);
-            line.push('\n');
-            out.write_all(line.as_bytes()).map_err(CliError::Stdout)?;
-        }
-        out.flush().map_err(CliError::Stdout)?;
-        printed += take as u64;
+        let take = budget.take(records.len());
+        write_lines(out, &records[..take], &mut line, |r, l| {
+            format_record(r, args.format, l)
+        })?;
         for (queue, offset) in first_unprinted(&records[take..]) {
             reader.seek(queue, offset).map_err(explain)?;
         }
@@ -330,7 +312,65 @@ pub(super) fn consume(
     }
     report(&mut reader, notes);
     reader.close().map_err(explain)?;
-    Ok(printed)
+    Ok(budget.printed)
+}
+
+/// When a consume loop stops: after `--count` messages printed, after
+/// `--timeout-ms` without a new one, or on a stop signal.
+struct Budget {
+    idle: Duration,
+    count: Option<u64>,
+    printed: u64,
+    last_new: Instant,
+}
+
+impl Budget {
+    fn new(args: &ConsumeArgs) -> Budget {
+        Budget {
+            idle: Duration::from_millis(args.timeout_ms),
+            count: args.count,
+            printed: 0,
+            last_new: Instant::now(),
+        }
+    }
+
+    /// How long the next poll may wait; `None` when the loop is done.
+    fn next_wait(&self, stop: &AtomicBool) -> Option<Duration> {
+        if stop.load(Ordering::Relaxed) || self.left() == Some(0) {
+            return None;
+        }
+        let wait = self.idle.saturating_sub(self.last_new.elapsed());
+        (!wait.is_zero()).then(|| wait.min(STOP_CHECK_INTERVAL))
+    }
+
+    fn left(&self) -> Option<u64> {
+        self.count.map(|n| n.saturating_sub(self.printed))
+    }
+
+    /// Notes a poll that returned `n` records: how many of them to print
+    /// (they count as printed).
+    fn take(&mut self, n: usize) -> usize {
+        self.last_new = Instant::now();
+        let take = self.left().map_or(n, |left| n.min(left as usize));
+        self.printed += take as u64;
+        take
+    }
+}
+
+/// Writes `records` into `out` one per line (formatted by `format`), then flushes.
+fn write_lines<R>(
+    out: &mut impl Write,
+    records: &[R],
+    line: &mut String,
+    format: impl Fn(&R, &mut String),
+) -> Result<(), CliError> {
+    for r in records {
+        line.clear();
+        format(r, line);
+        line.push('\n');
+        out.write_all(line.as_bytes()).map_err(CliError::Stdout)?;
+    }
+    out.flush().map_err(CliError::Stdout)
 }
 
 /// What to do with a printed pushed message.
@@ -378,73 +418,46 @@ pub(super) fn consume_push(
 ) -> Result<u64, CliError> {
     let mut push = connect_push(args)?;
     let explain = |e| CliError::from_client(e, &args.topic);
-    let idle = Duration::from_millis(args.timeout_ms);
-    let mut printed = 0u64;
-    let mut last_new = Instant::now();
+    let mut budget = Budget::new(args);
     let mut line = String::new();
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-        let left = args.count.map(|n| n.saturating_sub(printed));
-        if left == Some(0) {
-            break;
-        }
-        let wait = idle.saturating_sub(last_new.elapsed());
-        if wait.is_zero() {
-            break;
-        }
-        let records = push.poll(wait.min(STOP_CHECK_INTERVAL)).map_err(explain)?;
+    while let Some(wait) = budget.next_wait(stop) {
+        let records = push.poll(wait).map_err(explain)?;
         if records.is_empty() {
             continue;
         }
-        last_new = Instant::now();
-        let take = left.map_or(records.len(), |n| records.len().min(n as usize));
+        let before = budget.printed;
+        let take = budget.take(records.len());
+        write_lines(out, &records[..take], &mut line, |r, l| {
+            format_pushed(r, args.format, l)
+        })?;
         let (mut acks, mut nacks) = (Vec::new(), Vec::new());
-        for r in &records[..take] {
-            line.clear();
-            format_pushed(r, args.format, &mut line);
-            line.push('\n');
-            out.write_all(line.as_bytes()).map_err(CliError::Stdout)?;
-            printed += 1;
-            match settle_for(args, printed) {
+        for (r, received) in records[..take].iter().zip(before + 1..) {
+            match settle_for(args, received) {
                 Settle::Ack => acks.push(r.position()),
                 Settle::Nack => nacks.push(r.position()),
                 Settle::Leave => {}
             }
         }
-        out.flush().map_err(CliError::Stdout)?;
         // Not printed: back to the broker at once.
         nacks.extend(records[take..].iter().map(PushedRecord::position));
         push.ack(&acks).map_err(explain)?;
         push.nack(&nacks).map_err(explain)?;
     }
     push.close().map_err(explain)?;
-    Ok(printed)
+    Ok(budget.printed)
 }
 
 /// Appends one pushed message in `format` (no newline); json has its attempt.
 pub(super) fn format_pushed(r: &PushedRecord, format: OutputFormat, out: &mut String) {
-    let text =
-        |b: &Option<bytes::Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
-    match format {
-        OutputFormat::Value => {
-            if let Some(v) = &r.value {
-                out.push_str(&String::from_utf8_lossy(v));
-            }
-        }
-        OutputFormat::Json => {
-            let obj = serde_json::json!({
-                "queue": r.queue,
-                "offset": r.offset,
-                "attempt": r.attempt,
-                "timestamp": r.timestamp,
-                "key": text(&r.key),
-                "value": text(&r.value),
-            });
-            out.push_str(&obj.to_string());
-        }
-    }
+    let m = Shown {
+        queue: r.queue,
+        offset: r.offset,
+        attempt: Some(r.attempt),
+        timestamp: r.timestamp,
+        key: &r.key,
+        value: &r.value,
+    };
+    m.format(format, out);
 }
 
 /// Per queue, the lowest offset among records that were not printed.
@@ -461,23 +474,50 @@ pub(super) fn first_unprinted(rest: &[ConsumedRecord]) -> BTreeMap<u32, i64> {
 
 /// Appends one record in `format` (no newline).
 pub(super) fn format_record(r: &ConsumedRecord, format: OutputFormat, out: &mut String) {
-    let text =
-        |b: &Option<bytes::Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
-    match format {
-        OutputFormat::Value => {
-            if let Some(v) = &r.value {
-                out.push_str(&String::from_utf8_lossy(v));
+    let m = Shown {
+        queue: r.queue,
+        offset: r.offset,
+        attempt: None,
+        timestamp: r.timestamp,
+        key: &r.key,
+        value: &r.value,
+    };
+    m.format(format, out);
+}
+
+/// What a printed line shows of a record or a pushed message.
+struct Shown<'a> {
+    queue: u32,
+    offset: i64,
+    /// Pushed messages only.
+    attempt: Option<u32>,
+    timestamp: i64,
+    key: &'a Option<bytes::Bytes>,
+    value: &'a Option<bytes::Bytes>,
+}
+
+impl Shown<'_> {
+    fn format(&self, format: OutputFormat, out: &mut String) {
+        let text =
+            |b: &Option<bytes::Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+        match format {
+            OutputFormat::Value => {
+                if let Some(v) = self.value {
+                    out.push_str(&String::from_utf8_lossy(v));
+                }
             }
-        }
-        OutputFormat::Json => {
-            let obj = serde_json::json!({
-                "queue": r.queue,
-                "offset": r.offset,
-                "timestamp": r.timestamp,
-                "key": text(&r.key),
-                "value": text(&r.value),
-            });
-            out.push_str(&obj.to_string());
+            OutputFormat::Json => {
+                let mut obj = serde_json::Map::new();
+                obj.insert("queue".into(), self.queue.into());
+                obj.insert("offset".into(), self.offset.into());
+                if let Some(a) = self.attempt {
+                    obj.insert("attempt".into(), a.into());
+                }
+                obj.insert("timestamp".into(), self.timestamp.into());
+                obj.insert("key".into(), text(self.key).into());
+                obj.insert("value".into(), text(self.value).into());
+                out.push_str(&serde_json::Value::Object(obj).to_string());
+            }
         }
     }
 }

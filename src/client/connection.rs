@@ -475,9 +475,9 @@ fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool>
 
 #[cfg(test)]
 mod tests {
+    use super::super::fake_broker::reply_frame;
     use super::*;
-    use crate::protocol::frame::{parse_request, put_response_header};
-    use crate::protocol::messages::{encode_error, encode_reply};
+    use crate::protocol::frame::parse_request;
     use std::net::TcpListener;
 
     /// Reads one request frame from a fake broker's socket.
@@ -492,22 +492,7 @@ mod tests {
     }
 
     fn write_reply(s: &mut TcpStream, id: u32, resp: Result<Reply, ErrorReply>) {
-        let mut body = BytesMut::new();
-        let code = match &resp {
-            Ok(r) => {
-                for extra in encode_reply(r, &mut body) {
-                    body.extend_from_slice(&extra);
-                }
-                0
-            }
-            Err(e) => {
-                encode_error(e, &mut body);
-                e.code as u16
-            }
-        };
-        let mut out = BytesMut::new();
-        put_response_header(&mut out, id, code, body.len());
-        out.extend_from_slice(&body);
+        let out = reply_frame(id, &resp);
         s.write_all(&out).unwrap();
     }
 

@@ -19,7 +19,6 @@
 //! are returned and the error is reported by the next poll, so no record is
 //! skipped unseen.
 
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,8 +29,9 @@ use crate::protocol::{ApiKey, ErrorCode, Reply, Request, TopicInfo};
 
 use super::admin::{commit_request, describe_topic, fetch_offset_request, offset_reply};
 use super::connection::{
-    ClientError, Connection, Timeouts, REQUEST_TIMEOUT_DEFAULT, RESPONSE_FRAME_BYTES_MAX,
+    ClientError, Connection, REQUEST_TIMEOUT_DEFAULT, RESPONSE_FRAME_BYTES_MAX,
 };
+use super::pipeline::{timeouts, Answer, Pipeline, Slot};
 
 /// Default time the broker holds a fetch open waiting for data.
 pub const MAX_WAIT_MS_DEFAULT: u32 = 500;
@@ -177,52 +177,29 @@ pub fn records_from_fetch(
     Ok(out)
 }
 
-#[derive(Debug, Clone, Copy)]
-struct InFlight {
-    token: u64,
-    sent_at: Instant,
-}
-
+/// A queue's read state.
 #[derive(Debug)]
 struct Cursor {
-    queue: u32,
     position: i64,
     /// The group's committed offset as this consumer last knew it (`None`:
     /// nothing committed when the queue was assigned).
     committed: Option<i64>,
-    fetch: Option<InFlight>,
     max_bytes: u32,
-    /// No fetch before this instant (after an early empty reply).
-    not_before: Option<Instant>,
-}
-
-struct FetchEvent {
-    queue: u32,
-    token: u64,
-    result: Result<Reply, ClientError>,
 }
 
 /// Reads a topic's queues for a consumer group. Not `Sync`: one thread polls.
 pub struct Consumer {
-    addr: String,
     topic: String,
     config: ConsumerConfig,
-    conn: Option<Connection>,
-    cursors: Vec<Cursor>,
-    tx: mpsc::Sender<FetchEvent>,
-    rx: mpsc::Receiver<FetchEvent>,
-    next_token: u64,
+    /// The connection and every assigned queue's cursor, ascending by queue.
+    pipeline: Pipeline<Cursor>,
     resets: u64,
-    /// An error met while records were being returned; reported next poll.
-    pending_error: Option<ClientError>,
-    /// Queue index the next round of fetches starts at (rotates the write order).
-    next_first: usize,
 }
 
 impl std::fmt::Debug for Consumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Consumer")
-            .field("addr", &self.addr)
+            .field("addr", &self.pipeline.addr())
             .field("topic", &self.topic)
             .field("group", &self.config.group)
             .field("positions", &self.positions())
@@ -246,26 +223,19 @@ impl Consumer {
         if config.max_bytes == 0 {
             return Err(ClientError::Config("max_bytes must be positive".into()));
         }
-        let conn = Connection::connect(addr, timeouts(&config))?;
+        let conn = Connection::connect(addr, timeouts(config.request_timeout))?;
         let info = describe_topic(&conn, topic)?;
         let assigned: Vec<u32> = match &config.queues {
             Some(qs) => sorted_set(qs.clone()),
             None => info.queues.iter().map(|q| q.queue).collect(),
         };
         let cursors = start_cursors(&conn, topic, &config, &info, &assigned)?;
-        let (tx, rx) = mpsc::channel();
+        let pipeline = Pipeline::new(addr, conn, "fetch", config.max_wait_ms, cursors);
         Ok(Consumer {
-            addr: addr.to_string(),
             topic: topic.to_string(),
             config,
-            conn: Some(conn),
-            cursors,
-            tx,
-            rx,
-            next_token: 0,
+            pipeline,
             resets: 0,
-            pending_error: None,
-            next_first: 0,
         })
     }
 
@@ -279,12 +249,16 @@ impl Consumer {
 
     /// The assigned queues, ascending.
     pub fn queues(&self) -> Vec<u32> {
-        self.cursors.iter().map(|c| c.queue).collect()
+        self.pipeline.slots.iter().map(|c| c.queue).collect()
     }
 
     /// Every assigned queue with its position (the next offset to read).
     pub fn positions(&self) -> Vec<(u32, i64)> {
-        self.cursors.iter().map(|c| (c.queue, c.position)).collect()
+        self.pipeline
+            .slots
+            .iter()
+            .map(|c| (c.queue, c.state.position))
+            .collect()
     }
 
     /// How many times a position was reset after OFFSET_OUT_OF_RANGE.
@@ -295,13 +269,11 @@ impl Consumer {
     /// Moves a queue's position; a fetch in flight for it is abandoned.
     pub fn seek(&mut self, queue: u32, offset: i64) -> Result<(), ClientError> {
         let c = self
-            .cursors
-            .iter_mut()
-            .find(|c| c.queue == queue)
+            .pipeline
+            .slot_mut(queue)
             .ok_or_else(|| ClientError::Config(format!("queue {queue} is not assigned")))?;
-        c.position = offset;
-        c.fetch = None;
-        c.not_before = None;
+        c.state.position = offset;
+        c.restart();
         Ok(())
     }
 
@@ -317,23 +289,18 @@ impl Consumer {
         let added: Vec<u32> = queues
             .iter()
             .copied()
-            .filter(|q| !self.cursors.iter().any(|c| c.queue == *q))
+            .filter(|q| !self.pipeline.slots.iter().any(|c| c.queue == *q))
             .collect();
         let mut fresh = Vec::new();
         if !added.is_empty() {
-            if self.conn.as_ref().is_none_or(Connection::is_closed) {
-                self.reconnect()?;
-            }
-            let Some(conn) = &self.conn else {
-                return Err(ClientError::Disconnected);
-            };
+            let conn = self.pipeline.connection()?;
             let info = describe_topic(conn, &self.topic)?;
             fresh = start_cursors(conn, &self.topic, &self.config, &info, &added)?;
         }
-        self.cursors
-            .retain(|c| queues.binary_search(&c.queue).is_ok());
-        self.cursors.extend(fresh);
-        self.cursors.sort_by_key(|c| c.queue);
+        let slots = &mut self.pipeline.slots;
+        slots.retain(|c| queues.binary_search(&c.queue).is_ok());
+        slots.extend(fresh);
+        slots.sort_by_key(|c| c.queue);
         self.config.queues = Some(queues);
         Ok(())
     }
@@ -341,67 +308,21 @@ impl Consumer {
     /// Waits up to `timeout` for records of any assigned queue; returns
     /// what is there as soon as anything is (empty on timeout).
     pub fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumedRecord>, ClientError> {
-        if let Some(e) = self.pending_error.take() {
-            return Err(e);
-        }
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        let mut reconnected = false;
-        loop {
-            if self.conn.as_ref().is_none_or(Connection::is_closed) {
-                // One reconnect per poll: a broker that keeps dropping us is an error.
-                if reconnected {
-                    return Err(ClientError::Disconnected);
-                }
-                self.reconnect()?;
-                reconnected = true;
-            }
-            let now = Instant::now();
-            self.issue_fetches(now);
-            if self.conn.as_ref().is_none_or(Connection::is_closed) {
-                continue; // broke while sending: reconnect (once) at the top
-            }
-
-            let mut wake = deadline;
-            let allowance = self.reply_allowance();
-            for c in &self.cursors {
-                match (c.fetch, c.not_before) {
-                    (Some(f), _) => wake = wake.min(f.sent_at + allowance),
-                    (None, Some(t)) => wake = wake.min(t),
-                    (None, None) => {}
-                }
-            }
-            let overdue = self
-                .cursors
-                .iter()
-                .any(|c| c.fetch.is_some_and(|f| f.sent_at + allowance <= now));
-            if overdue {
-                // The broker is not answering: drop the connection.
-                self.drop_connection();
-                return Err(ClientError::Timeout);
-            }
-
-            match self.rx.recv_timeout(wake.saturating_duration_since(now)) {
-                Ok(ev) => {
-                    self.handle(ev, &mut out);
-                    while let Ok(ev) = self.rx.try_recv() {
-                        self.handle(ev, &mut out);
-                    }
-                    if !out.is_empty() {
-                        return Ok(out);
-                    }
-                    if let Some(e) = self.pending_error.take() {
-                        return Err(e);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                // Unreachable: `self.tx` keeps the channel open.
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(ClientError::Disconnected),
-            }
-            if Instant::now() >= deadline {
-                return Ok(out);
-            }
-        }
+        let topic = &self.topic;
+        let max_wait_ms = self.config.max_wait_ms;
+        let max_wait = self.pipeline.max_wait();
+        let resets = &mut self.resets;
+        self.pipeline.poll(
+            timeout,
+            |c| Request::Fetch {
+                topic: topic.clone(),
+                queue: c.queue,
+                offset: c.state.position,
+                max_bytes: c.state.max_bytes,
+                max_wait_ms,
+            },
+            |c, answer, out| apply_fetch(topic, max_wait, resets, c, answer, out),
+        )
     }
 
     /// Commits every assigned queue's position for the group. A queue
@@ -422,33 +343,26 @@ impl Consumer {
 
     fn commit_where(&mut self, pick: impl Fn(u32) -> bool) -> Result<(), ClientError> {
         let positions: Vec<(u32, i64)> = self
-            .cursors
+            .pipeline
+            .slots
             .iter()
-            .filter(|c| pick(c.queue) && c.committed != Some(c.position))
-            .map(|c| (c.queue, c.position))
+            .filter(|c| pick(c.queue) && c.state.committed != Some(c.state.position))
+            .map(|c| (c.queue, c.state.position))
             .collect();
         if positions.is_empty() {
             return Ok(());
         }
-        if self.conn.as_ref().is_none_or(Connection::is_closed) {
-            self.reconnect()?;
-        }
-        let Some(conn) = &self.conn else {
-            return Err(ClientError::Disconnected);
-        };
+        let conn = self.pipeline.connection()?;
         let mut pending = Vec::with_capacity(positions.len());
         for &(queue, position) in &positions {
             let req = commit_request(&self.config.group, &self.topic, queue, position);
             pending.push((queue, position, conn.send(&req)?));
         }
         let mut first_err = None;
+        let mut done = Vec::with_capacity(pending.len());
         for (queue, position, p) in pending {
             match p.wait(conn.timeouts().request) {
-                Ok(Reply::Done) => {
-                    if let Some(c) = self.cursors.iter_mut().find(|c| c.queue == queue) {
-                        c.committed = Some(position);
-                    }
-                }
+                Ok(Reply::Done) => done.push((queue, position)),
                 Ok(_) => {
                     first_err.get_or_insert(ClientError::UnexpectedReply(ApiKey::CommitOffset));
                 }
@@ -457,130 +371,69 @@ impl Consumer {
                 }
             }
         }
+        for (queue, position) in done {
+            if let Some(c) = self.pipeline.slot_mut(queue) {
+                c.state.committed = Some(position);
+            }
+        }
         first_err.map_or(Ok(()), Err)
     }
+}
 
-    /// Time a fetch may take before the connection is presumed dead.
-    fn reply_allowance(&self) -> Duration {
-        Duration::from_millis(u64::from(self.config.max_wait_ms)) + self.config.request_timeout
-    }
-
-    fn reconnect(&mut self) -> Result<(), ClientError> {
-        self.drop_connection();
-        self.conn = Some(Connection::connect(&self.addr, timeouts(&self.config))?);
-        Ok(())
-    }
-
-    /// Closes the connection; fetches in flight on it are forgotten.
-    fn drop_connection(&mut self) {
-        if let Some(c) = self.conn.take() {
-            c.close();
-        }
-        for c in &mut self.cursors {
-            c.fetch = None;
-        }
-    }
-
-    /// Sends a fetch for every queue that has none in flight.
-    fn issue_fetches(&mut self, now: Instant) {
-        let Some(conn) = &self.conn else { return };
-        let n = self.cursors.len();
-        let first = self.next_first % n.max(1);
-        self.next_first = self.next_first.wrapping_add(1);
-        for k in 0..n {
-            let c = &mut self.cursors[(first + k) % n];
-            if c.fetch.is_some() || c.not_before.is_some_and(|t| t > now) {
-                continue;
+/// Applies one fetch reply to its queue's cursor; returns the error to
+/// report, if any.
+fn apply_fetch(
+    topic: &str,
+    max_wait: Duration,
+    resets: &mut u64,
+    slot: &mut Slot<Cursor>,
+    answer: Answer,
+    out: &mut Vec<ConsumedRecord>,
+) -> Option<ClientError> {
+    let Some(sent_at) = answer.sent_at else {
+        return None; // stale: superseded by a seek, reconnect or reassignment
+    };
+    let queue = slot.queue;
+    let c = &mut slot.state;
+    match answer.result {
+        Ok(Reply::Fetch { batches, .. }) => match records_from_fetch(queue, c.position, &batches) {
+            Ok(o) => {
+                if let Some(needed) = o.needed_bytes {
+                    let grown = (needed as u64).max(u64::from(c.max_bytes) * 2);
+                    c.max_bytes = grown.min(u64::from(FETCH_BYTES_GROWN_MAX)) as u32;
+                }
+                let early = sent_at.elapsed() < max_wait;
+                if o.records.is_empty() && o.position == c.position && early {
+                    slot.not_before = Some(Instant::now() + EMPTY_FETCH_PAUSE);
+                }
+                c.position = o.position;
+                out.extend(o.records);
+                None
             }
-            c.not_before = None;
-            let token = self.next_token;
-            self.next_token += 1;
-            let req = Request::Fetch {
-                topic: self.topic.clone(),
-                queue: c.queue,
-                offset: c.position,
-                max_bytes: c.max_bytes,
-                max_wait_ms: self.config.max_wait_ms,
-            };
-            let tx = self.tx.clone();
-            let queue = c.queue;
-            let sent = conn.send_with(&req, move |comp| {
-                let _ = tx.send(FetchEvent {
-                    queue,
-                    token,
-                    result: comp.into_reply(),
-                });
-            });
-            match sent {
-                Ok(_) => {
-                    c.fetch = Some(InFlight {
-                        token,
-                        sent_at: now,
-                    })
+            Err(e) => Some(ClientError::Batch(e)),
+        },
+        Ok(_) => Some(ClientError::UnexpectedReply(ApiKey::Fetch)),
+        Err(ClientError::Broker(e)) if e.code == ErrorCode::OffsetOutOfRange => {
+            match e.offsets.and_then(|(start, next)| {
+                out_of_range_reset(c.position, start, next).map(|p| (p, start))
+            }) {
+                Some((p, log_start)) => {
+                    tracing::warn!(
+                        topic = %topic,
+                        queue,
+                        "offset {} is out of range; the log now starts at {log_start}; resetting to {p}",
+                        c.position
+                    );
+                    c.position = p;
+                    *resets += 1;
+                    None
                 }
-                // The connection broke; the next round reconnects.
-                Err(e) => {
-                    tracing::debug!(queue = c.queue, "fetch not sent: {e}");
-                    return;
-                }
+                None => Some(ClientError::Broker(e)),
             }
         }
-    }
-
-    /// Applies one fetch reply.
-    fn handle(&mut self, ev: FetchEvent, out: &mut Vec<ConsumedRecord>) {
-        let Some(c) = self.cursors.iter_mut().find(|c| c.queue == ev.queue) else {
-            return; // the queue was unassigned while its fetch was in flight
-        };
-        let Some(f) = c.fetch.filter(|f| f.token == ev.token) else {
-            return; // stale: superseded by a seek, reconnect or reassignment
-        };
-        c.fetch = None;
-        let mut error = None;
-        match ev.result {
-            Ok(Reply::Fetch { batches, .. }) => {
-                match records_from_fetch(c.queue, c.position, &batches) {
-                    Ok(o) => {
-                        if let Some(needed) = o.needed_bytes {
-                            let grown = (needed as u64).max(u64::from(c.max_bytes) * 2);
-                            c.max_bytes = grown.min(u64::from(FETCH_BYTES_GROWN_MAX)) as u32;
-                        }
-                        let early = f.sent_at.elapsed()
-                            < Duration::from_millis(u64::from(self.config.max_wait_ms));
-                        if o.records.is_empty() && o.position == c.position && early {
-                            c.not_before = Some(Instant::now() + EMPTY_FETCH_PAUSE);
-                        }
-                        c.position = o.position;
-                        out.extend(o.records);
-                    }
-                    Err(e) => error = Some(ClientError::Batch(e)),
-                }
-            }
-            Ok(_) => error = Some(ClientError::UnexpectedReply(ApiKey::Fetch)),
-            Err(ClientError::Broker(e)) if e.code == ErrorCode::OffsetOutOfRange => {
-                match e.offsets.and_then(|(start, next)| {
-                    out_of_range_reset(c.position, start, next).map(|p| (p, start))
-                }) {
-                    Some((p, log_start)) => {
-                        tracing::warn!(
-                            topic = %self.topic,
-                            queue = c.queue,
-                            "offset {} is out of range; the log now starts at {log_start}; resetting to {p}",
-                            c.position
-                        );
-                        c.position = p;
-                        self.resets += 1;
-                    }
-                    None => error = Some(ClientError::Broker(e)),
-                }
-            }
-            // The connection is gone; the poll loop reconnects and refetches.
-            Err(ClientError::Disconnected | ClientError::Io(_)) => {}
-            Err(e) => error = Some(e),
-        }
-        if let Some(e) = error {
-            self.pending_error.get_or_insert(e);
-        }
+        // The connection is gone; the poll loop reconnects and refetches.
+        Err(ClientError::Disconnected | ClientError::Io(_)) => None,
+        Err(e) => Some(e),
     }
 }
 
@@ -600,7 +453,7 @@ fn start_cursors(
     config: &ConsumerConfig,
     info: &TopicInfo,
     queues: &[u32],
-) -> Result<Vec<Cursor>, ClientError> {
+) -> Result<Vec<Slot<Cursor>>, ClientError> {
     let mut pending = Vec::with_capacity(queues.len());
     for &q in queues {
         let Some(qi) = info.queues.iter().find(|qi| qi.queue == q) else {
@@ -619,23 +472,16 @@ fn start_cursors(
             StartFrom::Earliest => qi.start_offset,
             StartFrom::Latest => qi.end_offset,
         });
-        cursors.push(Cursor {
-            queue: qi.queue,
-            position,
-            committed,
-            fetch: None,
-            max_bytes: config.max_bytes,
-            not_before: None,
-        });
+        cursors.push(Slot::new(
+            qi.queue,
+            Cursor {
+                position,
+                committed,
+                max_bytes: config.max_bytes,
+            },
+        ));
     }
     Ok(cursors)
-}
-
-fn timeouts(config: &ConsumerConfig) -> Timeouts {
-    Timeouts {
-        request: config.request_timeout,
-        ..Timeouts::default()
-    }
 }
 
 #[cfg(test)]

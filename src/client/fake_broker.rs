@@ -35,6 +35,27 @@ use coremq_shards::group_coordinator::{GroupCoordinator, GroupError, Join, Membe
 /// Poll interval of a fetch or receive waiting for data.
 const FETCH_WAIT_STEP: Duration = Duration::from_millis(2);
 
+/// The response frame answering request `request_id` with `resp`.
+pub(crate) fn reply_frame(request_id: u32, resp: &Result<Reply, ErrorReply>) -> BytesMut {
+    let mut body = BytesMut::new();
+    let code = match resp {
+        Ok(r) => {
+            for extra in encode_reply(r, &mut body) {
+                body.extend_from_slice(&extra);
+            }
+            0
+        }
+        Err(e) => {
+            encode_error(e, &mut body);
+            e.code as u16
+        }
+    };
+    let mut out = BytesMut::new();
+    put_response_header(&mut out, request_id, code, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
 #[derive(Default)]
 struct Queue {
     /// (base offset, stored bytes)
@@ -307,22 +328,7 @@ fn serve(mut s: TcpStream, state: Arc<Mutex<State>>) {
         if resp.is_ok() && std::mem::take(&mut state.lock().unwrap().swallow_now) {
             continue;
         }
-        let mut body = BytesMut::new();
-        let code = match &resp {
-            Ok(r) => {
-                for extra in encode_reply(r, &mut body) {
-                    body.extend_from_slice(&extra);
-                }
-                0
-            }
-            Err(e) => {
-                encode_error(e, &mut body);
-                e.code as u16
-            }
-        };
-        let mut out = BytesMut::new();
-        put_response_header(&mut out, h.request_id, code, body.len());
-        out.extend_from_slice(&body);
+        let out = reply_frame(h.request_id, &resp);
         if s.write_all(&out).is_err() {
             return;
         }

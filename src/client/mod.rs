@@ -34,6 +34,7 @@ pub mod connection;
 pub mod consumer;
 pub mod dedup;
 pub mod group_consumer;
+mod pipeline;
 pub mod producer;
 pub mod push_consumer;
 

@@ -42,7 +42,6 @@
 //! nack; like any delivery, that counts as an attempt.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,7 +52,8 @@ use crate::protocol::messages::GROUP_NAME_BYTES_MAX;
 use crate::protocol::{Ack, ApiKey, Receive, Reply, Request};
 
 use super::admin::describe_topic;
-use super::connection::{ClientError, Connection, Timeouts, REQUEST_TIMEOUT_DEFAULT};
+use super::connection::{ClientError, Connection, REQUEST_TIMEOUT_DEFAULT};
+use super::pipeline::{timeouts, Answer, Pipeline, Slot};
 
 /// Default time a member has to acknowledge a message before it goes out again.
 pub const ACK_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
@@ -214,47 +214,20 @@ pub fn records_from_delivery(
     Ok(out)
 }
 
-#[derive(Debug, Clone, Copy)]
-struct InFlight {
-    token: u64,
-    sent_at: Instant,
-}
-
-#[derive(Debug)]
-struct Slot {
-    queue: u32,
-    receive: Option<InFlight>,
-    /// No receive before this instant (after an early empty reply).
-    not_before: Option<Instant>,
-}
-
-struct ReceiveEvent {
-    queue: u32,
-    token: u64,
-    result: Result<Reply, ClientError>,
-}
-
 /// Receives a topic's messages for a group by push delivery. Not `Sync`:
 /// one thread polls (ack and nack are called from the same thread).
 pub struct PushConsumer {
-    addr: String,
     topic: String,
     config: PushConfig,
-    conn: Option<Connection>,
-    slots: Vec<Slot>,
-    tx: mpsc::Sender<ReceiveEvent>,
-    rx: mpsc::Receiver<ReceiveEvent>,
-    next_token: u64,
-    /// An error met while records were being returned; reported next poll.
-    pending_error: Option<ClientError>,
-    /// Queue index the next round of receives starts at (rotates the write order).
-    next_first: usize,
+    /// The connection and a slot per queue (no state of its own: the
+    /// broker keeps it).
+    pipeline: Pipeline<()>,
 }
 
 impl std::fmt::Debug for PushConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PushConsumer")
-            .field("addr", &self.addr)
+            .field("addr", &self.pipeline.addr())
             .field("topic", &self.topic)
             .field("group", &self.config.group)
             .field("queues", &self.queues())
@@ -270,7 +243,7 @@ impl PushConsumer {
         config: PushConfig,
     ) -> Result<PushConsumer, ClientError> {
         config.validate()?;
-        let conn = Connection::connect(addr, timeouts(&config))?;
+        let conn = Connection::connect(addr, timeouts(config.request_timeout))?;
         let info = describe_topic(&conn, topic)?;
         let queues: Vec<u32> = match &config.queues {
             Some(qs) => {
@@ -287,25 +260,12 @@ impl PushConsumer {
             }
             None => info.queues.iter().map(|q| q.queue).collect(),
         };
-        let (tx, rx) = mpsc::channel();
+        let slots = queues.into_iter().map(|q| Slot::new(q, ())).collect();
+        let pipeline = Pipeline::new(addr, conn, "receive", config.max_wait_ms, slots);
         Ok(PushConsumer {
-            addr: addr.to_string(),
             topic: topic.to_string(),
             config,
-            conn: Some(conn),
-            slots: queues
-                .into_iter()
-                .map(|queue| Slot {
-                    queue,
-                    receive: None,
-                    not_before: None,
-                })
-                .collect(),
-            tx,
-            rx,
-            next_token: 0,
-            pending_error: None,
-            next_first: 0,
+            pipeline,
         })
     }
 
@@ -323,7 +283,7 @@ impl PushConsumer {
 
     /// The queues received from, ascending.
     pub fn queues(&self) -> Vec<u32> {
-        self.slots.iter().map(|s| s.queue).collect()
+        self.pipeline.slots.iter().map(|s| s.queue).collect()
     }
 
     /// Waits up to `timeout` for messages of any queue; returns what was
@@ -331,65 +291,23 @@ impl PushConsumer {
     /// returned is out under this group until it is acked, nacked, or its
     /// ack timeout passes.
     pub fn poll(&mut self, timeout: Duration) -> Result<Vec<PushedRecord>, ClientError> {
-        if let Some(e) = self.pending_error.take() {
-            return Err(e);
-        }
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        let mut reconnected = false;
-        loop {
-            if self.conn.as_ref().is_none_or(Connection::is_closed) {
-                // One reconnect per poll: a broker that keeps dropping us is an error.
-                if reconnected {
-                    return Err(ClientError::Disconnected);
-                }
-                self.reconnect()?;
-                reconnected = true;
-            }
-            let now = Instant::now();
-            self.issue_receives(now);
-            if self.conn.as_ref().is_none_or(Connection::is_closed) {
-                continue; // broke while sending: reconnect (once) at the top
-            }
-            let allowance = self.reply_allowance();
-            let mut wake = deadline;
-            for s in &self.slots {
-                match (s.receive, s.not_before) {
-                    (Some(f), _) => wake = wake.min(f.sent_at + allowance),
-                    (None, Some(t)) => wake = wake.min(t),
-                    (None, None) => {}
-                }
-            }
-            let overdue = self
-                .slots
-                .iter()
-                .any(|s| s.receive.is_some_and(|f| f.sent_at + allowance <= now));
-            if overdue {
-                // The broker is not answering: drop the connection.
-                self.drop_connection();
-                return Err(ClientError::Timeout);
-            }
-            match self.rx.recv_timeout(wake.saturating_duration_since(now)) {
-                Ok(ev) => {
-                    self.handle(ev, &mut out);
-                    while let Ok(ev) = self.rx.try_recv() {
-                        self.handle(ev, &mut out);
-                    }
-                    if !out.is_empty() {
-                        return Ok(out);
-                    }
-                    if let Some(e) = self.pending_error.take() {
-                        return Err(e);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                // Unreachable: `self.tx` keeps the channel open.
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(ClientError::Disconnected),
-            }
-            if Instant::now() >= deadline {
-                return Ok(out);
-            }
-        }
+        let (topic, config) = (&self.topic, &self.config);
+        let max_wait = self.pipeline.max_wait();
+        self.pipeline.poll(
+            timeout,
+            |s| {
+                Request::Receive(Receive {
+                    group: config.group.clone(),
+                    topic: topic.clone(),
+                    queue: s.queue,
+                    max_messages: config.max_messages,
+                    max_wait_ms: config.max_wait_ms,
+                    ack_timeout_ms: config.ack_timeout_ms(),
+                    max_attempts: config.max_attempts,
+                })
+            },
+            |s, answer, out| apply_delivery(topic, max_wait, s, answer, out),
+        )
     }
 
     /// Acknowledges handed-out messages, given as (queue, offset): they are
@@ -413,22 +331,19 @@ impl PushConsumer {
     /// then closes the connection. Messages returned by `poll` and not
     /// settled stay out until their ack timeout.
     pub fn close(mut self) -> Result<(), ClientError> {
-        let deadline = Instant::now() + self.reply_allowance();
-        let mut unreturned = Vec::new();
-        while self.slots.iter().any(|s| s.receive.is_some()) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(ev) => self.handle(ev, &mut unreturned),
-                Err(_) => break,
-            }
-        }
+        let deadline = Instant::now() + self.pipeline.reply_allowance();
+        let topic = &self.topic;
+        let max_wait = self.pipeline.max_wait();
+        let unreturned = self.pipeline.drain(deadline, |s, answer, out| {
+            apply_delivery(topic, max_wait, s, answer, out)
+        });
         let positions: Vec<(u32, i64)> = unreturned.iter().map(PushedRecord::position).collect();
         let result = if positions.is_empty() {
             Ok(())
         } else {
             self.nack(&positions).map(|_| ())
         };
-        self.drop_connection();
+        self.pipeline.drop_connection();
         result
     }
 
@@ -440,12 +355,7 @@ impl PushConsumer {
         if by_queue.is_empty() {
             return Ok(0);
         }
-        if self.conn.as_ref().is_none_or(Connection::is_closed) {
-            self.reconnect()?;
-        }
-        let Some(conn) = &self.conn else {
-            return Err(ClientError::Disconnected);
-        };
+        let conn = self.pipeline.connection()?;
         let mut pending = Vec::with_capacity(by_queue.len());
         for (queue, offsets) in by_queue {
             let req = Request::Ack(Ack {
@@ -474,129 +384,44 @@ impl PushConsumer {
         }
         first_err.map_or(Ok(settled), Err)
     }
-
-    /// Time a receive may take before the connection is presumed dead.
-    fn reply_allowance(&self) -> Duration {
-        Duration::from_millis(u64::from(self.config.max_wait_ms)) + self.config.request_timeout
-    }
-
-    fn reconnect(&mut self) -> Result<(), ClientError> {
-        self.drop_connection();
-        self.conn = Some(Connection::connect(&self.addr, timeouts(&self.config))?);
-        Ok(())
-    }
-
-    /// Closes the connection; receives in flight on it are forgotten (what
-    /// they handed out comes back after its ack timeout).
-    fn drop_connection(&mut self) {
-        if let Some(c) = self.conn.take() {
-            c.close();
-        }
-        for s in &mut self.slots {
-            s.receive = None;
-        }
-    }
-
-    /// Sends a receive for every queue that has none in flight.
-    fn issue_receives(&mut self, now: Instant) {
-        let Some(conn) = &self.conn else { return };
-        let n = self.slots.len();
-        let first = self.next_first % n.max(1);
-        self.next_first = self.next_first.wrapping_add(1);
-        for k in 0..n {
-            let s = &mut self.slots[(first + k) % n];
-            if s.receive.is_some() || s.not_before.is_some_and(|t| t > now) {
-                continue;
-            }
-            s.not_before = None;
-            let token = self.next_token;
-            self.next_token += 1;
-            let req = Request::Receive(Receive {
-                group: self.config.group.clone(),
-                topic: self.topic.clone(),
-                queue: s.queue,
-                max_messages: self.config.max_messages,
-                max_wait_ms: self.config.max_wait_ms,
-                ack_timeout_ms: self.config.ack_timeout_ms(),
-                max_attempts: self.config.max_attempts,
-            });
-            let tx = self.tx.clone();
-            let queue = s.queue;
-            let sent = conn.send_with(&req, move |comp| {
-                let _ = tx.send(ReceiveEvent {
-                    queue,
-                    token,
-                    result: comp.into_reply(),
-                });
-            });
-            match sent {
-                Ok(_) => {
-                    s.receive = Some(InFlight {
-                        token,
-                        sent_at: now,
-                    })
-                }
-                // The connection broke; the next round reconnects.
-                Err(e) => {
-                    tracing::debug!(queue = s.queue, "receive not sent: {e}");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Applies one receive reply. Whatever a reply hands out is returned,
-    /// even from a receive no longer current: those messages are out.
-    fn handle(&mut self, ev: ReceiveEvent, out: &mut Vec<PushedRecord>) {
-        let Some(s) = self.slots.iter_mut().find(|s| s.queue == ev.queue) else {
-            return;
-        };
-        let sent_at = match s.receive {
-            Some(f) if f.token == ev.token => {
-                s.receive = None;
-                Some(f.sent_at)
-            }
-            _ => None,
-        };
-        let error = match ev.result {
-            Ok(Reply::Delivery { messages, batches }) => {
-                match records_from_delivery(s.queue, &messages, &batches) {
-                    Ok(o) => {
-                        if !o.missing.is_empty() {
-                            tracing::warn!(
-                                topic = %self.topic,
-                                queue = s.queue,
-                                offsets = ?o.missing,
-                                "handed-out messages missing from the reply; they come back after the ack timeout"
-                            );
-                        }
-                        let early = sent_at.is_some_and(|t| {
-                            t.elapsed() < Duration::from_millis(u64::from(self.config.max_wait_ms))
-                        });
-                        if messages.is_empty() && early {
-                            s.not_before = Some(Instant::now() + EMPTY_RECEIVE_PAUSE);
-                        }
-                        out.extend(o.records);
-                        None
-                    }
-                    Err(e) => Some(ClientError::Batch(e)),
-                }
-            }
-            Ok(_) => Some(ClientError::UnexpectedReply(ApiKey::Receive)),
-            // The connection is gone; the poll loop reconnects and asks again.
-            Err(ClientError::Disconnected | ClientError::Io(_)) => None,
-            Err(e) => Some(e),
-        };
-        if let Some(e) = error {
-            self.pending_error.get_or_insert(e);
-        }
-    }
 }
 
-fn timeouts(config: &PushConfig) -> Timeouts {
-    Timeouts {
-        request: config.request_timeout,
-        ..Timeouts::default()
+/// Applies one receive reply; returns the error to report, if any.
+/// Whatever a reply hands out is returned, even from a receive no longer
+/// current: those messages are out.
+fn apply_delivery(
+    topic: &str,
+    max_wait: Duration,
+    s: &mut Slot<()>,
+    answer: Answer,
+    out: &mut Vec<PushedRecord>,
+) -> Option<ClientError> {
+    match answer.result {
+        Ok(Reply::Delivery { messages, batches }) => {
+            match records_from_delivery(s.queue, &messages, &batches) {
+                Ok(o) => {
+                    if !o.missing.is_empty() {
+                        tracing::warn!(
+                            topic = %topic,
+                            queue = s.queue,
+                            offsets = ?o.missing,
+                            "handed-out messages missing from the reply; they come back after the ack timeout"
+                        );
+                    }
+                    let early = answer.sent_at.is_some_and(|t| t.elapsed() < max_wait);
+                    if messages.is_empty() && early {
+                        s.not_before = Some(Instant::now() + EMPTY_RECEIVE_PAUSE);
+                    }
+                    out.extend(o.records);
+                    None
+                }
+                Err(e) => Some(ClientError::Batch(e)),
+            }
+        }
+        Ok(_) => Some(ClientError::UnexpectedReply(ApiKey::Receive)),
+        // The connection is gone; the poll loop reconnects and asks again.
+        Err(ClientError::Disconnected | ClientError::Io(_)) => None,
+        Err(e) => Some(e),
     }
 }
 

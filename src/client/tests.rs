@@ -19,11 +19,28 @@ fn fast() -> ProducerConfig {
     }
 }
 
+/// A producer on topic "t" of `b`.
+fn producer(b: &FakeBroker, config: ProducerConfig) -> Producer {
+    Producer::connect(&b.addr, "t", config).unwrap()
+}
+
+/// Sends `n` messages "{prefix}0", "{prefix}1", ...
+fn send_numbered(p: &Producer, prefix: &str, n: usize) {
+    for i in 0..n {
+        p.send(Message::new(format!("{prefix}{i}"))).unwrap();
+    }
+}
+
 fn consumer_cfg(group: &str) -> ConsumerConfig {
     ConsumerConfig {
         max_wait_ms: 50,
         ..ConsumerConfig::new(group)
     }
+}
+
+/// A consumer of topic "t" of `b`.
+fn consumer(b: &FakeBroker, config: ConsumerConfig) -> Consumer {
+    Consumer::connect(&b.addr, "t", config).unwrap()
 }
 
 /// Polls until `n` records came or nothing arrives for a while.
@@ -39,11 +56,9 @@ fn drain(c: &mut Consumer, n: usize) -> Vec<ConsumedRecord> {
 #[test]
 fn produce_then_consume_everything_in_order() {
     let b = FakeBroker::start("t", 3);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    let p = producer(&b, fast());
     assert_eq!(p.queues(), 3);
-    for i in 0..1000 {
-        p.send(Message::new(format!("m{i}"))).unwrap();
-    }
+    send_numbered(&p, "m", 1000);
     let s = p.flush().unwrap();
     assert_eq!(
         s,
@@ -58,7 +73,7 @@ fn produce_then_consume_everything_in_order() {
         assert!((333..=334).contains(&n), "queue {q} has {n}");
     }
 
-    let mut c = Consumer::connect(&b.addr, "t", consumer_cfg("g")).unwrap();
+    let mut c = consumer(&b, consumer_cfg("g"));
     let got = drain(&mut c, 1000);
     assert_eq!(got.len(), 1000);
     let values: BTreeSet<Bytes> = got.iter().map(|r| r.value.clone().unwrap()).collect();
@@ -84,15 +99,13 @@ fn produce_then_consume_everything_in_order() {
 #[test]
 fn linger_sends_without_flush() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(
-        &b.addr,
-        "t",
+    let p = producer(
+        &b,
         ProducerConfig {
             linger: Duration::from_millis(20),
             ..fast()
         },
-    )
-    .unwrap();
+    );
     p.send(Message::new("lonely")).unwrap();
     let stop = Instant::now() + Duration::from_secs(5);
     while b.values(0).is_empty() {
@@ -105,7 +118,7 @@ fn linger_sends_without_flush() {
 #[test]
 fn key_keeps_messages_on_one_queue() {
     let b = FakeBroker::start("t", 4);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    let p = producer(&b, fast());
     for i in 0..20 {
         p.send(Message::new(format!("{i}")).with_key("user-1"))
             .unwrap();
@@ -118,20 +131,16 @@ fn key_keeps_messages_on_one_queue() {
 #[test]
 fn lost_ack_is_retried_and_deduplicated() {
     let b = FakeBroker::start("t", 2);
-    let p = Producer::connect(
-        &b.addr,
-        "t",
+    let p = producer(
+        &b,
         ProducerConfig {
             batch_messages_max: 10,
             ..fast()
         },
-    )
-    .unwrap();
+    );
     // The broker stores the next two batches but hangs up before acking.
     b.state().drop_after_store = 2;
-    for i in 0..100 {
-        p.send(Message::new(format!("m{i}"))).unwrap();
-    }
+    send_numbered(&p, "m", 100);
     let s = p.flush().unwrap();
     assert_eq!(s.acked_messages, 100);
     assert!(s.duplicates >= 10, "{s:?}");
@@ -151,20 +160,16 @@ fn lost_ack_is_retried_and_deduplicated() {
 #[test]
 fn unanswered_batch_times_out_and_is_resent_on_a_new_connection() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(
-        &b.addr,
-        "t",
+    let p = producer(
+        &b,
         ProducerConfig {
             request_timeout: Duration::from_millis(200),
             batch_messages_max: 5,
             ..fast()
         },
-    )
-    .unwrap();
+    );
     b.state().swallow_after_store = 1;
-    for i in 0..20 {
-        p.send(Message::new(format!("m{i}"))).unwrap();
-    }
+    send_numbered(&p, "m", 20);
     let s = p.flush().unwrap();
     assert_eq!(s.acked_messages, 20);
     assert!(s.duplicates >= 5, "{s:?}");
@@ -175,7 +180,7 @@ fn unanswered_batch_times_out_and_is_resent_on_a_new_connection() {
 #[test]
 fn non_retriable_error_fails_flush_and_producer_recovers() {
     let b = FakeBroker::start("t", 2);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    let p = producer(&b, fast());
     b.state().reject_queue = Some(1);
     p.send(Message::new("ok").with_queue(0)).unwrap();
     p.send(Message::new("bad").with_queue(1)).unwrap();
@@ -192,7 +197,7 @@ fn non_retriable_error_fails_flush_and_producer_recovers() {
 #[test]
 fn send_batch_is_a_raw_round_trip() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    let p = producer(&b, fast());
     let mut bb = coremq_shards::batch::BatchBuilder::new(Compression::None).producer(5, 0, 0);
     bb.push(1, None, Some(b"x"), &[]);
     let batch = bb.build();
@@ -226,13 +231,11 @@ fn unknown_topic_is_a_broker_error() {
 #[test]
 fn commit_then_resume_where_the_group_stopped() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
-    for i in 0..10 {
-        p.send(Message::new(format!("{i}"))).unwrap();
-    }
+    let p = producer(&b, fast());
+    send_numbered(&p, "", 10);
     p.flush().unwrap();
 
-    let mut c = Consumer::connect(&b.addr, "t", consumer_cfg("g")).unwrap();
+    let mut c = consumer(&b, consumer_cfg("g"));
     let got = drain(&mut c, 10);
     assert_eq!(got.len(), 10);
     // Pretend only the first four were processed.
@@ -240,34 +243,30 @@ fn commit_then_resume_where_the_group_stopped() {
     c.commit().unwrap();
     assert_eq!(b.state().committed("g", 0), Some(4));
 
-    let mut c2 = Consumer::connect(&b.addr, "t", consumer_cfg("g")).unwrap();
+    let mut c2 = consumer(&b, consumer_cfg("g"));
     assert_eq!(c2.positions(), vec![(0, 4)]);
     let rest = drain(&mut c2, 6);
     assert_eq!(rest.first().map(|r| r.offset), Some(4));
     assert_eq!(rest.len(), 6);
 
     // Another group starting at the end sees nothing old.
-    let c3 = Consumer::connect(
-        &b.addr,
-        "t",
+    let c3 = consumer(
+        &b,
         ConsumerConfig {
             from: StartFrom::Latest,
             ..consumer_cfg("other")
         },
-    )
-    .unwrap();
+    );
     assert_eq!(c3.positions(), vec![(0, 10)]);
 }
 
 #[test]
 fn position_behind_log_start_is_reset() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
-    for i in 0..10 {
-        p.send(Message::new(format!("{i}"))).unwrap();
-    }
+    let p = producer(&b, fast());
+    send_numbered(&p, "", 10);
     p.flush().unwrap();
-    let mut c = Consumer::connect(&b.addr, "t", consumer_cfg("g")).unwrap();
+    let mut c = consumer(&b, consumer_cfg("g"));
     c.seek(0, 2).unwrap();
     b.set_log_start(0, 5);
     let got = drain(&mut c, 5);
@@ -285,20 +284,16 @@ fn position_behind_log_start_is_reset() {
 #[test]
 fn consumer_reads_only_its_queues() {
     let b = FakeBroker::start("t", 3);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
-    for i in 0..30 {
-        p.send(Message::new(format!("{i}"))).unwrap();
-    }
+    let p = producer(&b, fast());
+    send_numbered(&p, "", 30);
     p.flush().unwrap();
-    let mut c = Consumer::connect(
-        &b.addr,
-        "t",
+    let mut c = consumer(
+        &b,
         ConsumerConfig {
             queues: Some(vec![2]),
             ..consumer_cfg("g")
         },
-    )
-    .unwrap();
+    );
     let got = drain(&mut c, 10);
     assert_eq!(got.len(), 10);
     assert!(got.iter().all(|r| r.queue == 2));
@@ -366,9 +361,7 @@ fn poll_until(
 
 fn produce_n(addr: &str, n: usize) {
     let p = Producer::connect(addr, "t", fast()).unwrap();
-    for i in 0..n {
-        p.send(Message::new(format!("m{i}"))).unwrap();
-    }
+    send_numbered(&p, "m", n);
     p.flush().unwrap();
 }
 
@@ -376,15 +369,13 @@ fn produce_n(addr: &str, n: usize) {
 fn assign_adds_and_drops_queues() {
     let b = FakeBroker::start("t", 3);
     produce_n(&b.addr, 30);
-    let mut c = Consumer::connect(
-        &b.addr,
-        "t",
+    let mut c = consumer(
+        &b,
         ConsumerConfig {
             queues: Some(vec![0]),
             ..consumer_cfg("g")
         },
-    )
-    .unwrap();
+    );
     assert_eq!(drain(&mut c, 10).len(), 10);
     c.commit().unwrap();
     // A fetch of queue 0 is in flight now; dropping the queue ignores its reply.
@@ -588,15 +579,13 @@ fn broadcast_members_each_read_everything_with_their_own_offsets() {
 #[test]
 fn producer_follows_a_growing_topic() {
     let b = FakeBroker::start("t", 2);
-    let p = Producer::connect(
-        &b.addr,
-        "t",
+    let p = producer(
+        &b,
         ProducerConfig {
             topic_refresh: Duration::from_millis(20),
             ..fast()
         },
-    )
-    .unwrap();
+    );
     Admin::connect(&b.addr)
         .unwrap()
         .alter_topic("t", 4)
@@ -609,9 +598,7 @@ fn producer_follows_a_growing_topic() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    for i in 0..40 {
-        p.send(Message::new(format!("{i}"))).unwrap();
-    }
+    send_numbered(&p, "", 40);
     // Keyed messages hash over the new count.
     for _ in 0..3 {
         p.send(Message::new("k").with_key("user-7")).unwrap();
@@ -627,15 +614,13 @@ fn producer_follows_a_growing_topic() {
 #[test]
 fn explicit_queue_past_the_known_count_refreshes_first() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(
-        &b.addr,
-        "t",
+    let p = producer(
+        &b,
         ProducerConfig {
             topic_refresh: Duration::ZERO,
             ..fast()
         },
-    )
-    .unwrap();
+    );
     Admin::connect(&b.addr)
         .unwrap()
         .alter_topic("t", 3)
@@ -653,7 +638,7 @@ fn explicit_queue_past_the_known_count_refreshes_first() {
 #[test]
 fn headers_reach_the_consumer_and_name_the_message() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    let p = producer(&b, fast());
     for _ in 0..2 {
         // The same message stored twice (e.g. resent by an application).
         p.send(
@@ -665,7 +650,7 @@ fn headers_reach_the_consumer_and_name_the_message() {
     }
     p.send(Message::new("plain")).unwrap();
     p.flush().unwrap();
-    let mut c = Consumer::connect(&b.addr, "t", consumer_cfg("g")).unwrap();
+    let mut c = consumer(&b, consumer_cfg("g"));
     let got = drain(&mut c, 3);
     assert_eq!(
         got[0].headers,
@@ -710,7 +695,7 @@ fn text(r: &PushedRecord) -> String {
 #[test]
 fn options_never_mix_in_a_batch_and_defaults_stay_plain_produce() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    let p = producer(&b, fast());
     p.send(Message::new("plain-1")).unwrap();
     p.send(Message::new("high-1").with_priority(3)).unwrap();
     p.send(Message::new("plain-2")).unwrap();
@@ -756,7 +741,7 @@ fn options_never_mix_in_a_batch_and_defaults_stay_plain_produce() {
     // The delayed one is held until due, then stored.
     assert_eq!(b.state().delayed(0), 1);
     std::thread::sleep(Duration::from_millis(400));
-    let mut c = Consumer::connect(&b.addr, "t", consumer_cfg("g")).unwrap();
+    let mut c = consumer(&b, consumer_cfg("g"));
     let got = drain(&mut c, 5);
     assert_eq!(got.len(), 5);
     assert_eq!(got[4].value.as_deref(), Some(&b"late"[..]));
@@ -765,7 +750,7 @@ fn options_never_mix_in_a_batch_and_defaults_stay_plain_produce() {
 #[test]
 fn out_of_range_options_are_refused_before_sending() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    let p = producer(&b, fast());
     let e = p.send(Message::new("x").with_priority(4)).unwrap_err();
     assert!(
         matches!(
@@ -806,7 +791,7 @@ fn out_of_range_options_are_refused_before_sending() {
 #[test]
 fn retried_batches_keep_their_options() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    let p = producer(&b, fast());
     // The broker stores the first batch but hangs up before acking.
     b.state().drop_after_store = 1;
     p.send(Message::new("a").with_priority(2)).unwrap();
@@ -821,10 +806,8 @@ fn retried_batches_keep_their_options() {
 #[test]
 fn push_acks_redelivers_after_timeout_and_dead_letters() {
     let b = FakeBroker::start("t", 2);
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
-    for i in 0..4 {
-        p.send(Message::new(format!("m{i}"))).unwrap();
-    }
+    let p = producer(&b, fast());
+    send_numbered(&p, "m", 4);
     p.flush().unwrap();
 
     let cfg = PushConfig {
@@ -868,15 +851,13 @@ fn push_acks_redelivers_after_timeout_and_dead_letters() {
 #[test]
 fn push_hands_out_higher_priorities_first() {
     let b = FakeBroker::start("t", 1);
-    let p = Producer::connect(
-        &b.addr,
-        "t",
+    let p = producer(
+        &b,
         ProducerConfig {
             linger: Duration::ZERO,
             ..fast()
         },
-    )
-    .unwrap();
+    );
     for i in 0..12u8 {
         p.send(Message::new(format!("{}-{i:02}", i % 4)).with_priority(i % 4))
             .unwrap();
@@ -909,7 +890,7 @@ fn close_releases_what_was_never_returned() {
     let mut c = PushConsumer::connect(&b.addr, "t", push_cfg("g")).unwrap();
     // A receive goes out and stays open: nothing to hand out yet.
     assert!(c.poll(Duration::from_millis(20)).unwrap().is_empty());
-    let p = Producer::connect(&b.addr, "t", fast()).unwrap();
+    let p = producer(&b, fast());
     p.send(Message::new("x")).unwrap();
     p.flush().unwrap();
     // The open receive hands "x" out; close nacks it instead of leaving it out.

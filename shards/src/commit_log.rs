@@ -517,28 +517,38 @@ impl CommitLog {
                 .take_while(|p| p.seg_base == seg_base)
                 .count();
             let file = self.file_for(seg_base).await?;
-            let (file_off, mut buf_bytes) = {
+            // One copy: the rewritten partial block, then each entry, straight
+            // into the aligned DMA buffer.
+            let (file_off, mut buf, used) = {
                 let st = self.state.borrow();
                 let rel = st.written - seg_base;
                 debug_assert_eq!(st.tail_block.len() as u64, rel - align_down(rel));
-                (align_down(rel), st.tail_block.clone())
+                let entries: usize = pending[i..j]
+                    .iter()
+                    .map(|p| p.header.len() + p.batch.len())
+                    .sum();
+                let used = st.tail_block.len() + entries;
+                let mut buf = file.alloc_dma_buffer(align_up(used as u64) as usize);
+                let dst = buf.as_bytes_mut();
+                let mut at = st.tail_block.len();
+                dst[..at].copy_from_slice(&st.tail_block);
+                for p in &pending[i..j] {
+                    dst[at..at + p.header.len()].copy_from_slice(&p.header);
+                    at += p.header.len();
+                    dst[at..at + p.batch.len()].copy_from_slice(&p.batch);
+                    at += p.batch.len();
+                }
+                dst[used..].fill(0);
+                (align_down(rel), buf, used)
             };
-            for p in &pending[i..j] {
-                buf_bytes.extend_from_slice(&p.header);
-                buf_bytes.extend_from_slice(&p.batch);
-            }
-            let used = buf_bytes.len();
-            let mut buf = file.alloc_dma_buffer(align_up(used as u64) as usize);
-            let dst = buf.as_bytes_mut();
-            dst[..used].copy_from_slice(&buf_bytes);
-            dst[used..].fill(0);
+            let new_rel = file_off + used as u64;
+            let keep_from = (align_down(new_rel) - file_off) as usize;
+            let tail_block = buf.as_bytes_mut()[keep_from..used].to_vec();
             let started = Instant::now();
             file.write_at(buf, file_off).await?;
             slow_io("write", started);
             let mut st = self.state.borrow_mut();
-            let new_rel = file_off + used as u64;
-            let keep_from = (align_down(new_rel) - file_off) as usize;
-            st.tail_block = buf_bytes[keep_from..].to_vec();
+            st.tail_block = tail_block;
             st.written = seg_base + new_rel;
             self.evict_tail_cache(&mut st);
             i = j;

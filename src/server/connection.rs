@@ -92,7 +92,16 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
                 buf.reserve(FRAME_LEN_BYTES + len - buf.len());
                 break;
             }
-            let mut frame_bytes = buf.split_to(FRAME_LEN_BYTES + len);
+            // A frame that fills the buffer (and most of its capacity) takes the
+            // buffer itself: its batch then owns its memory and is stored
+            // without a copy. Small frames in a big buffer are copied instead,
+            // so the tail cache never pins a mostly empty read buffer.
+            let whole = FRAME_LEN_BYTES + len;
+            let mut frame_bytes = if buf.len() == whole && buf.capacity() <= 2 * whole {
+                std::mem::take(&mut buf)
+            } else {
+                buf.split_to(whole)
+            };
             let _ = frame_bytes.split_to(FRAME_LEN_BYTES);
             let (header, body) = match frame::parse_request(frame_bytes.freeze()) {
                 Ok(x) => x,

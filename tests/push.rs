@@ -58,7 +58,9 @@ fn unacked_message_comes_back_after_the_ack_timeout() {
     );
     assert_eq!(first, vec![("job-1".to_string(), 0, 1)]);
 
-    // Another process of the group gets it again once the 500 ms pass.
+    // Another process of the group gets it again once the 500 ms pass (the
+    // deadline was set by the first delivery; this one allows 30 s, so a
+    // slow machine cannot expire it again before it is acknowledged).
     let second = push_consume(
         &b,
         "jobs",
@@ -67,7 +69,7 @@ fn unacked_message_comes_back_after_the_ack_timeout() {
             "--count",
             "1",
             "--ack-timeout-ms",
-            "500",
+            "30000",
             "--timeout-ms",
             "15000",
         ],
@@ -79,7 +81,7 @@ fn unacked_message_comes_back_after_the_ack_timeout() {
         &b,
         "jobs",
         "workers",
-        &["--ack-timeout-ms", "500", "--timeout-ms", "1500"],
+        &["--ack-timeout-ms", "30000", "--timeout-ms", "1500"],
     );
     assert!(third.is_empty(), "{third:?}");
     assert!(

@@ -810,8 +810,10 @@ fn push_acks_redelivers_after_timeout_and_dead_letters() {
     send_numbered(&p, "m", 4);
     p.flush().unwrap();
 
+    // Long enough that a loaded machine acks before it expires (the
+    // timed-out message below waits for it; the drain allows 5 s).
     let cfg = PushConfig {
-        ack_timeout: Duration::from_millis(200),
+        ack_timeout: Duration::from_millis(1500),
         max_attempts: 2,
         ..push_cfg("g")
     };

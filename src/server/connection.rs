@@ -24,6 +24,8 @@ use std::rc::Rc;
 pub const IN_FLIGHT_PER_CONNECTION_MAX: u64 = 1024;
 /// Request bytes one connection may have in progress (at least one frame).
 pub const IN_FLIGHT_BYTES_PER_CONNECTION_MIN: u64 = 64 << 20;
+/// Reply bytes gathered before they are sent (replies ready at once share one send).
+const REPLY_COALESCE_BYTES_MAX: usize = 64 << 10;
 /// Bytes read from the socket per read call (more when a frame needs it).
 const READ_CHUNK_BYTES: usize = 64 << 10;
 
@@ -46,17 +48,33 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
     let writer_permits = in_flight.clone();
     let writer_bytes = in_flight_bytes.clone();
     let writer_task = glommio::spawn_local(async move {
-        let mut head = BytesMut::with_capacity(256);
-        while let Some(out) = rx.next().await {
-            head.clear();
-            let batches = encode(&out, &mut head);
-            let mut ok = writer.write_all(&head).await.is_ok();
-            for b in &batches {
-                ok = ok && writer.write_all(b).await.is_ok();
+        // Replies ready together go out together: their headers and small
+        // bodies are gathered into one buffer (one send for a burst of
+        // produce acks); stored batches are written from the log as they are.
+        let mut head = BytesMut::with_capacity(REPLY_COALESCE_BYTES_MAX);
+        let mut ok = true;
+        while let Some(first) = rx.next().await {
+            let mut next = Some(first);
+            while let Some(out) = next.take() {
+                let batches = encode(&out, &mut head);
+                if !batches.is_empty() {
+                    ok = ok && writer.write_all(&head).await.is_ok();
+                    head.clear();
+                    for b in &batches {
+                        ok = ok && writer.write_all(b).await.is_ok();
+                    }
+                }
+                if out.bytes > 0 {
+                    writer_permits.signal(1);
+                    writer_bytes.signal(out.bytes);
+                }
+                if head.len() < REPLY_COALESCE_BYTES_MAX {
+                    next = rx.try_recv().ok();
+                }
             }
-            if out.bytes > 0 {
-                writer_permits.signal(1);
-                writer_bytes.signal(out.bytes);
+            if !head.is_empty() {
+                ok = ok && writer.write_all(&head).await.is_ok();
+                head.clear();
             }
             if !ok {
                 break;

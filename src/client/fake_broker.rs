@@ -30,7 +30,7 @@ use crate::protocol::{
     Assignment, ErrorCode, ErrorReply, Flush, GroupInfo, GroupOffset, MemberInfo, QueueInfo, Reply,
     Request, TopicInfo, TopicSpec,
 };
-use coremq_shards::group_coordinator::{GroupCoordinator, GroupError, Join, MemberAssignment};
+use coremq_shards::group_coordinator::{GroupCoordinator, GroupError, MemberAssignment};
 
 /// Poll interval of a fetch or receive waiting for data.
 const FETCH_WAIT_STEP: Duration = Duration::from_millis(2);
@@ -227,18 +227,7 @@ fn answer_group(st: &mut State, req: Request) -> Result<Reply, ErrorReply> {
             }
             let a = st
                 .groups
-                .join(
-                    Join {
-                        group: &j.group,
-                        topic: &j.topic,
-                        member_id: &j.member_id,
-                        strategy: j.strategy,
-                        broadcast: j.broadcast,
-                        session_timeout: Duration::from_millis(u64::from(j.session_timeout_ms)),
-                        queues,
-                    },
-                    now,
-                )
+                .join(j.to_join(queues), now)
                 .map_err(group_error)?;
             Ok(Reply::Assignment(to_assignment(&j.group, a)))
         }

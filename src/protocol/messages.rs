@@ -190,6 +190,21 @@ pub struct JoinGroup {
     pub session_timeout_ms: u32,
 }
 
+impl JoinGroup {
+    /// The join as the group coordinator takes it, for a topic of `queues` queues.
+    pub fn to_join(&self, queues: u32) -> coremq_shards::group_coordinator::Join<'_> {
+        coremq_shards::group_coordinator::Join {
+            group: &self.group,
+            topic: &self.topic,
+            member_id: &self.member_id,
+            strategy: self.strategy,
+            broadcast: self.broadcast,
+            session_timeout: std::time::Duration::from_millis(u64::from(self.session_timeout_ms)),
+            queues,
+        }
+    }
+}
+
 /// A member of a group, for heartbeat and leave.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct MemberRef {

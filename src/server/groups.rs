@@ -13,9 +13,9 @@ use crate::protocol::{
     Assignment, ErrorCode, ErrorReply, GroupInfo, GroupOffset, JoinGroup, MemberInfo, MemberRef,
     Reply, Response,
 };
-use coremq_shards::group_coordinator::{GroupError, Join, MemberAssignment};
+use coremq_shards::group_coordinator::{GroupError, MemberAssignment};
 use coremq_shards::QueueKey;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Longest member id the coordinator generates ("member-" + 16 hex + "-" + counter).
 const GENERATED_MEMBER_ID_BYTES_MAX: usize = 48;
@@ -81,18 +81,7 @@ impl ShardCtx {
         let a = self
             .groups
             .borrow_mut()
-            .join(
-                Join {
-                    group: &j.group,
-                    topic: &j.topic,
-                    member_id: &j.member_id,
-                    strategy: j.strategy,
-                    broadcast: j.broadcast,
-                    session_timeout: Duration::from_millis(u64::from(j.session_timeout_ms)),
-                    queues: t.placement.len() as u32,
-                },
-                Instant::now(),
-            )
+            .join(j.to_join(t.placement.len() as u32), Instant::now())
             .map_err(group_error)?;
         tracing::info!(group = %j.group, member = %a.member_id, generation = a.generation,
             queues = ?a.queues, "member joined; rebalancing");

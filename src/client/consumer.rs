@@ -32,6 +32,7 @@ use super::connection::{
     ClientError, Connection, REQUEST_TIMEOUT_DEFAULT, RESPONSE_FRAME_BYTES_MAX,
 };
 use super::pipeline::{timeouts, Answer, Pipeline, Slot};
+use super::shard_router::ShardRouter;
 
 /// Default time the broker holds a fetch open waiting for data.
 pub const MAX_WAIT_MS_DEFAULT: u32 = 500;
@@ -67,6 +68,10 @@ pub struct ConsumerConfig {
     pub max_bytes: u32,
     /// Time a reply may take beyond `max_wait_ms`.
     pub request_timeout: Duration,
+    /// Fetch each queue over a connection to its shard's own port (from
+    /// `DescribeTopic`), falling back to the shared address when the port
+    /// is unknown or unreachable.
+    pub shard_aware: bool,
 }
 
 impl ConsumerConfig {
@@ -87,6 +92,7 @@ impl Default for ConsumerConfig {
             max_wait_ms: MAX_WAIT_MS_DEFAULT,
             max_bytes: FETCH_BYTES_MAX_DEFAULT,
             request_timeout: REQUEST_TIMEOUT_DEFAULT,
+            shard_aware: true,
         }
     }
 }
@@ -230,7 +236,9 @@ impl Consumer {
             None => info.queues.iter().map(|q| q.queue).collect(),
         };
         let cursors = start_cursors(&conn, topic, &config, &info, &assigned)?;
-        let pipeline = Pipeline::new(addr, conn, "fetch", config.max_wait_ms, cursors);
+        let mut router = ShardRouter::new(addr, conn.timeouts(), config.shard_aware);
+        router.set_topic(&info);
+        let pipeline = Pipeline::new(addr, conn, router, "fetch", config.max_wait_ms, cursors);
         Ok(Consumer {
             topic: topic.to_string(),
             config,
@@ -259,6 +267,12 @@ impl Consumer {
             .iter()
             .map(|c| (c.queue, c.state.position))
             .collect()
+    }
+
+    /// The shard ports this consumer has a connection to (empty when every
+    /// fetch uses the shared address), ascending.
+    pub fn shard_ports_in_use(&self) -> Vec<u16> {
+        self.pipeline.shard_ports_in_use()
     }
 
     /// How many times a position was reset after OFFSET_OUT_OF_RANGE.
@@ -296,6 +310,7 @@ impl Consumer {
             let conn = self.pipeline.connection()?;
             let info = describe_topic(conn, &self.topic)?;
             fresh = start_cursors(conn, &self.topic, &self.config, &info, &added)?;
+            self.pipeline.router_mut().set_topic(&info);
         }
         let slots = &mut self.pipeline.slots;
         slots.retain(|c| queues.binary_search(&c.queue).is_ok());

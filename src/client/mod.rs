@@ -26,6 +26,12 @@
 //! the consumer side. Messages may carry a priority and a delay
 //! ([`Message::with_priority`], [`Message::with_delay`]).
 //!
+//! Shard-aware by default (`shard_aware` in each config): the producer and
+//! the consumers send a queue's requests over a connection to the port of
+//! the shard that owns it (reported by `DescribeTopic`), one connection per
+//! shard port, falling back to the shared address when the port is unknown
+//! or unreachable; control requests use the shared address.
+//!
 //! [`Request`]: crate::protocol::Request
 //! [`Reply`]: crate::protocol::Reply
 
@@ -37,6 +43,7 @@ pub mod group_consumer;
 mod pipeline;
 pub mod producer;
 pub mod push_consumer;
+mod shard_router;
 
 pub use crate::protocol::Strategy;
 pub use admin::Admin;

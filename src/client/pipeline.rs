@@ -14,15 +14,24 @@
 //! [`ClientError::Timeout`]. A poll reconnects at most once; an error met
 //! while records were being returned is kept and reported by the next poll.
 //!
+//! Shard-aware: a slot's requests go over the [`ShardRouter`]'s connection
+//! to the port of the shard owning its queue when there is one, else over
+//! the shared connection; a slot changes connection only when it has no
+//! request in flight. A broken shard connection abandons the requests in
+//! flight on it and is reopened lazily (its queues fall back to the shared
+//! connection while it cannot be reached); control requests
+//! ([`Pipeline::connection`]) always use the shared connection.
+//!
 //! The caller states only what differs: which request to send for a slot
 //! and how to apply a reply to it.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{Reply, Request};
 
-use super::connection::{ClientError, Connection, Timeouts};
+use super::connection::{ClientError, Completion, Connection, Timeouts};
+use super::shard_router::ShardRouter;
 
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
@@ -35,6 +44,8 @@ struct InFlight {
 pub(crate) struct Slot<S> {
     pub queue: u32,
     in_flight: Option<InFlight>,
+    /// The shard port the request in flight went to (0: the shared connection).
+    route: u16,
     /// No request before this instant (after an early empty reply).
     pub not_before: Option<Instant>,
     pub state: S,
@@ -45,6 +56,7 @@ impl<S> Slot<S> {
         Slot {
             queue,
             in_flight: None,
+            route: 0,
             not_before: None,
             state,
         }
@@ -77,6 +89,8 @@ pub(crate) struct Pipeline<S> {
     addr: String,
     timeouts: Timeouts,
     conn: Option<Connection>,
+    /// Connections to the shards' own ports.
+    router: ShardRouter,
     /// What the requests are, for logs ("fetch", "receive").
     kind: &'static str,
     /// How long the broker may hold a request open.
@@ -100,10 +114,12 @@ pub(crate) fn timeouts(request: Duration) -> Timeouts {
 }
 
 impl<S> Pipeline<S> {
-    /// A pipeline over `conn` (connected to `addr`; reconnects use its timeouts).
+    /// A pipeline over `conn` (connected to `addr`; reconnects use its
+    /// timeouts), sending queue requests through `router` where it has a route.
     pub fn new(
         addr: &str,
         conn: Connection,
+        router: ShardRouter,
         kind: &'static str,
         max_wait_ms: u32,
         slots: Vec<Slot<S>>,
@@ -113,6 +129,7 @@ impl<S> Pipeline<S> {
             addr: addr.to_string(),
             timeouts: conn.timeouts(),
             conn: Some(conn),
+            router,
             kind,
             max_wait: Duration::from_millis(u64::from(max_wait_ms)),
             slots,
@@ -126,6 +143,22 @@ impl<S> Pipeline<S> {
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The shard ports with an open connection, ascending.
+    pub fn shard_ports_in_use(&self) -> Vec<u16> {
+        self.router.ports_in_use()
+    }
+
+    /// The connection to the shard owning `queue` (connecting lazily), or
+    /// `None`: use [`Pipeline::connection`].
+    pub fn shard_connection(&mut self, queue: u32, now: Instant) -> Option<Arc<Connection>> {
+        self.router.route(queue, now).map(|(_, c)| c)
+    }
+
+    /// The router, to update the queues' shard ports after a describe.
+    pub fn router_mut(&mut self) -> &mut ShardRouter {
+        &mut self.router
     }
 
     pub fn max_wait(&self) -> Duration {
@@ -159,13 +192,30 @@ impl<S> Pipeline<S> {
         Ok(())
     }
 
-    /// Closes the connection; requests in flight on it are forgotten.
+    /// Closes the connections (shared and shards); requests in flight on
+    /// them are forgotten.
     pub fn drop_connection(&mut self) {
         if let Some(c) = self.conn.take() {
             c.close();
         }
+        self.router.close_all();
         for s in &mut self.slots {
             s.in_flight = None;
+        }
+    }
+
+    /// Forgets the requests in flight on shard connections that broke (their
+    /// late `Disconnected` replies are stale); the next round resends them.
+    fn forget_broken_shards(&mut self) {
+        let dead = self.router.take_closed();
+        if dead.is_empty() {
+            return;
+        }
+        tracing::debug!(ports = ?dead, "shard connection closed; resending its {}es", self.kind);
+        for s in &mut self.slots {
+            if s.in_flight.is_some() && dead.contains(&s.route) {
+                s.in_flight = None;
+            }
         }
     }
 
@@ -194,6 +244,7 @@ impl<S> Pipeline<S> {
                 self.reconnect()?;
                 reconnected = true;
             }
+            self.forget_broken_shards();
             let now = Instant::now();
             self.issue(now, &mut request);
             if self.is_down() {
@@ -262,7 +313,7 @@ impl<S> Pipeline<S> {
 
     /// Sends a request for every slot that has none in flight.
     fn issue(&mut self, now: Instant, request: &mut impl FnMut(&Slot<S>) -> Request) {
-        let Some(conn) = &self.conn else { return };
+        let Some(shared) = &self.conn else { return };
         let n = self.slots.len();
         let first = self.next_first % n.max(1);
         self.next_first = self.next_first.wrapping_add(1);
@@ -275,15 +326,29 @@ impl<S> Pipeline<S> {
             let token = self.next_token;
             self.next_token += 1;
             let req = request(s);
-            let tx = self.tx.clone();
             let queue = s.queue;
-            let sent = conn.send_with(&req, move |comp| {
-                let _ = tx.send(Event {
-                    queue,
-                    token,
-                    result: comp.into_reply(),
-                });
-            });
+            let on_reply = |tx: mpsc::Sender<Event>| {
+                move |comp: Completion| {
+                    let _ = tx.send(Event {
+                        queue,
+                        token,
+                        result: comp.into_reply(),
+                    });
+                }
+            };
+            let routed = self.router.route(queue, now);
+            s.route = routed.as_ref().map_or(0, |(p, _)| *p);
+            let mut sent = match &routed {
+                Some((_, c)) => c.send_with(&req, on_reply(self.tx.clone())),
+                None => shared.send_with(&req, on_reply(self.tx.clone())),
+            };
+            if let (Err(e), Some((port, c))) = (&sent, &routed) {
+                // The shard connection broke: use the shared one this time.
+                tracing::debug!(queue, port, "{} not sent to the shard port: {e}", self.kind);
+                c.close();
+                s.route = 0;
+                sent = shared.send_with(&req, on_reply(self.tx.clone()));
+            }
             match sent {
                 Ok(_) => {
                     s.in_flight = Some(InFlight {

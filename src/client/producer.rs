@@ -36,6 +36,16 @@
 //! batches were sealed in. A delayed batch's offset is assigned when it
 //! comes due (its ack carries base offset -1).
 //!
+//! Shard-aware (`shard_aware`, on by default): a queue's batches go over a
+//! connection to the port of the shard that owns it (from `DescribeTopic`,
+//! one connection per distinct port, opened lazily), or over the shared
+//! connection when the port is unknown or unreachable. A queue changes
+//! connection only when none of its batches is in flight, so all in-flight
+//! batches of a queue share one connection and stay in order. Reconnects
+//! are per connection: a broken connection, or one with an overdue batch,
+//! is closed and fails (and resends) only the batches in flight on it.
+//! Topic refreshes always use the shared connection.
+//!
 //! Topics grow while producers run (`topic alter`): every
 //! `topic_refresh` (default [`TOPIC_REFRESH_INTERVAL_DEFAULT`]), after an
 //! `UNKNOWN_QUEUE` reply, and when a message names a queue past the known
@@ -58,6 +68,7 @@ use crate::protocol::{ApiKey, ErrorCode, Reply, Request};
 
 use super::admin::describe_topic;
 use super::connection::{ClientError, Connection, Timeouts, REQUEST_TIMEOUT_DEFAULT};
+use super::shard_router::ShardRouter;
 
 /// Default size at which an open batch is sealed (uncompressed bytes, header included).
 pub const BATCH_BYTES_MAX_DEFAULT: usize = 64 << 10;
@@ -112,6 +123,10 @@ pub struct ProducerConfig {
     /// Re-read the topic's queue count this often (zero: only on
     /// `UNKNOWN_QUEUE` or an explicit queue past the known count).
     pub topic_refresh: Duration,
+    /// Send each queue's batches over a connection to its shard's own port
+    /// (from `DescribeTopic`), falling back to the shared address when the
+    /// port is unknown or unreachable.
+    pub shard_aware: bool,
 }
 
 impl Default for ProducerConfig {
@@ -129,6 +144,7 @@ impl Default for ProducerConfig {
             max_in_flight_per_queue: MAX_IN_FLIGHT_PER_QUEUE_DEFAULT,
             buffer_bytes_max: BUFFER_BYTES_MAX_DEFAULT,
             topic_refresh: TOPIC_REFRESH_INTERVAL_DEFAULT,
+            shard_aware: true,
         }
     }
 }
@@ -500,6 +516,8 @@ struct QueueState {
     batches: VecDeque<SealedBatch>,
     /// No (re)send from this queue before this instant (retry backoff).
     retry_at: Option<Instant>,
+    /// The shard port its in-flight batches went to (0: the shared connection).
+    route: u16,
 }
 
 impl QueueState {
@@ -510,6 +528,7 @@ impl QueueState {
             open: Vec::new(),
             batches: VecDeque::new(),
             retry_at: None,
+            route: 0,
         }
     }
 
@@ -528,6 +547,8 @@ impl QueueState {
 /// A batch the sender thread is about to write.
 #[derive(Debug)]
 struct Outgoing {
+    /// The shard port to send it to (0: the shared connection).
+    route: u16,
     queue: u32,
     no: u64,
     token: u64,
@@ -541,6 +562,8 @@ struct State {
     queues: Vec<QueueState>,
     partitioner: Partitioner,
     conn: Option<Arc<Connection>>,
+    /// Connections to the shards' own ports.
+    router: ShardRouter,
     /// No connect attempt before this instant (backoff after failures).
     next_connect_at: Option<Instant>,
     connect_failures: u32,
@@ -575,6 +598,7 @@ impl State {
             queues: (0..queues).map(|_| QueueState::new(producer_id)).collect(),
             partitioner: Partitioner::new(queues),
             conn: None,
+            router: ShardRouter::disabled(),
             next_connect_at: None,
             connect_failures: 0,
             next_batch_no: 0,
@@ -743,6 +767,34 @@ impl State {
         self.queues.iter().any(QueueState::has_waiting)
     }
 
+    /// Picks the connection of every queue with nothing in flight: its
+    /// shard's if open, else the shared one.
+    fn update_routes(&mut self) {
+        for (q, qs) in self.queues.iter_mut().enumerate() {
+            if qs.in_flight() == 0 {
+                let port = self.router.port_of(q as u32);
+                qs.route = if self.router.open(port).is_some() {
+                    port
+                } else {
+                    0
+                };
+            }
+        }
+    }
+
+    /// Shard ports that queues with batches waiting would use but that have
+    /// no connection yet (and no recent connect failure).
+    fn wanted_ports(&self, now: Instant) -> Vec<u16> {
+        let mut ports: Vec<u16> = (0..self.queues.len())
+            .filter(|q| self.queues[*q].has_waiting() && self.queues[*q].in_flight() == 0)
+            .map(|q| self.router.port_of(q as u32))
+            .filter(|p| self.router.wants(*p, now))
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
     /// Marks the batches that may be sent now as in flight, in queue order.
     fn take_sendable(&mut self, cfg: &ProducerConfig, now: Instant) -> Vec<Outgoing> {
         let mut out = Vec::new();
@@ -764,6 +816,7 @@ impl State {
                     };
                     in_flight += 1;
                     out.push(Outgoing {
+                        route: qs.route,
                         queue: q as u32,
                         no: b.no,
                         token,
@@ -776,21 +829,41 @@ impl State {
         out
     }
 
-    /// Whether a batch has waited for its ack longer than the request timeout.
-    fn any_overdue(&self, cfg: &ProducerConfig, now: Instant) -> bool {
-        self.queues.iter().flat_map(|q| q.batches.iter()).any(|b| {
-            matches!(b.state, BatchState::InFlight { sent_at, .. } if sent_at + cfg.request_timeout <= now)
-        })
+    /// The routes (shard ports, 0: shared) of the queues with a batch that
+    /// has waited for its ack longer than the request timeout.
+    fn overdue_routes(&self, cfg: &ProducerConfig, now: Instant) -> Vec<u16> {
+        let mut routes: Vec<u16> = self
+            .queues
+            .iter()
+            .filter(|qs| {
+                qs.batches.iter().any(|b| {
+                    matches!(b.state, BatchState::InFlight { sent_at, .. } if sent_at + cfg.request_timeout <= now)
+                })
+            })
+            .map(|qs| qs.route)
+            .collect();
+        routes.sort_unstable();
+        routes.dedup();
+        routes
     }
 
-    /// The connection carrying every in-flight batch is being dropped: each
-    /// in-flight batch fails now (Timeout if overdue, else Disconnected) and
-    /// is resent on the next connection. Applying this at once, rather than
-    /// waiting for the old connection's Disconnected callbacks, keeps an
-    /// overdue batch from also condemning the new connection.
-    fn fail_in_flight(&mut self, cfg: &ProducerConfig, now: Instant) {
+    /// The connections (routes) for which `dropped` holds are being
+    /// dropped: each batch in flight on them fails now (Timeout if overdue,
+    /// else Disconnected) and is resent on the next connection. Applying
+    /// this at once, rather than waiting for the old connection's
+    /// Disconnected callbacks, keeps an overdue batch from also condemning
+    /// the new connection.
+    fn fail_in_flight_on(
+        &mut self,
+        cfg: &ProducerConfig,
+        now: Instant,
+        dropped: impl Fn(u16) -> bool,
+    ) {
         let mut failed = Vec::new();
         for (q, qs) in self.queues.iter().enumerate() {
+            if !dropped(qs.route) {
+                continue;
+            }
             for b in &qs.batches {
                 if let BatchState::InFlight { token, sent_at } = b.state {
                     failed.push((q, b.no, token, sent_at + cfg.request_timeout <= now));
@@ -1069,6 +1142,8 @@ impl Producer {
         }
         let producer_id = new_producer_id();
         let mut state = State::new(queues, producer_id);
+        state.router = ShardRouter::new(addr, timeouts, config.shard_aware);
+        state.router.set_topic(&info);
         state.conn = Some(Arc::new(conn));
         if !config.topic_refresh.is_zero() {
             state.next_refresh_at = Some(Instant::now() + config.topic_refresh);
@@ -1111,7 +1186,14 @@ impl Producer {
         let info = describe_topic(&conn, &self.shared.topic)?;
         let mut st = self.shared.lock();
         st.grow(info.queues.len() as u32);
+        st.router.set_topic(&info);
         Ok(st.partitioner.queues())
+    }
+
+    /// The shard ports the producer has a connection to (empty when every
+    /// batch goes to the shared address), ascending.
+    pub fn shard_ports_in_use(&self) -> Vec<u16> {
+        self.shared.lock().router.ports_in_use()
     }
 
     /// The producer id batches are stamped with at start (a queue switches
@@ -1247,7 +1329,7 @@ impl Drop for ExitGuard {
             if lost > 0 {
                 tracing::warn!(lost, "producer closed with unacknowledged messages");
             }
-            st.conn.take()
+            (st.conn.take(), st.router.take_all())
         };
         drop(conn);
         self.0.changed.notify_all();
@@ -1266,19 +1348,59 @@ fn run_sender(shared: Arc<Shared>, tx: mpsc::Sender<Event>, rx: mpsc::Receiver<E
         }
         st.seal_due(cfg, now, false);
 
-        // A dead or overdue connection is closed and replaced; its in-flight
-        // batches are resent on the new one.
+        // A dead or overdue connection (shared, or to a shard port) is
+        // closed and replaced; only the batches in flight on it fail now
+        // and are resent on the new one.
+        let mut dropped = st.router.take_closed();
+        for p in st.overdue_routes(cfg, now) {
+            if !dropped.contains(&p) {
+                dropped.push(p);
+            }
+        }
         let mut stale = None;
-        if st.conn.as_ref().is_some_and(|c| c.is_closed()) || st.any_overdue(cfg, now) {
+        if st.conn.as_ref().is_some_and(|c| c.is_closed()) || dropped.contains(&0) {
             stale = st.conn.take();
-            st.fail_in_flight(cfg, now);
+            if !dropped.contains(&0) {
+                dropped.push(0);
+            }
+        }
+        let stale_shards: Vec<Arc<Connection>> = dropped
+            .iter()
+            .filter_map(|p| (*p != 0).then(|| st.router.take(*p)).flatten())
+            .collect();
+        if !dropped.is_empty() {
+            tracing::debug!(ports = ?dropped, "connection dropped (0: shared); resending its batches");
+            st.fail_in_flight_on(cfg, now, |p| dropped.contains(&p));
         }
         let need_conn =
             st.conn.is_none() && st.has_waiting() && st.next_connect_at.is_none_or(|t| t <= now);
-        if need_conn || stale.is_some() {
+        let shard_ports = if st.conn.is_some() {
+            st.wanted_ports(now)
+        } else {
+            Vec::new()
+        };
+        if need_conn || stale.is_some() || !stale_shards.is_empty() || !shard_ports.is_empty() {
+            let shard_addrs: Vec<(u16, String)> = shard_ports
+                .iter()
+                .map(|p| (*p, st.router.addr_of(*p)))
+                .collect();
             drop(st);
             if let Some(c) = stale {
                 c.close();
+            }
+            for c in stale_shards {
+                c.close();
+            }
+            if !shard_addrs.is_empty() {
+                let opened: Vec<_> = shard_addrs
+                    .into_iter()
+                    .map(|(p, a)| (p, Connection::connect(&a, shared.timeouts())))
+                    .collect();
+                let mut st = shared.lock();
+                let now = Instant::now();
+                for (p, result) in opened {
+                    st.router.install(p, result, now);
+                }
             }
             if need_conn {
                 let result = Connection::connect(&shared.addr, shared.timeouts());
@@ -1297,10 +1419,15 @@ fn run_sender(shared: Arc<Shared>, tx: mpsc::Sender<Event>, rx: mpsc::Receiver<E
             continue;
         }
 
+        st.update_routes();
         let (conn, outgoing) = match &st.conn {
             Some(c) => (Some(Arc::clone(c)), st.take_sendable(cfg, now)),
             None => (None, Vec::new()),
         };
+        let routes: Vec<Option<Arc<Connection>>> = outgoing
+            .iter()
+            .map(|o| (o.route != 0).then(|| st.router.conn(o.route)).flatten())
+            .collect();
         let refresh = st.refresh_due(now);
         if refresh {
             st.refresh_in_flight = true;
@@ -1323,10 +1450,13 @@ fn run_sender(shared: Arc<Shared>, tx: mpsc::Sender<Event>, rx: mpsc::Receiver<E
                     let _ = tx.send(Event::Topic(Err(e)));
                 }
             }
-            for o in outgoing {
+            for (o, route) in outgoing.into_iter().zip(routes) {
                 let req = produce_request(&shared.topic, o.queue, o.options, o.bytes);
                 let reply_tx = tx.clone();
                 let (queue, no, token) = (o.queue, o.no, o.token);
+                // A shard connection that broke meanwhile fails the send
+                // (Disconnected): the batch is resent like any other failure.
+                let conn = route.as_ref().unwrap_or(&conn);
                 let sent = conn.send_with(&req, move |c| {
                     let _ = reply_tx.send(Event::Reply {
                         queue,
@@ -1374,7 +1504,10 @@ fn run_sender(shared: Arc<Shared>, tx: mpsc::Sender<Event>, rx: mpsc::Receiver<E
                     Event::Topic(result) => {
                         st.refresh_in_flight = false;
                         match result {
-                            Ok(Reply::Topic(info)) => st.grow(info.queues.len() as u32),
+                            Ok(Reply::Topic(info)) => {
+                                st.grow(info.queues.len() as u32);
+                                st.router.set_topic(&info);
+                            }
                             Ok(_) => tracing::debug!("unexpected reply to a topic refresh"),
                             Err(e) => tracing::debug!("topic refresh failed: {e}"),
                         }
@@ -1727,9 +1860,9 @@ mod tests {
         let sent = st.take_sendable(&cfg, t0);
         assert_eq!(sent.len(), 3);
         let late = t0 + cfg.request_timeout;
-        assert!(st.any_overdue(&cfg, late));
-        st.fail_in_flight(&cfg, late);
-        assert!(!st.any_overdue(&cfg, late));
+        assert_eq!(st.overdue_routes(&cfg, late), vec![0]);
+        st.fail_in_flight_on(&cfg, late, |_| true);
+        assert!(st.overdue_routes(&cfg, late).is_empty());
         let attempts: Vec<u32> = st.queues[0].batches.iter().map(|b| b.attempts).collect();
         assert_eq!(attempts, vec![1, 0, 0]);
         // The old connection's Disconnected callbacks are stale now.
@@ -1742,6 +1875,36 @@ mod tests {
             again.iter().map(|o| o.no).collect::<Vec<_>>(),
             vec![0, 1, 2]
         );
+    }
+
+    #[test]
+    fn dropping_a_shard_connection_resends_only_its_queues() {
+        let cfg = cfg();
+        let mut st = State::new(2, 9);
+        for q in 0..2 {
+            st.append(&cfg, Message::new("m").with_queue(q), Instant::now())
+                .unwrap();
+        }
+        st.seal_due(&cfg, Instant::now(), true);
+        // Queue 0 went to shard port 7000, queue 1 to the shared connection.
+        st.queues[0].route = 7000;
+        let t0 = Instant::now();
+        let sent = st.take_sendable(&cfg, t0);
+        assert_eq!(
+            sent.iter().map(|o| (o.queue, o.route)).collect::<Vec<_>>(),
+            vec![(0, 7000), (1, 0)]
+        );
+        st.fail_in_flight_on(&cfg, t0, |p| p == 7000);
+        assert_eq!(st.queues[0].batches[0].attempts, 1);
+        assert_eq!(st.queues[0].batches[0].state, BatchState::Waiting);
+        assert_eq!(st.queues[1].batches[0].attempts, 0);
+        assert!(matches!(
+            st.queues[1].batches[0].state,
+            BatchState::InFlight { .. }
+        ));
+        // Without a shard connection the queue falls back to the shared one.
+        st.update_routes();
+        assert_eq!(st.queues[0].route, 0);
     }
 
     #[test]

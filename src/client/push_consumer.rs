@@ -54,6 +54,7 @@ use crate::protocol::{Ack, ApiKey, Receive, Reply, Request};
 use super::admin::describe_topic;
 use super::connection::{ClientError, Connection, REQUEST_TIMEOUT_DEFAULT};
 use super::pipeline::{timeouts, Answer, Pipeline, Slot};
+use super::shard_router::ShardRouter;
 
 /// Default time a member has to acknowledge a message before it goes out again.
 pub const ACK_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
@@ -84,6 +85,10 @@ pub struct PushConfig {
     pub queues: Option<Vec<u32>>,
     /// Time a reply may take beyond `max_wait_ms`.
     pub request_timeout: Duration,
+    /// Receive from each queue over a connection to its shard's own port
+    /// (from `DescribeTopic`), falling back to the shared address when the
+    /// port is unknown or unreachable.
+    pub shard_aware: bool,
 }
 
 impl PushConfig {
@@ -138,6 +143,7 @@ impl Default for PushConfig {
             max_wait_ms: RECEIVE_WAIT_MS_DEFAULT,
             queues: None,
             request_timeout: REQUEST_TIMEOUT_DEFAULT,
+            shard_aware: true,
         }
     }
 }
@@ -261,7 +267,9 @@ impl PushConsumer {
             None => info.queues.iter().map(|q| q.queue).collect(),
         };
         let slots = queues.into_iter().map(|q| Slot::new(q, ())).collect();
-        let pipeline = Pipeline::new(addr, conn, "receive", config.max_wait_ms, slots);
+        let mut router = ShardRouter::new(addr, conn.timeouts(), config.shard_aware);
+        router.set_topic(&info);
+        let pipeline = Pipeline::new(addr, conn, router, "receive", config.max_wait_ms, slots);
         Ok(PushConsumer {
             topic: topic.to_string(),
             config,
@@ -279,6 +287,12 @@ impl PushConsumer {
 
     pub fn config(&self) -> &PushConfig {
         &self.config
+    }
+
+    /// The shard ports this consumer has a connection to (empty when every
+    /// receive uses the shared address), ascending.
+    pub fn shard_ports_in_use(&self) -> Vec<u16> {
+        self.pipeline.shard_ports_in_use()
     }
 
     /// The queues received from, ascending.
@@ -355,7 +369,8 @@ impl PushConsumer {
         if by_queue.is_empty() {
             return Ok(0);
         }
-        let conn = self.pipeline.connection()?;
+        self.pipeline.connection()?;
+        let now = Instant::now();
         let mut pending = Vec::with_capacity(by_queue.len());
         for (queue, offsets) in by_queue {
             let req = Request::Ack(Ack {
@@ -367,12 +382,25 @@ impl PushConsumer {
                 ack_timeout_ms: self.config.ack_timeout_ms(),
                 max_attempts: self.config.max_attempts,
             });
-            pending.push(conn.send(&req)?);
+            // Over the queue's shard connection, like its receives, so a
+            // settle is ordered with the receives of its queue.
+            let sent = match self.pipeline.shard_connection(queue, now) {
+                Some(c) => match c.send(&req) {
+                    Ok(p) => Ok(p),
+                    Err(e) => {
+                        tracing::debug!(queue, "ack not sent to the shard port: {e}");
+                        c.close();
+                        self.pipeline.connection()?.send(&req)
+                    }
+                },
+                None => self.pipeline.connection()?.send(&req),
+            };
+            pending.push(sent?);
         }
         let mut settled = 0u32;
         let mut first_err = None;
         for p in pending {
-            match p.wait(conn.timeouts().request) {
+            match p.wait(self.config.request_timeout) {
                 Ok(Reply::Settled(n)) => settled += n,
                 Ok(_) => {
                     first_err.get_or_insert(ClientError::UnexpectedReply(ApiKey::Ack));

@@ -97,6 +97,21 @@ fn produce_then_consume_everything_in_order() {
 }
 
 #[test]
+fn unknown_shard_ports_fall_back_to_the_shared_address() {
+    // The fake broker reports shard_port 0 for every queue: shard-aware
+    // clients (the default) must send everything to the shared address.
+    let b = FakeBroker::start("t", 2);
+    let p = producer(&b, fast());
+    assert!(fast().shard_aware);
+    send_numbered(&p, "m", 100);
+    assert_eq!(p.flush().unwrap().acked_messages, 100);
+    assert!(p.shard_ports_in_use().is_empty());
+    let mut c = consumer(&b, consumer_cfg("g"));
+    assert_eq!(drain(&mut c, 100).len(), 100);
+    assert!(c.shard_ports_in_use().is_empty());
+}
+
+#[test]
 fn linger_sends_without_flush() {
     let b = FakeBroker::start("t", 1);
     let p = producer(

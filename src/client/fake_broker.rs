@@ -30,7 +30,7 @@ use crate::protocol::{
     Assignment, ErrorCode, ErrorReply, Flush, GroupInfo, GroupOffset, MemberInfo, QueueInfo, Reply,
     Request, TopicInfo, TopicSpec,
 };
-use coremq_shards::group_coordinator::{GroupCoordinator, GroupError, MemberAssignment};
+use coremq_shards::group_coordinator::GroupCoordinator;
 
 /// Poll interval of a fetch or receive waiting for data.
 const FETCH_WAIT_STEP: Duration = Duration::from_millis(2);
@@ -192,29 +192,6 @@ impl FakeBroker {
     }
 }
 
-fn group_error(e: GroupError) -> ErrorReply {
-    let code = match e {
-        GroupError::UnknownMember { .. } => ErrorCode::UnknownMember,
-        GroupError::Inconsistent { .. } => ErrorCode::InconsistentGroup,
-        GroupError::Invalid(_) => ErrorCode::InvalidRequest,
-    };
-    ErrorReply::new(code, e.to_string())
-}
-
-fn to_assignment(group: &str, a: MemberAssignment) -> Assignment {
-    Assignment {
-        offsets_group: if a.broadcast {
-            format!("{group}/{}", a.member_id)
-        } else {
-            group.to_string()
-        },
-        member_id: a.member_id,
-        generation: a.generation,
-        queues: a.queues,
-        members: a.members,
-    }
-}
-
 /// Answers the group apis (sessions are expired first).
 fn answer_group(st: &mut State, req: Request) -> Result<Reply, ErrorReply> {
     let now = Instant::now();
@@ -228,20 +205,20 @@ fn answer_group(st: &mut State, req: Request) -> Result<Reply, ErrorReply> {
             let a = st
                 .groups
                 .join(j.to_join(queues), now)
-                .map_err(group_error)?;
-            Ok(Reply::Assignment(to_assignment(&j.group, a)))
+                .map_err(ErrorReply::from)?;
+            Ok(Reply::Assignment(Assignment::of(&j.group, a)))
         }
         Request::Heartbeat(m) => {
             let a = st
                 .groups
                 .heartbeat(&m.group, &m.member_id, queues, now)
-                .map_err(group_error)?;
-            Ok(Reply::Assignment(to_assignment(&m.group, a)))
+                .map_err(ErrorReply::from)?;
+            Ok(Reply::Assignment(Assignment::of(&m.group, a)))
         }
         Request::LeaveGroup(m) => {
             st.groups
                 .leave(&m.group, &m.member_id)
-                .map_err(group_error)?;
+                .map_err(ErrorReply::from)?;
             Ok(Reply::Done)
         }
         Request::DescribeGroup { group } => {

@@ -205,6 +205,29 @@ impl JoinGroup {
     }
 }
 
+/// The name a group member commits offsets under: the group itself in
+/// clustering mode, `group/member` in broadcast mode (each member's own progress).
+pub fn offsets_group(group: &str, member: &str, broadcast: bool) -> String {
+    if broadcast {
+        format!("{group}/{member}")
+    } else {
+        group.to_string()
+    }
+}
+
+impl Assignment {
+    /// The reply for a member of `group`, from the coordinator's answer.
+    pub fn of(group: &str, a: coremq_shards::group_coordinator::MemberAssignment) -> Assignment {
+        Assignment {
+            offsets_group: offsets_group(group, &a.member_id, a.broadcast),
+            member_id: a.member_id,
+            generation: a.generation,
+            queues: a.queues,
+            members: a.members,
+        }
+    }
+}
+
 /// A member of a group, for heartbeat and leave.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct MemberRef {
@@ -376,6 +399,18 @@ impl ErrorReply {
 }
 
 pub type Response = Result<Reply, ErrorReply>;
+
+impl From<coremq_shards::group_coordinator::GroupError> for ErrorReply {
+    fn from(e: coremq_shards::group_coordinator::GroupError) -> ErrorReply {
+        use coremq_shards::group_coordinator::GroupError;
+        let code = match e {
+            GroupError::UnknownMember { .. } => ErrorCode::UnknownMember,
+            GroupError::Inconsistent { .. } => ErrorCode::InconsistentGroup,
+            GroupError::Invalid(_) => ErrorCode::InvalidRequest,
+        };
+        ErrorReply::new(code, e.to_string())
+    }
+}
 
 /// Why a body could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -204,18 +204,24 @@ fn refuse(tx: &mpsc::UnboundedSender<Outgoing>, request_id: u32, code: ErrorCode
     });
 }
 
-/// Encodes a reply's header and small body into `head`; returns the batches to send after it.
+/// Appends a reply's header and small body to `head` (no buffer of its own:
+/// the length is patched in once the body is written); returns the batches
+/// to send after it.
 fn encode(out: &Outgoing, head: &mut BytesMut) -> Vec<Bytes> {
-    let mut body = BytesMut::new();
+    let start = head.len();
+    frame::put_response_header(head, out.request_id, 0, 0);
     let (code, batches) = match &out.response {
-        Ok(reply) => (ErrorCode::None, encode_reply(reply, &mut body)),
+        Ok(reply) => (ErrorCode::None, encode_reply(reply, head)),
         Err(e) => {
-            encode_error(e, &mut body);
+            encode_error(e, head);
             (e.code, Vec::new())
         }
     };
+    let body_len = head.len() - start - FRAME_LEN_BYTES - frame::RESPONSE_HEADER_BYTES;
     let batch_bytes: usize = batches.iter().map(Bytes::len).sum();
-    frame::put_response_header(head, out.request_id, code as u16, body.len() + batch_bytes);
-    head.extend_from_slice(&body);
+    // Patch frame length and error code (layout: frame::put_response_header).
+    let frame_len = (frame::RESPONSE_HEADER_BYTES + body_len + batch_bytes) as u32;
+    head[start..start + 4].copy_from_slice(&frame_len.to_be_bytes());
+    head[start + 8..start + 10].copy_from_slice(&(code as u16).to_be_bytes());
     batches
 }

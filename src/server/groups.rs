@@ -13,7 +13,7 @@ use crate::protocol::{
     Assignment, ErrorCode, ErrorReply, GroupInfo, GroupOffset, JoinGroup, MemberInfo, MemberRef,
     Reply, Response,
 };
-use coremq_shards::group_coordinator::{GroupError, MemberAssignment};
+use coremq_shards::group_coordinator::GroupError;
 use coremq_shards::QueueKey;
 use std::time::Instant;
 
@@ -27,34 +27,6 @@ pub const GROUP_EXPIRY_CHECK_MS: u64 = 100;
 /// hash is fine here (unlike queue placement).
 pub fn coordinator_of(group: &str, shards: usize) -> u32 {
     crc32fast::hash(group.as_bytes()) % shards as u32
-}
-
-fn group_error(e: GroupError) -> ErrorReply {
-    let code = match e {
-        GroupError::UnknownMember { .. } => ErrorCode::UnknownMember,
-        GroupError::Inconsistent { .. } => ErrorCode::InconsistentGroup,
-        GroupError::Invalid(_) => ErrorCode::InvalidRequest,
-    };
-    ErrorReply::new(code, e.to_string())
-}
-
-/// The name a member commits its offsets under.
-fn offsets_group(group: &str, member: &str, broadcast: bool) -> String {
-    if broadcast {
-        format!("{group}/{member}")
-    } else {
-        group.to_string()
-    }
-}
-
-fn to_assignment(group: &str, a: MemberAssignment) -> Assignment {
-    Assignment {
-        offsets_group: offsets_group(group, &a.member_id, a.broadcast),
-        member_id: a.member_id,
-        generation: a.generation,
-        queues: a.queues,
-        members: a.members,
-    }
 }
 
 impl ShardCtx {
@@ -82,16 +54,16 @@ impl ShardCtx {
             .groups
             .borrow_mut()
             .join(j.to_join(t.placement.len() as u32), Instant::now())
-            .map_err(group_error)?;
+            .map_err(ErrorReply::from)?;
         tracing::info!(group = %j.group, member = %a.member_id, generation = a.generation,
             queues = ?a.queues, "member joined; rebalancing");
-        Ok(Reply::Assignment(to_assignment(&j.group, a)))
+        Ok(Reply::Assignment(Assignment::of(&j.group, a)))
     }
 
     pub fn heartbeat(&self, meta: &Metadata, m: MemberRef) -> Response {
         let mut groups = self.groups.borrow_mut();
         let Some(topic) = groups.topic(&m.group).map(str::to_string) else {
-            return Err(group_error(GroupError::UnknownMember {
+            return Err(ErrorReply::from(GroupError::UnknownMember {
                 group: m.group,
                 member: m.member_id,
             }));
@@ -100,15 +72,15 @@ impl ShardCtx {
         let queues = meta.topic(&topic)?.placement.len() as u32;
         let a = groups
             .heartbeat(&m.group, &m.member_id, queues, Instant::now())
-            .map_err(group_error)?;
-        Ok(Reply::Assignment(to_assignment(&m.group, a)))
+            .map_err(ErrorReply::from)?;
+        Ok(Reply::Assignment(Assignment::of(&m.group, a)))
     }
 
     pub fn leave_group(&self, m: MemberRef) -> Response {
         self.groups
             .borrow_mut()
             .leave(&m.group, &m.member_id)
-            .map_err(group_error)?;
+            .map_err(ErrorReply::from)?;
         tracing::info!(group = %m.group, member = %m.member_id, "member left; rebalancing");
         Ok(Reply::Done)
     }
@@ -194,7 +166,8 @@ impl ShardCtx {
                 };
                 let (start, end) = self.queue_offsets(owner, key).await;
                 for member in &owners {
-                    let name = offsets_group(group, member, !member.is_empty());
+                    let name =
+                        crate::protocol::messages::offsets_group(group, member, !member.is_empty());
                     let c = committed
                         .iter()
                         .find(|(g, k, _)| *g == name && *k == key)

@@ -8,7 +8,7 @@
 //! the stop flag (noticed within [`POLL_TIMEOUT`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -16,17 +16,13 @@ use coremq::client::{ConsumedRecord, Consumer};
 
 use crate::producer::payload_timestamp;
 use crate::schedule::Clock;
-use crate::stats::Tally;
+use crate::stats::SharedTally;
 use crate::workload::TIMESTAMP_BYTES;
 
 /// Longest a poll blocks before the stop flag is checked again.
 pub const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Pause after a failed poll before the next one.
 const ERROR_BACKOFF: Duration = Duration::from_millis(100);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// What a consumer thread shares with the main thread.
 #[derive(Debug)]
@@ -37,8 +33,7 @@ pub struct ConsumerShared {
     pub subscription: usize,
     /// Received messages, payload bytes, e2e latencies; `errors` counts
     /// failed polls and payloads too short to carry a timestamp.
-    tally: Mutex<Tally>,
-    first_error: Mutex<Option<String>>,
+    pub tally: SharedTally,
 }
 
 impl ConsumerShared {
@@ -46,30 +41,7 @@ impl ConsumerShared {
         ConsumerShared {
             topic,
             subscription,
-            tally: Mutex::new(Tally::default()),
-            first_error: Mutex::new(None),
-        }
-    }
-
-    /// (messages, payload bytes) received so far, cheaply.
-    pub fn consumed(&self) -> (u64, u64) {
-        let t = lock(&self.tally);
-        (t.messages, t.bytes)
-    }
-
-    pub fn tally(&self) -> Tally {
-        lock(&self.tally).clone()
-    }
-
-    pub fn first_error(&self) -> Option<String> {
-        lock(&self.first_error).clone()
-    }
-
-    fn note_error(&self, e: impl std::fmt::Display) {
-        lock(&self.tally).errors += 1;
-        let mut first = lock(&self.first_error);
-        if first.is_none() {
-            *first = Some(e.to_string());
+            tally: SharedTally::default(),
         }
     }
 
@@ -77,7 +49,7 @@ impl ConsumerShared {
     pub fn record(&self, records: &[ConsumedRecord], now_ns: u64) {
         let mut bad = 0u64;
         {
-            let mut t = lock(&self.tally);
+            let mut t = self.tally.lock();
             for r in records {
                 let value = r.value.as_deref().unwrap_or(&[]);
                 match payload_timestamp(value) {
@@ -91,9 +63,10 @@ impl ConsumerShared {
             }
         }
         if bad > 0 {
-            self.note_error(format!(
-                "{bad} records shorter than the {TIMESTAMP_BYTES}-byte timestamp"
-            ));
+            self.tally.fail(
+                1,
+                format!("{bad} records shorter than the {TIMESTAMP_BYTES}-byte timestamp"),
+            );
         }
     }
 }
@@ -114,7 +87,7 @@ pub fn run(
             }
             Err(e) => {
                 let retriable = e.is_retriable();
-                shared.note_error(format!("poll failed: {e}"));
+                shared.tally.fail(1, format!("poll failed: {e}"));
                 if !retriable {
                     return;
                 }
@@ -146,9 +119,9 @@ mod tests {
         let mut v = vec![0u8; 32];
         v[..8].copy_from_slice(&1_000_000u64.to_be_bytes());
         s.record(&[rec(&v), rec(&v), rec(b"short")], 3_000_000);
-        let t = s.tally();
+        let t = s.tally.snapshot();
         assert_eq!((t.messages, t.bytes, t.errors), (2, 64, 1));
         assert_eq!(t.latency.summary().max, 2_000);
-        assert!(s.first_error().unwrap().contains("shorter"));
+        assert!(s.tally.first_error().unwrap().contains("shorter"));
     }
 }

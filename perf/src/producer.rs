@@ -23,7 +23,7 @@
 //! is failed by closing the connection.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ use coremq::protocol::{Reply, Request};
 use coremq_shards::batch::{BatchBuilder, Compression, RECORDS_PER_BATCH_MAX};
 
 use crate::schedule::{Clock, Pacing};
-use crate::stats::Tally;
+use crate::stats::{lock, SharedTally};
 use crate::workload::TIMESTAMP_BYTES;
 
 /// Bytes a record adds to its payload inside a batch, at most (attributes,
@@ -66,34 +66,27 @@ struct Flight {
     bytes: usize,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Counters stay meaningful even if a thread panicked holding the lock.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// What a producer thread shares with its reply callbacks and the main thread.
 #[derive(Debug)]
 pub struct ProducerShared {
     /// Index of the producer's topic in the run.
     pub topic: usize,
     /// Acked messages, their bytes and latencies; failed messages.
-    tally: Mutex<Tally>,
+    pub tally: SharedTally,
     /// Messages handed to the connection.
     sent: AtomicU64,
     flight: Mutex<Flight>,
     room: Condvar,
-    first_error: Mutex<Option<String>>,
 }
 
 impl ProducerShared {
     pub fn new(topic: usize) -> ProducerShared {
         ProducerShared {
             topic,
-            tally: Mutex::new(Tally::default()),
+            tally: SharedTally::default(),
             sent: AtomicU64::new(0),
             flight: Mutex::new(Flight::default()),
             room: Condvar::new(),
-            first_error: Mutex::new(None),
         }
     }
 
@@ -101,35 +94,9 @@ impl ProducerShared {
         self.sent.load(Ordering::Relaxed)
     }
 
-    /// (acked messages, acked payload bytes), cheaply.
-    pub fn acked(&self) -> (u64, u64) {
-        let t = lock(&self.tally);
-        (t.messages, t.bytes)
-    }
-
-    /// A copy of the tally (histogram included).
-    pub fn tally(&self) -> Tally {
-        lock(&self.tally).clone()
-    }
-
-    pub fn first_error(&self) -> Option<String> {
-        lock(&self.first_error).clone()
-    }
-
     /// Batches sent and not yet answered.
     pub fn in_flight(&self) -> usize {
         lock(&self.flight).batches
-    }
-
-    fn note_error(&self, e: impl std::fmt::Display) {
-        let mut first = lock(&self.first_error);
-        if first.is_none() {
-            *first = Some(e.to_string());
-        }
-    }
-
-    fn add_errors(&self, messages: u64) {
-        lock(&self.tally).errors += messages;
     }
 
     /// Blocks until a batch of `bytes` fits the window, then counts it in.
@@ -168,7 +135,7 @@ impl ProducerShared {
     ) {
         let n = intended.len() as u64;
         let error = {
-            let mut t = lock(&self.tally);
+            let mut t = self.tally.lock();
             match outcome {
                 Ok(Reply::Produce { .. }) => {
                     t.messages += n;
@@ -189,7 +156,7 @@ impl ProducerShared {
             }
         };
         if let Some(e) = error {
-            self.note_error(e);
+            self.tally.note_error(e);
         }
         self.release(batch_bytes);
     }
@@ -315,7 +282,7 @@ impl Producer {
             self.seal(q);
         }
         if !self.shared.wait_idle(ACK_WAIT_MAX) {
-            self.shared.note_error(format!(
+            self.shared.tally.note_error(format!(
                 "{} batches unanswered {ACK_WAIT_MAX:?} after the last send",
                 self.shared.in_flight()
             ));
@@ -414,8 +381,7 @@ impl Producer {
             // The callback will never run: undo and count the failure here.
             self.shared.sent.fetch_sub(n, Ordering::Relaxed);
             self.shared.release(batch_bytes);
-            self.shared.add_errors(n);
-            self.shared.note_error(format!("send failed: {e}"));
+            self.shared.tally.fail(n, format!("send failed: {e}"));
             self.reconnect(route.conn);
         }
     }
@@ -431,6 +397,7 @@ impl Producer {
             Ok(c) => self.spec.conns[idx] = c,
             Err(e) => {
                 self.shared
+                    .tally
                     .note_error(format!("reconnect to {addr} failed: {e}"));
                 thread::sleep(RECONNECT_BACKOFF);
             }
@@ -508,13 +475,13 @@ mod tests {
             2 * 1024,
             100,
         );
-        let t = s.tally();
+        let t = s.tally.snapshot();
         assert_eq!((t.messages, t.bytes, t.errors), (3, 3 * 1024, 2));
         assert_eq!(t.latency.summary().count, 3);
         // Latencies are from each message's own intended time: 5, 4 and 3 ms.
         assert!(t.latency.summary().max.abs_diff(5_000) <= 5); // 3 significant digits
         assert!(t.latency.quantile(0.0).abs_diff(3_000) <= 2);
         assert_eq!(s.in_flight(), 0);
-        assert!(s.first_error().unwrap().contains("closed"));
+        assert!(s.tally.first_error().unwrap().contains("closed"));
     }
 }

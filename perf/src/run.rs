@@ -301,12 +301,12 @@ fn counts(producers: &[Arc<ProducerShared>], consumers: &[Arc<ConsumerShared>]) 
     };
     for p in producers {
         c.sent += p.sent();
-        let (m, b) = p.acked();
+        let (m, b) = p.tally.counts();
         c.acked += m;
         c.acked_bytes += b;
     }
     for s in consumers {
-        let (m, b) = s.consumed();
+        let (m, b) = s.tally.counts();
         c.consumed += m;
         c.consumed_bytes += b;
     }
@@ -322,7 +322,7 @@ fn subscription_progress(
 ) -> Vec<(String, u64, u64)> {
     let mut acked = vec![0u64; topics.len()];
     for p in producers {
-        acked[p.topic] += p.acked().0;
+        acked[p.topic] += p.tally.counts().0;
     }
     let mut out = Vec::new();
     for (t, name) in topics.iter().enumerate() {
@@ -330,7 +330,7 @@ fn subscription_progress(
             let consumed: u64 = consumers
                 .iter()
                 .filter(|c| c.topic == t && c.subscription == s)
-                .map(|c| c.consumed().0)
+                .map(|c| c.tally.counts().0)
                 .sum();
             out.push((format!("{name}/sub-{s}"), consumed, acked[t]));
         }
@@ -452,7 +452,7 @@ fn run_on_topics(
             let tally = merge_all(
                 producers
                     .iter()
-                    .map(|p| p.tally())
+                    .map(|p| p.tally.snapshot())
                     .collect::<Vec<_>>()
                     .iter(),
             );
@@ -496,21 +496,21 @@ fn run_on_topics(
     let publish: Tally = merge_all(
         producers
             .iter()
-            .map(|p| p.tally())
+            .map(|p| p.tally.snapshot())
             .collect::<Vec<_>>()
             .iter(),
     );
     let consume: Tally = merge_all(
         consumers
             .iter()
-            .map(|c| c.tally())
+            .map(|c| c.tally.snapshot())
             .collect::<Vec<_>>()
             .iter(),
     );
     for e in producers
         .iter()
-        .filter_map(|p| p.first_error())
-        .chain(consumers.iter().filter_map(|c| c.first_error()))
+        .filter_map(|p| p.tally.first_error())
+        .chain(consumers.iter().filter_map(|c| c.tally.first_error()))
         .take(5)
     {
         eprintln!("error: {e}");

@@ -9,6 +9,7 @@
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::workload::Workload;
 
@@ -117,6 +118,55 @@ impl Tally {
         self.bytes += other.bytes;
         self.errors += other.errors;
         self.latency.merge(&other.latency);
+    }
+}
+
+/// Locks a mutex; counters stay meaningful even if a thread panicked holding it.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A tally that load threads update and the main thread reads, with the
+/// first error seen (the one worth printing).
+#[derive(Debug, Default)]
+pub struct SharedTally {
+    tally: Mutex<Tally>,
+    first_error: Mutex<Option<String>>,
+}
+
+impl SharedTally {
+    /// The tally, locked for an update.
+    pub fn lock(&self) -> MutexGuard<'_, Tally> {
+        lock(&self.tally)
+    }
+
+    /// (messages, payload bytes) so far, cheaply.
+    pub fn counts(&self) -> (u64, u64) {
+        let t = lock(&self.tally);
+        (t.messages, t.bytes)
+    }
+
+    /// A copy of the tally (histogram included).
+    pub fn snapshot(&self) -> Tally {
+        lock(&self.tally).clone()
+    }
+
+    pub fn first_error(&self) -> Option<String> {
+        lock(&self.first_error).clone()
+    }
+
+    /// Counts `messages` as failed and keeps `e` if it is the first error.
+    pub fn fail(&self, messages: u64, e: impl std::fmt::Display) {
+        lock(&self.tally).errors += messages;
+        self.note_error(e);
+    }
+
+    /// Keeps `e` if it is the first error (without counting a failure).
+    pub fn note_error(&self, e: impl std::fmt::Display) {
+        let mut first = lock(&self.first_error);
+        if first.is_none() {
+            *first = Some(e.to_string());
+        }
     }
 }
 

@@ -121,6 +121,7 @@ impl CommitLog {
     /// torn tail off the last segment and returns what it found.
     pub async fn open(cfg: LogConfig) -> Result<(Rc<CommitLog>, Recovery)> {
         std::fs::create_dir_all(&cfg.dir)?;
+        crate::io_poll::keep_off_polled_ring(&cfg.dir).await?;
         let mut bases: Vec<u64> = std::fs::read_dir(&cfg.dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| segment::parse_file_name(&e.file_name().to_string_lossy()))

@@ -18,6 +18,7 @@ pub mod durable_file;
 pub mod error;
 pub mod group_coordinator;
 pub mod group_offsets;
+pub mod io_poll;
 pub mod notify;
 pub mod producer_state;
 pub mod push_delivery;

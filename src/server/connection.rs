@@ -28,6 +28,10 @@ pub const IN_FLIGHT_BYTES_PER_CONNECTION_MIN: u64 = 64 << 20;
 const REPLY_COALESCE_BYTES_MAX: usize = 64 << 10;
 /// Bytes read from the socket per read call (more when a frame needs it).
 const READ_CHUNK_BYTES: usize = 64 << 10;
+/// A frame at least this long is read into a buffer of its own, and no read
+/// runs past its end: its batch then owns its memory and is stored without
+/// a copy. Smaller frames share read buffers and are copied once.
+const OWN_BUFFER_FRAME_MIN_BYTES: usize = 16 << 10;
 
 struct Outgoing {
     request_id: u32,
@@ -85,6 +89,12 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
 
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let max_frame = ctx.config.max_frame_bytes;
+    // After a large frame the next one is likely large too (a batching
+    // producer): at the boundary, read its length prefix alone first.
+    let mut last_frame_large = false;
+    // Whether frames were split off the front of `buf`'s memory, which the
+    // next frame then shares with them.
+    let mut shared = false;
     'conn: loop {
         // Parse every whole frame already buffered.
         loop {
@@ -112,12 +122,15 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
             }
             // A frame that fills the buffer (and most of its capacity) takes the
             // buffer itself: its batch then owns its memory and is stored
-            // without a copy. Small frames in a big buffer are copied instead,
-            // so the tail cache never pins a mostly empty read buffer.
+            // without a copy (see OWN_BUFFER_FRAME_MIN_BYTES). Frames split off
+            // a shared buffer are copied when stored, so the tail cache never
+            // pins a mostly empty read buffer.
             let whole = FRAME_LEN_BYTES + len;
+            last_frame_large = whole >= OWN_BUFFER_FRAME_MIN_BYTES;
             let mut frame_bytes = if buf.len() == whole && buf.capacity() <= 2 * whole {
                 std::mem::take(&mut buf)
             } else {
+                shared = true;
                 buf.split_to(whole)
             };
             let _ = frame_bytes.split_to(FRAME_LEN_BYTES);
@@ -168,8 +181,30 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
             .detach();
         }
         // Read more.
+        let want = match frame::peek_frame_len(&buf, max_frame) {
+            Ok(Some(len)) if FRAME_LEN_BYTES + len >= OWN_BUFFER_FRAME_MIN_BYTES => {
+                let whole = FRAME_LEN_BYTES + len;
+                // Exactly the rest of this frame, into a buffer of its size.
+                if shared || buf.capacity() < whole {
+                    let mut own = BytesMut::with_capacity(whole);
+                    own.extend_from_slice(&buf);
+                    buf = own;
+                    shared = false;
+                }
+                whole - buf.len()
+            }
+            _ if buf.is_empty() => {
+                buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+                shared = false;
+                if last_frame_large {
+                    FRAME_LEN_BYTES
+                } else {
+                    READ_CHUNK_BYTES
+                }
+            }
+            _ => READ_CHUNK_BYTES.max(buf.capacity() - buf.len()),
+        };
         let start = buf.len();
-        let want = READ_CHUNK_BYTES.max(buf.capacity() - start);
         buf.resize(start + want, 0);
         match reader.read(&mut buf[start..]).await {
             Ok(0) | Err(_) => {

@@ -47,11 +47,18 @@ impl ConsumerShared {
 
     /// Counts the records of one poll, all received at `now_ns`.
     pub fn record(&self, records: &[ConsumedRecord], now_ns: u64) {
+        self.record_payloads(
+            records.iter().map(|r| r.value.as_deref().unwrap_or(&[])),
+            now_ns,
+        );
+    }
+
+    /// Counts payloads received at `now_ns` (any driver's messages).
+    pub fn record_payloads<'a>(&self, payloads: impl IntoIterator<Item = &'a [u8]>, now_ns: u64) {
         let mut bad = 0u64;
         {
             let mut t = self.tally.lock();
-            for r in records {
-                let value = r.value.as_deref().unwrap_or(&[]);
+            for value in payloads {
                 match payload_timestamp(value) {
                     Some(sent_ns) => {
                         t.messages += 1;

@@ -37,6 +37,13 @@ pub enum PerfError {
         context: String,
         source: ClientError,
     },
+    /// A peer broker's client (NATS, RabbitMQ) failed; `context` says what
+    /// was being done.
+    #[error("{context}: {source}")]
+    Peer {
+        context: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -61,6 +68,17 @@ impl PerfError {
         PerfError::Client {
             context: context.into(),
             source,
+        }
+    }
+
+    /// Wraps a peer client's error with what was being attempted.
+    pub fn peer(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> PerfError {
+        PerfError::Peer {
+            context: context.into(),
+            source: source.into(),
         }
     }
 

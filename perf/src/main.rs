@@ -6,11 +6,13 @@
 //! each message's scheduled send time, so a slow broker cannot hide it) and
 //! consumers, and reports throughput and HdrHistogram latency percentiles —
 //! publish (send → ack) and end-to-end (send → consumer) — on stdout and,
-//! with `--json`, as a JSON file. Exit status: 0 if every message sent was
-//! acked and consumed without errors, 1 if not (or if the run failed), 2 for
-//! a usage error.
+//! with `--json`, as a JSON file. `--driver nats|rabbitmq` runs the same
+//! workload against NATS JetStream or RabbitMQ streams (see `drivers/`).
+//! Exit status: 0 if every message sent was acked and consumed without
+//! errors, 1 if not (or if the run failed), 2 for a usage error.
 
 mod consumer;
+mod drivers;
 mod error;
 mod producer;
 mod rss;
@@ -25,13 +27,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::drivers::Driver;
 use crate::error::PerfError;
 use crate::producer::CLOSED_LOOP_WINDOW_DEFAULT;
 use crate::run::{RunOptions, DRAIN_S_DEFAULT};
 use crate::workload::{FlushMode, Overrides, Workload, WorkloadFile};
 
-/// Default broker address (the broker's default listen address).
-const BROKER_DEFAULT: &str = "127.0.0.1:9700";
 /// Exit status of a run that completed but failed its checks, or broke.
 const EXIT_FAILED: u8 = 1;
 /// Exit status of a usage error (bad flag, workload file or value).
@@ -58,9 +59,12 @@ struct RunArgs {
     /// Benchmark field names; flags override its fields
     #[arg(long, value_name = "FILE")]
     workload: Option<PathBuf>,
-    /// Broker address
-    #[arg(long, value_name = "ADDR", default_value = BROKER_DEFAULT)]
-    broker: String,
+    /// Broker to drive: coremq, NATS JetStream or RabbitMQ streams
+    #[arg(long, value_enum, default_value_t = Driver::Coremq)]
+    driver: Driver,
+    /// Broker address [default: 127.0.0.1:9700 for coremq, 127.0.0.1:4222 for nats, 127.0.0.1:5552 for rabbitmq]
+    #[arg(long, value_name = "ADDR")]
+    broker: Option<String>,
     /// Write the report as JSON to this file
     #[arg(long, value_name = "OUT")]
     json: Option<PathBuf>,
@@ -152,7 +156,11 @@ impl RunArgs {
             return Err(PerfError::Invalid("--window must be at least 1".into()));
         }
         Ok(RunOptions {
-            broker: self.broker.clone(),
+            driver: self.driver,
+            broker: self
+                .broker
+                .clone()
+                .unwrap_or_else(|| self.driver.default_broker().to_string()),
             workload,
             topic_prefix: self.topic_prefix.clone(),
             broker_pid: self.broker_pid,
@@ -166,6 +174,7 @@ impl RunArgs {
 fn run(args: &RunArgs) -> Result<bool, PerfError> {
     let opts = args.options()?;
     let report = run::run(&opts)?;
+    println!("driver: {} at {}", opts.driver, opts.broker);
     print!("{}", run::summary_text(&report));
     if let Some(path) = &args.json {
         run::write_json(&report, path)?;
@@ -228,8 +237,25 @@ mod tests {
         // From the file.
         assert_eq!(o.workload.message_size, 1024);
         assert_eq!(o.workload.batch_bytes, 65536);
-        assert_eq!(o.broker, BROKER_DEFAULT);
+        assert_eq!(o.driver, Driver::Coremq);
+        assert_eq!(o.broker, "127.0.0.1:9700");
         assert!(!o.shard_direct);
+    }
+
+    #[test]
+    fn the_broker_address_follows_the_driver() {
+        let o = parse(&["--driver", "nats"]).options().unwrap();
+        assert_eq!(
+            (o.driver, o.broker.as_str()),
+            (Driver::Nats, "127.0.0.1:4222")
+        );
+        let o = parse(&["--driver", "rabbitmq"]).options().unwrap();
+        assert_eq!(o.broker, "127.0.0.1:5552");
+        let o = parse(&["--driver", "rabbitmq", "--broker", "127.0.0.1:15552"])
+            .options()
+            .unwrap();
+        assert_eq!(o.broker, "127.0.0.1:15552");
+        assert!(Cli::try_parse_from(["coremq-perf", "run", "--driver", "kafka"]).is_err());
     }
 
     #[test]

@@ -100,7 +100,7 @@ impl ProducerShared {
     }
 
     /// Blocks until a batch of `bytes` fits the window, then counts it in.
-    fn acquire(&self, window: Window, bytes: usize) {
+    pub(crate) fn acquire(&self, window: Window, bytes: usize) {
         let mut f = lock(&self.flight);
         loop {
             let fits = match window {
@@ -116,11 +116,48 @@ impl ProducerShared {
         f.bytes += bytes;
     }
 
-    fn release(&self, bytes: usize) {
+    pub(crate) fn release(&self, bytes: usize) {
         let mut f = lock(&self.flight);
         f.batches = f.batches.saturating_sub(1);
         f.bytes = f.bytes.saturating_sub(bytes);
         self.room.notify_all();
+    }
+
+    /// Counts `n` messages as handed to the client (before the send: the
+    /// ack may beat the send's return).
+    pub(crate) fn count_sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes back [`ProducerShared::count_sent`] for messages that never left.
+    pub(crate) fn uncount_sent(&self, n: u64) {
+        self.sent.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// One batch acked at `ack_ns`: every message's latency (from its
+    /// intended time) is recorded and the batch leaves the window.
+    pub(crate) fn acked(
+        &self,
+        intended: &[u64],
+        ack_ns: u64,
+        payload_bytes: u64,
+        batch_bytes: usize,
+    ) {
+        {
+            let mut t = self.tally.lock();
+            t.messages += intended.len() as u64;
+            t.bytes += payload_bytes;
+            for &i in intended {
+                t.latency.record_between_ns(i, ack_ns);
+            }
+        }
+        self.release(batch_bytes);
+    }
+
+    /// One batch of `messages` failed: counted as errors, out of the window.
+    pub(crate) fn failed(&self, messages: u64, batch_bytes: usize, e: impl std::fmt::Display) {
+        self.tally.fail(messages, e);
+        self.release(batch_bytes);
     }
 
     /// Applies the reply to one batch: on success every message's latency
@@ -134,35 +171,19 @@ impl ProducerShared {
         batch_bytes: usize,
     ) {
         let n = intended.len() as u64;
-        let error = {
-            let mut t = self.tally.lock();
-            match outcome {
-                Ok(Reply::Produce { .. }) => {
-                    t.messages += n;
-                    t.bytes += payload_bytes;
-                    for &i in intended {
-                        t.latency.record_between_ns(i, ack_ns);
-                    }
-                    None
-                }
-                Ok(other) => {
-                    t.errors += n;
-                    Some(format!("unexpected reply to a produce: {other:?}"))
-                }
-                Err(e) => {
-                    t.errors += n;
-                    Some(format!("produce failed: {e}"))
-                }
-            }
-        };
-        if let Some(e) = error {
-            self.tally.note_error(e);
+        match outcome {
+            Ok(Reply::Produce { .. }) => self.acked(intended, ack_ns, payload_bytes, batch_bytes),
+            Ok(other) => self.failed(
+                n,
+                batch_bytes,
+                format!("unexpected reply to a produce: {other:?}"),
+            ),
+            Err(e) => self.failed(n, batch_bytes, format!("produce failed: {e}")),
         }
-        self.release(batch_bytes);
     }
 
     /// Waits up to `timeout` for every sent batch to be answered.
-    fn wait_idle(&self, timeout: Duration) -> bool {
+    pub(crate) fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut f = lock(&self.flight);
         while f.batches > 0 {
@@ -365,8 +386,7 @@ impl Producer {
         let clock = self.spec.clock;
         let payload_bytes = n * self.spec.message_size as u64;
         let intended = b.intended;
-        // Counted before sending: the reply may beat `send_with`'s return.
-        self.shared.sent.fetch_add(n, Ordering::Relaxed);
+        self.shared.count_sent(n);
         let result = self.spec.conns[route.conn].send_with(&req, move |c| {
             let ack_ns = clock.now_ns();
             shared.complete(
@@ -379,9 +399,9 @@ impl Producer {
         });
         if let Err(e) = result {
             // The callback will never run: undo and count the failure here.
-            self.shared.sent.fetch_sub(n, Ordering::Relaxed);
-            self.shared.release(batch_bytes);
-            self.shared.tally.fail(n, format!("send failed: {e}"));
+            self.shared.uncount_sent(n);
+            self.shared
+                .failed(n, batch_bytes, format!("send failed: {e}"));
             self.reconnect(route.conn);
         }
     }

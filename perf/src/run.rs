@@ -16,6 +16,12 @@
 //! consumer one per shard it reads from (a consumer thread per shard), so no
 //! request crosses cores inside the broker; `--no-shard-direct` sends
 //! everything through the shared port, as a shard-unaware client would.
+//!
+//! That is the coremq driver. The peer drivers (`--driver nats|rabbitmq`,
+//! in `drivers/`) set up their own brokers' topics and clients and hand
+//! their started producers and consumers to the same [`supervise`], so
+//! every driver shares the schedule, the progress lines, the drain and the
+//! report.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,6 +36,7 @@ use coremq::protocol::{QueueInfo, TopicInfo, TopicSpec};
 use coremq_shards::batch::BATCH_HEADER_BYTES;
 
 use crate::consumer::{self, ConsumerShared};
+use crate::drivers::{self, Driver};
 use crate::error::PerfError;
 use crate::producer::{
     Producer, ProducerShared, ProducerSpec, Route, Window, OPEN_LOOP_IN_FLIGHT_BYTES_MAX,
@@ -55,6 +62,8 @@ const NANOS_PER_SEC: f64 = 1e9;
 /// How to run, besides the workload itself.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// Which broker (client) the run drives.
+    pub driver: Driver,
     pub broker: String,
     pub workload: Workload,
     pub topic_prefix: String,
@@ -67,7 +76,7 @@ pub struct RunOptions {
     pub shard_direct: bool,
 }
 
-fn to_ns(d: Duration) -> u64 {
+pub(crate) fn to_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -106,6 +115,30 @@ pub fn check_fits(w: &Workload, max_message_bytes: u64) -> Result<(), PerfError>
     Ok(())
 }
 
+/// The names of the run's topics: `PREFIX-<unix ms>-<pid>-<n>`.
+pub(crate) fn topic_names(opts: &RunOptions, clock: &Clock) -> Vec<String> {
+    let stamp_ms = clock.now_ns() / 1_000_000;
+    let pid = std::process::id();
+    (0..opts.workload.topics)
+        .map(|t| format!("{}-{stamp_ms}-{pid}-{t}", opts.topic_prefix))
+        .collect()
+}
+
+/// Producer `index`'s pacing: its staggered share of the aggregate rate
+/// (open loop), or as fast as its window allows (closed loop).
+pub(crate) fn pacing(w: &Workload, start_ns: u64, index: usize) -> Pacing {
+    if w.open_loop() {
+        Pacing::Open(Schedule::staggered(
+            start_ns,
+            w.producer_rate,
+            index as u64,
+            w.total_producers(),
+        ))
+    } else {
+        Pacing::Closed
+    }
+}
+
 /// The run's topics; deleted when dropped (best effort, reported on stderr).
 struct Topics<'a> {
     admin: &'a Admin,
@@ -115,17 +148,12 @@ struct Topics<'a> {
 impl<'a> Topics<'a> {
     fn create(admin: &'a Admin, opts: &RunOptions, clock: &Clock) -> Result<Topics<'a>, PerfError> {
         let w = &opts.workload;
-        let stamp_ms = clock.now_ns() / 1_000_000;
+        let names = topic_names(opts, clock);
         let mut topics = Topics {
             admin,
             infos: Vec::new(),
         };
-        for t in 0..w.topics {
-            let name = format!(
-                "{}-{stamp_ms}-{}-{t}",
-                opts.topic_prefix,
-                std::process::id()
-            );
+        for name in names {
             let spec = TopicSpec {
                 name: name.clone(),
                 queues: w.partitions_per_topic,
@@ -226,13 +254,61 @@ impl Drop for Threads {
     }
 }
 
+/// What a driver started, as [`supervise`] needs to end it.
+pub trait Workers {
+    /// Waits for every producer to finish (each collects its outstanding
+    /// acks, or gives up on them, before it returns).
+    fn join_producers(&mut self) -> Result<(), PerfError>;
+    /// Stops the consumers and waits for them.
+    fn stop_consumers(&mut self) -> Result<(), PerfError>;
+}
+
+impl Workers for Threads {
+    fn join_producers(&mut self) -> Result<(), PerfError> {
+        Threads::join_producers(self)
+    }
+
+    fn stop_consumers(&mut self) -> Result<(), PerfError> {
+        Threads::stop_consumers(self)
+    }
+}
+
+/// A run whose producers and consumers are started, as any driver hands it
+/// to [`supervise`].
+pub struct Launched {
+    /// The topics, in the order of the `topic` indices of the shared state.
+    pub names: Vec<String>,
+    pub producers: Vec<Arc<ProducerShared>>,
+    pub consumers: Vec<Arc<ConsumerShared>>,
+    /// First intended send (ns since the epoch).
+    pub start_ns: u64,
+    /// End of the measured window.
+    pub end_ns: u64,
+}
+
 /// Runs the benchmark and returns its report (also when its checks fail).
+/// The broker's RSS is sampled whatever the driver.
 pub fn run(opts: &RunOptions) -> Result<Report, PerfError> {
     let clock = Clock::new()?;
     let rss = match opts.broker_pid {
         Some(pid) => Some(RssSampler::start(pid)?),
         None => None,
     };
+    let result = match opts.driver {
+        Driver::Coremq => run_coremq(opts, clock),
+        Driver::Nats => drivers::nats::run(opts, clock),
+        Driver::Rabbitmq => drivers::rabbitmq::run(opts, clock),
+    };
+    let rss_max = rss.and_then(RssSampler::finish);
+    let mut report = result?;
+    report.broker_rss_mb_max = rss_max.map(|m| m.rss_mb);
+    report.broker_rss_anon_mb_max = rss_max.and_then(|m| m.anon_mb);
+    Ok(report)
+}
+
+/// The coremq driver: topics through the admin API, thread-based
+/// producers that batch themselves, library consumers.
+fn run_coremq(opts: &RunOptions, clock: Clock) -> Result<Report, PerfError> {
     let admin = Admin::connect(&opts.broker).map_err(|e| {
         PerfError::client(
             format!("cannot connect to the broker at {}", opts.broker),
@@ -246,11 +322,7 @@ pub fn run(opts: &RunOptions) -> Result<Report, PerfError> {
     let topics = Topics::create(&admin, opts, &clock)?;
     let result = run_on_topics(opts, &topics, clock);
     drop(topics);
-    let rss_max = rss.and_then(RssSampler::finish);
-    let mut report = result?;
-    report.broker_rss_mb_max = rss_max.map(|m| m.rss_mb);
-    report.broker_rss_anon_mb_max = rss_max.and_then(|m| m.anon_mb);
-    Ok(report)
+    result
 }
 
 /// Connections and routes of one producer over the queues of `info`.
@@ -399,7 +471,6 @@ fn run_on_topics(
 
     let start_ns = clock.now_ns() + to_ns(START_DELAY);
     let end_ns = start_ns + to_ns(w.duration());
-    let total_producers = w.total_producers();
     let window = if w.open_loop() {
         Window::Bytes(OPEN_LOOP_IN_FLIGHT_BYTES_MAX)
     } else {
@@ -407,22 +478,12 @@ fn run_on_topics(
     };
     let mut producers: Vec<Arc<ProducerShared>> = Vec::new();
     for (i, (t, topic, conns, routes)) in producer_conns.into_iter().enumerate() {
-        let pacing = if w.open_loop() {
-            Pacing::Open(Schedule::staggered(
-                start_ns,
-                w.producer_rate,
-                i as u64,
-                total_producers,
-            ))
-        } else {
-            Pacing::Closed
-        };
         let shared = Arc::new(ProducerShared::new(t));
         let spec = ProducerSpec {
             topic,
             routes,
             conns,
-            pacing,
+            pacing: pacing(w, start_ns, i),
             start_ns,
             end_ns,
             message_size: w.message_size,
@@ -435,6 +496,35 @@ fn run_on_topics(
         producers.push(Arc::clone(&shared));
         threads.spawn_producer(format!("perf-p{i}"), Producer::new(spec, shared))?;
     }
+    let launched = Launched {
+        names,
+        producers,
+        consumers,
+        start_ns,
+        end_ns,
+    };
+    supervise(opts, clock, &launched, &mut threads)
+}
+
+/// The part of a run every driver shares, once its producers and consumers
+/// are going: progress lines until the measured window ends, the rates
+/// taken then, the producers' outstanding acks, the consumers' drain, and
+/// the report.
+pub fn supervise(
+    opts: &RunOptions,
+    clock: Clock,
+    launched: &Launched,
+    workers: &mut dyn Workers,
+) -> Result<Report, PerfError> {
+    let w = &opts.workload;
+    let Launched {
+        names,
+        producers,
+        consumers,
+        start_ns,
+        end_ns,
+    } = launched;
+    let (start_ns, end_ns) = (*start_ns, *end_ns);
 
     // Progress until the measured window ends.
     let interval_ns = to_ns(PROGRESS_INTERVAL);
@@ -447,7 +537,7 @@ fn run_on_topics(
             break;
         }
         if now >= next_progress {
-            let c = counts(&producers, &consumers);
+            let c = counts(producers, consumers);
             let secs = (now - last.0) as f64 / NANOS_PER_SEC;
             let tally = merge_all(
                 producers
@@ -472,15 +562,15 @@ fn run_on_topics(
         }
         clock.sleep_until(next_progress.min(end_ns));
     }
-    let window_counts = counts(&producers, &consumers);
+    let window_counts = counts(producers, consumers);
     let measured_seconds = (clock.now_ns() - start_ns) as f64 / NANOS_PER_SEC;
 
     // Outstanding acks, then the consumers' drain.
-    threads.join_producers()?;
+    workers.join_producers()?;
     let drain_end = clock.now_ns() + to_ns(opts.drain);
     loop {
         let progress =
-            subscription_progress(&names, w.subscriptions_per_topic, &producers, &consumers);
+            subscription_progress(names, w.subscriptions_per_topic, producers, consumers);
         let caught_up = progress
             .iter()
             .all(|(_, consumed, acked)| consumed >= acked);
@@ -489,10 +579,10 @@ fn run_on_topics(
         }
         thread::sleep(DRAIN_POLL);
     }
-    threads.stop_consumers()?;
+    workers.stop_consumers()?;
 
     // The report.
-    let final_counts = counts(&producers, &consumers);
+    let final_counts = counts(producers, consumers);
     let publish: Tally = merge_all(
         producers
             .iter()
@@ -515,7 +605,7 @@ fn run_on_topics(
     {
         eprintln!("error: {e}");
     }
-    let progress = subscription_progress(&names, w.subscriptions_per_topic, &producers, &consumers);
+    let progress = subscription_progress(names, w.subscriptions_per_topic, producers, consumers);
     let errors = publish.errors + consume.errors;
     let failures = check(final_counts.sent, final_counts.acked, errors, &progress);
     let (publish_msgs_per_s, publish_mb_per_s) = rates(
@@ -545,7 +635,7 @@ fn run_on_topics(
         open_loop: w.open_loop(),
         measured_seconds,
         broker: opts.broker.clone(),
-        topics: names,
+        topics: names.clone(),
         workload: w.clone(),
         broker_rss_mb_max: None,
         broker_rss_anon_mb_max: None,

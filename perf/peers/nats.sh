@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Starts or stops a nats-server with JetStream (file storage) for
+# `coremq-perf run --driver nats`.
+#
+#   perf/peers/nats.sh start DIR [--port N] [--sync]   # prints the server's PID
+#   perf/peers/nats.sh stop DIR
+#
+# start: installs Debian's nats-server with apt-get if it is missing, writes
+# DIR/nats.conf (client port on 127.0.0.1 only, JetStream store in
+# DIR/jetstream), starts the server in the background (log in DIR/nats.log),
+# waits until it logs that it is ready and prints its PID on stdout (nothing
+# else goes to stdout). If DIR's server is already running it just prints
+# its PID. --sync asks for an fsync of every write (`sync_interval: always`);
+# nats-server before 2.10 (Debian bookworm has 2.9.10) has no such option:
+# then a warning says so and the server runs with its default background
+# sync. stop: SIGTERM, then SIGKILL after STOP_TIMEOUT_S; nothing to do if
+# it is not running. Both are idempotent and bounded in time.
+set -euo pipefail
+
+PORT_DEFAULT=4222
+# Longest wait for the server to be ready, in seconds.
+START_TIMEOUT_S=${START_TIMEOUT_S:-30}
+# Longest wait for the server to exit after SIGTERM, in seconds.
+STOP_TIMEOUT_S=${STOP_TIMEOUT_S:-30}
+# Longest an apt-get step may take, in seconds.
+INSTALL_TIMEOUT_S=${INSTALL_TIMEOUT_S:-600}
+
+usage() {
+    echo "usage: $0 start DIR [--port N] [--sync] | $0 stop DIR" >&2
+    exit 2
+}
+
+log() { echo "nats.sh: $*" >&2; }
+
+# Whether PID runs (a zombie does not: its parent may never reap it).
+alive() {
+    local state
+    state=$(sed -n 's/^[0-9]* ([^)]*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null || true)
+    [[ -n "$state" && "$state" != Z ]]
+}
+
+# Whether PID is alive and is a nats-server (not a recycled pid).
+is_ours() {
+    local pid=$1
+    [[ -n "$pid" ]] && alive "$pid" &&
+        [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == nats-server ]]
+}
+
+running_pid() {
+    local pid
+    pid=$(cat "$1/nats.pid" 2>/dev/null || true)
+    if is_ours "$pid"; then echo "$pid"; fi
+}
+
+install_if_missing() {
+    command -v nats-server >/dev/null && return 0
+    log "installing nats-server with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! timeout "$INSTALL_TIMEOUT_S" apt-get install -y -q nats-server >&2; then
+        timeout "$INSTALL_TIMEOUT_S" apt-get update -q >&2
+        timeout "$INSTALL_TIMEOUT_S" apt-get install -y -q nats-server >&2
+    fi
+    # Where the package started its own service (systemd machines), stop it:
+    # it would hold the default port.
+    if command -v systemctl >/dev/null && systemctl is-active --quiet nats-server 2>/dev/null; then
+        log "stopping the nats-server service the package started"
+        systemctl stop nats-server >&2 || true
+    fi
+}
+
+# Whether this nats-server knows `sync_interval` (2.10 and later).
+supports_sync_interval() {
+    local v major minor
+    v=$(nats-server --version | sed -n 's/.*v\([0-9]*\.[0-9]*\).*/\1/p')
+    major=${v%%.*}
+    minor=${v#*.}
+    [[ -n "$major" && -n "$minor" ]] && ((major > 2 || (major == 2 && minor >= 10)))
+}
+
+start() {
+    local dir=$1 port=$PORT_DEFAULT sync=0
+    shift
+    while (($#)); do
+        case $1 in
+        --port) port=${2:?--port needs a value}; shift 2 ;;
+        --sync) sync=1; shift ;;
+        *) usage ;;
+        esac
+    done
+    mkdir -p "$dir"
+    dir=$(cd "$dir" && pwd)
+    local pid
+    pid=$(running_pid "$dir")
+    if [[ -n "$pid" ]]; then
+        log "already running in $dir"
+        echo "$pid"
+        return 0
+    fi
+    install_if_missing
+    local sync_line=""
+    if ((sync)); then
+        if supports_sync_interval; then
+            sync_line="  sync_interval: always"
+        else
+            log "warning: $(nats-server --version) has no sync_interval: every write is NOT fsync'd (background sync only)"
+        fi
+    fi
+    cat >"$dir/nats.conf" <<EOF
+# Written by perf/peers/nats.sh.
+listen: 127.0.0.1:$port
+max_payload: 8MB
+jetstream {
+  store_dir: "$dir/jetstream"
+$sync_line
+}
+EOF
+    : >"$dir/nats.log"
+    setsid nats-server -c "$dir/nats.conf" -l "$dir/nats.log" </dev/null >>"$dir/nats.out" 2>&1 &
+    pid=$!
+    echo "$pid" >"$dir/nats.pid"
+    local deadline=$((SECONDS + START_TIMEOUT_S))
+    until grep -q "Server is ready" "$dir/nats.log" 2>/dev/null; do
+        if ! alive "$pid"; then
+            log "nats-server exited during startup:"
+            tail -n 20 "$dir/nats.out" "$dir/nats.log" >&2 || true
+            exit 1
+        fi
+        if ((SECONDS >= deadline)); then
+            log "nats-server not ready after ${START_TIMEOUT_S}s; stopping it"
+            tail -n 20 "$dir/nats.log" >&2 || true
+            stop "$dir"
+            exit 1
+        fi
+        sleep 0.1
+    done
+    log "nats-server $(nats-server --version | sed 's/^nats-server: //') ready on 127.0.0.1:$port, pid $pid, data in $dir/jetstream"
+    echo "$pid"
+}
+
+stop() {
+    local dir=$1 pid
+    pid=$(running_pid "$dir")
+    if [[ -z "$pid" ]]; then
+        rm -f "$dir/nats.pid"
+        return 0
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + STOP_TIMEOUT_S))
+    while alive "$pid"; do
+        if ((SECONDS >= deadline)); then
+            log "nats-server $pid still running after ${STOP_TIMEOUT_S}s; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.1
+    done
+    rm -f "$dir/nats.pid"
+}
+
+(($# >= 2)) || usage
+cmd=$1 dir=$2
+shift 2
+case $cmd in
+start) start "$dir" "$@" ;;
+stop) (($# == 0)) || usage; stop "$dir" ;;
+*) usage ;;
+esac

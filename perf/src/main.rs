@@ -14,6 +14,7 @@
 mod consumer;
 mod drivers;
 mod error;
+mod plot;
 mod producer;
 mod rss;
 mod run;
@@ -51,6 +52,8 @@ struct Cli {
 enum Command {
     /// Run one workload against a running broker and report throughput and latency.
     Run(RunArgs),
+    /// Draw a latency-percentile chart (.svg or .png) from run reports.
+    Plot(plot::PlotArgs),
 }
 
 #[derive(Args)]
@@ -197,6 +200,20 @@ fn main() -> ExitCode {
                 })
             }
         },
+        Command::Plot(args) => match plot::run(&args) {
+            Ok(()) => {
+                eprintln!("wrote {}", args.out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(if e.is_usage() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILED
+                })
+            }
+        },
     }
 }
 
@@ -209,6 +226,7 @@ mod tests {
         all.extend_from_slice(args);
         match Cli::try_parse_from(all).unwrap().command {
             Command::Run(a) => a,
+            Command::Plot(_) => unreachable!("parsed a run command"),
         }
     }
 

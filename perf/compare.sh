@@ -148,7 +148,13 @@ broker_pid=""    # a coremq broker
 peer_running=""  # a peer name whose start script succeeded
 peer_dir=""
 system_dir=""    # the current system's data directory
+perf_pid=""      # a coremq-perf run (under timeout)
 stop_system() {
+    if [[ -n "$perf_pid" ]]; then
+        kill -TERM "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+        perf_pid=""
+    fi
     if [[ -n "$broker_pid" ]]; then
         kill -TERM "$broker_pid" 2>/dev/null || true
         local i
@@ -330,7 +336,12 @@ run_perf() { # system, pid, addr, driver args...
     echo "\$ ${cmd[*]}" >"$out/$system.log"
     note "running $system (--duration-s ${duration:-from the workload})"
     local rc=0
-    timeout -k 10 "$limit" "${cmd[@]}" 2>&1 | tee -a "$out/$system.log" >&2 || rc=${PIPESTATUS[0]}
+    # In the background, so that a signal to this script acts at once (bash
+    # runs traps only between foreground commands); the trap stops it.
+    timeout -k 10 "$limit" "${cmd[@]}" > >(tee -a "$out/$system.log" >&2) 2>&1 &
+    perf_pid=$!
+    wait "$perf_pid" || rc=$?
+    perf_pid=""
     echo "$system $rc" >>"$out/exit-status.txt"
     [[ $rc -eq 0 ]] || note "$system: coremq-perf exited $rc (see $out/$system.log)"
 }
@@ -495,7 +506,7 @@ if limits and w.get("flush") == "sync":
     lines.append("")
 lines += ["![latency percentiles](latency.svg)", ""]
 lines.append(
-    "Files: limits.json, " + ", ".join(f"{s}.json" for s in systems)
+    "Files: " + ("limits.json, " if limits else "") + ", ".join(f"{s}.json" for s in systems)
     + ", the logs (*.log), latency.svg, latency.png."
 )
 print("\n".join(lines))

@@ -6,8 +6,9 @@
 //!   the subjects `<topic>.<p>` (the stream captures `<topic>.*`);
 //! - each producer has its own connection and publishes every message with
 //!   an ack (`publish` returns a `PublishAckFuture`): the ack futures are
-//!   awaited by tasks on the runtime, so publishes are pipelined, and each
-//!   message's latency is its intended send time to its ack;
+//!   awaited together by one task per producer on the runtime, so
+//!   publishes are pipelined, and each message's latency is its intended
+//!   send time to its ack;
 //! - each subscription is one durable pull consumer (`sub-<s>`) on the
 //!   stream, from the first message; each of the subscription's consumers
 //!   pulls from it on its own connection. nats-server 2.9 requires acks on a
@@ -26,13 +27,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::context::ContextBuilder;
+use async_nats::jetstream::context::{ContextBuilder, PublishAckFuture, PublishError};
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, Context};
 use async_nats::{Client, Subject};
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::runtime::{Handle, Runtime};
+use tokio::sync::mpsc;
 
 use crate::consumer::{ConsumerShared, POLL_TIMEOUT};
 use crate::drivers::{
@@ -180,14 +183,70 @@ pub fn run(opts: &RunOptions, clock: Clock) -> Result<Report, PerfError> {
     result
 }
 
-/// One producer's client: its own connection and JetStream context.
+/// A publish whose ack is awaited, with the message's intended send time.
+type PendingAck = (PublishAckFuture, u64);
+
+/// One producer's client: its own connection and JetStream context, and
+/// the channel to the task that awaits its acks.
 struct NatsSink {
     handle: Handle,
     js: Context,
     /// Subject of each partition.
     subjects: Vec<Subject>,
+    acks: mpsc::UnboundedSender<PendingAck>,
+}
+
+impl NatsSink {
+    fn new(
+        handle: Handle,
+        js: Context,
+        subjects: Vec<Subject>,
+        clock: Clock,
+        shared: Arc<ProducerShared>,
+        message_size: usize,
+    ) -> NatsSink {
+        let (acks, pending) = mpsc::unbounded_channel();
+        handle.spawn(collect_acks(pending, clock, shared, message_size));
+        NatsSink {
+            handle,
+            js,
+            subjects,
+            acks,
+        }
+    }
+}
+
+/// Awaits a producer's acks, all of them at once, and records each as it
+/// comes. One task per producer rather than one per message: a task per
+/// message cost as much CPU as nats-server itself on this machine.
+async fn collect_acks(
+    mut incoming: mpsc::UnboundedReceiver<PendingAck>,
     clock: Clock,
     shared: Arc<ProducerShared>,
+    size: usize,
+) {
+    let mut pending = FuturesUnordered::new();
+    let record = |(outcome, intended): (Result<_, PublishError>, u64)| {
+        let ack_ns = clock.now_ns();
+        match outcome {
+            Ok(_) => shared.acked(&[intended], ack_ns, size as u64, size),
+            Err(e) => shared.failed(1, size, format!("publish failed: {e}")),
+        }
+    };
+    loop {
+        tokio::select! {
+            next = incoming.recv() => match next {
+                Some((ack, intended)) => {
+                    pending.push(async move { (ack.await, intended) });
+                }
+                None => break,
+            },
+            Some(done) = pending.next(), if !pending.is_empty() => record(done),
+        }
+    }
+    while let Some(done) = pending.next().await {
+        record(done);
+    }
 }
 
 impl PeerSend for NatsSink {
@@ -204,20 +263,14 @@ impl PeerSend for NatsSink {
             .handle
             .block_on(self.js.publish(subject, body))
             .map_err(|e| e.to_string())?;
-        let (shared, clock, size) = (Arc::clone(&self.shared), self.clock, payload.len());
-        self.handle.spawn(async move {
-            let outcome = ack.await;
-            let ack_ns = clock.now_ns();
-            match outcome {
-                Ok(_) => shared.acked(&[intended_ns], ack_ns, size as u64, size),
-                Err(e) => shared.failed(1, size, format!("publish failed: {e}")),
-            }
-        });
-        Ok(())
+        self.acks
+            .send((ack, intended_ns))
+            .map_err(|_| "the ack collector is gone".to_string())
     }
 
     fn close(&mut self) {
-        // Every ack is in; nothing is buffered in the client.
+        // Every ack is in (or given up on); the collector ends with the
+        // sink's channel.
     }
 }
 
@@ -346,13 +399,14 @@ fn run_on_streams(
     let mut producers = Vec::new();
     for (i, (t, js, subjects)) in producer_jobs.into_iter().enumerate() {
         let shared = Arc::new(ProducerShared::new(t));
-        let sink = NatsSink {
-            handle: rt.handle().clone(),
+        let sink = NatsSink::new(
+            rt.handle().clone(),
             js,
             subjects,
             clock,
-            shared: Arc::clone(&shared),
-        };
+            Arc::clone(&shared),
+            w.message_size,
+        );
         let p = PeerProducer {
             sink,
             partitions: w.partitions_per_topic as usize,

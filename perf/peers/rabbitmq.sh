@@ -30,6 +30,8 @@ DIST_PORT_OFFSET=20000
 START_TIMEOUT_S=${START_TIMEOUT_S:-90}
 # Longest wait for the node to exit after SIGTERM, in seconds.
 STOP_TIMEOUT_S=${STOP_TIMEOUT_S:-60}
+# Longest wait for epmd to forget a stopped node, in seconds.
+EPMD_UNREGISTER_S=5
 # Longest an apt-get step may take, in seconds.
 INSTALL_TIMEOUT_S=${INSTALL_TIMEOUT_S:-600}
 # Where Debian puts the server's own scripts (not the su wrappers in /usr/sbin).
@@ -193,6 +195,11 @@ stop() {
     local epmd
     epmd=$(pid_from "$dir/epmd.pid" epmd)
     if [[ -n "$epmd" ]]; then
+        # The node's name may take a moment to go after the node has.
+        local names_deadline=$((SECONDS + EPMD_UNREGISTER_S))
+        while epmd -names 2>/dev/null | grep -q "^name " && ((SECONDS < names_deadline)); do
+            sleep 0.2
+        done
         if epmd -names 2>/dev/null | grep -q "^name "; then
             log "leaving epmd $epmd running: other nodes use it"
         else

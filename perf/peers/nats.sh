@@ -17,6 +17,9 @@
 # it is not running. Both are idempotent and bounded in time.
 set -euo pipefail
 
+# Debian installs the servers (and epmd's helpers) in sbin, which a
+# non-login PATH may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 PORT_DEFAULT=4222
 # Longest wait for the server to be ready, in seconds.
 START_TIMEOUT_S=${START_TIMEOUT_S:-30}

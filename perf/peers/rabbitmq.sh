@@ -23,6 +23,9 @@
 # file:write and confirms); there is no setting that would make them.
 set -euo pipefail
 
+# Debian installs the servers (and epmd's helpers) in sbin, which a
+# non-login PATH may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 PORT_DEFAULT=5552
 # Erlang distribution port = stream port + this.
 DIST_PORT_OFFSET=20000

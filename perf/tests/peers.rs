@@ -29,6 +29,8 @@ const EXIT_POLL: Duration = Duration::from_millis(50);
 const RABBITMQ_DIST_PORT_OFFSET: u16 = 20_000;
 /// Ports tried for RabbitMQ: low enough that the distribution port fits.
 const RABBITMQ_PORTS: std::ops::Range<u16> = 21_000..45_000;
+/// Where Debian installs nats-server (the scripts look there too).
+const NATS_SERVER_SBIN: &str = "/usr/sbin/nats-server";
 /// Where Debian installs RabbitMQ's own scripts.
 const RABBITMQ_BIN: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 
@@ -244,7 +246,7 @@ fn smoke(driver: &str, peer: &Peer) {
 
 #[test]
 fn nats_jetstream_smoke() {
-    if !on_path("nats-server") {
+    if !on_path("nats-server") && !Path::new(NATS_SERVER_SBIN).is_file() {
         eprintln!(
             "SKIPPED nats_jetstream_smoke: nats-server is not installed \
              (apt-get install nats-server, or perf/peers/nats.sh start DIR installs it)"

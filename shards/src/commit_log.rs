@@ -97,6 +97,9 @@ struct LogState {
     /// File bytes from the start of the block holding `written` up to it.
     tail_block: Vec<u8>,
     pending: Vec<Pending>,
+    /// Bytes in `pending`, and when its oldest entry was appended.
+    pending_bytes: usize,
+    pending_since: Option<Instant>,
     tail_cache: VecDeque<(u64, Bytes)>,
     tail_cache_bytes: usize,
     sync_waiters: Vec<(u64, oneshot::Sender<std::result::Result<(), String>>)>,
@@ -109,8 +112,10 @@ pub struct CommitLog {
     state: RefCell<LogState>,
     /// Wakes the writer: entries queued or a durability waiter registered.
     work: Notify,
-    /// Wakes readers: `written` moved.
+    /// Wakes back-pressured producers: `written` moved.
     written_moved: Notify,
+    /// Wakes readers: an entry was appended.
+    appended: Notify,
     stopping: Cell<bool>,
     stopped: Notify,
     writer_done: Cell<bool>,
@@ -222,6 +227,8 @@ impl CommitLog {
                 file,
                 tail_block,
                 pending: Vec::new(),
+                pending_bytes: 0,
+                pending_since: None,
                 tail_cache_bytes: recovered_tail.iter().map(|(_, b)| b.len()).sum(),
                 tail_cache: recovered_tail,
                 sync_waiters: Vec::new(),
@@ -231,6 +238,7 @@ impl CommitLog {
             cfg,
             work: Notify::default(),
             written_moved: Notify::default(),
+            appended: Notify::default(),
             stopping: Cell::new(false),
             stopped: Notify::default(),
             writer_done: Cell::new(false),
@@ -280,13 +288,23 @@ impl CommitLog {
         s.max_timestamp = s.max_timestamp.max(max_timestamp);
         st.tail_cache_bytes += batch.len();
         st.tail_cache.push_back((batch_pos, batch.clone()));
+        let was_idle = st.pending.is_empty();
+        let below = st.pending_bytes < WRITE_COALESCE_BYTES;
+        st.pending_bytes += entry_bytes as usize;
+        st.pending_since.get_or_insert_with(Instant::now);
         st.pending.push(Pending {
             seg_base,
             header: segment::entry_header(key, meta, &batch),
             batch,
         });
+        // The writer needs waking only to start its coalescing wait, or to
+        // write at once when enough has gathered.
+        let wake_writer = was_idle || (below && st.pending_bytes >= WRITE_COALESCE_BYTES);
         drop(st);
-        self.work.notify_all();
+        if wake_writer {
+            self.work.notify_all();
+        }
+        self.appended.notify_all();
         Ok(batch_pos)
     }
 
@@ -348,20 +366,28 @@ impl CommitLog {
         self.state.borrow().synced
     }
 
-    /// Position up to which readers may see entries.
+    /// Position up to which the log is written to its file.
     pub fn written(&self) -> u64 {
         self.state.borrow().written
+    }
+
+    /// Position up to which readers may see entries: everything appended.
+    /// Entries not yet written are served from the tail cache, so what
+    /// consumers see does not wait for the disk (as in RocketMQ, whose
+    /// consumers read the page cache before the flush).
+    pub fn visible(&self) -> u64 {
+        self.state.borrow().end
+    }
+
+    /// Completes at the next append after this call.
+    pub fn appended(&self) -> crate::notify::Notified<'_> {
+        self.appended.notified()
     }
 
     /// Position of the first byte still stored.
     pub fn start(&self) -> u64 {
         let st = self.state.borrow();
         st.segments.keys().next().copied().unwrap_or(st.active_base)
-    }
-
-    /// Completes the next time `written` moves (or the log stops).
-    pub async fn written_moved(&self) {
-        self.written_moved.notified().await
     }
 
     /// The stored batch at `batch_pos`, without copying.
@@ -439,8 +465,27 @@ impl CommitLog {
         loop {
             let (pending, must_sync, idle_wait) = {
                 let mut st = self.state.borrow_mut();
-                let pending = std::mem::take(&mut st.pending);
                 let waiting = !st.sync_waiters.is_empty();
+                // Coalesce small async appends into one write: each write is
+                // an I/O (a VM exit on virtio) no reader waits for.
+                let gathering =
+                    !waiting && !self.stopping.get() && st.pending_bytes < WRITE_COALESCE_BYTES;
+                if let (true, Some(since)) = (gathering, st.pending_since) {
+                    let waited = since.elapsed();
+                    if waited < WRITE_COALESCE_DELAY {
+                        drop(st);
+                        let notified = self.work.notified();
+                        let _ = glommio::timer::timeout(WRITE_COALESCE_DELAY - waited, async {
+                            notified.await;
+                            Ok(())
+                        })
+                        .await;
+                        continue;
+                    }
+                }
+                let pending = std::mem::take(&mut st.pending);
+                st.pending_bytes = 0;
+                st.pending_since = None;
                 let due = st.synced < st.written
                     && (st.last_sync.elapsed() >= self.cfg.flush_interval
                         || st.written - st.synced >= self.cfg.flush_bytes);
@@ -492,6 +537,7 @@ impl CommitLog {
         self.writer_done.set(true);
         self.stopped.notify_all();
         self.written_moved.notify_all();
+        self.appended.notify_all();
     }
 
     fn has_waiters(&self) -> bool {
@@ -503,6 +549,8 @@ impl CommitLog {
         let mut st = self.state.borrow_mut();
         st.failed = Some(reason.clone());
         st.pending.clear();
+        st.pending_bytes = 0;
+        st.pending_since = None;
         for (_, tx) in st.sync_waiters.drain(..) {
             let _ = tx.send(Err(reason.clone()));
         }
@@ -647,6 +695,12 @@ impl CommitLog {
     }
 }
 
+/// Async appends gather up to this many bytes before the writer writes them...
+const WRITE_COALESCE_BYTES: usize = 256 << 10;
+/// ...or until the oldest has waited this long (a sync-flush producer or a
+/// stop writes at once).
+const WRITE_COALESCE_DELAY: Duration = Duration::from_millis(1);
+
 /// An I/O slower than this is logged: the disk, not the broker, is the bottleneck then.
 const SLOW_IO_MS: u128 = 500;
 
@@ -683,6 +737,41 @@ mod tests {
         topic_id: 0,
         queue: 0,
     };
+
+    /// Readers see an entry once appended, before the writer has written it.
+    #[test]
+    fn appended_entries_are_visible_before_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let hour = Duration::from_secs(3600);
+                let (log, _) = CommitLog::open(log_config(&d, hour, 1 << 30))
+                    .await
+                    .unwrap();
+                // No writer task yet: nothing can be written.
+                let b = batch(1000);
+                let appended = log.appended();
+                let pos = log
+                    .append(K, EntryMeta::default(), b.clone(), 0, 0)
+                    .unwrap();
+                appended.await;
+                assert_eq!(log.written(), 0);
+                assert_eq!(log.visible(), log.end());
+                assert_eq!(log.read(pos, b.len()).unwrap(), b);
+                glommio::spawn_local(log.clone().run_writer()).detach();
+                // One small append is written within the coalescing delay.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while log.written() < log.end() && Instant::now() < deadline {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                assert_eq!(log.written(), log.end());
+                log.stop().await;
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 
     /// Async data is synced once `flush_bytes` are unsynced, long before the interval.
     #[test]

@@ -490,7 +490,7 @@ impl Shard {
         match queues.get(&key) {
             Some(q) => (
                 q.index.start_offset(),
-                q.index.visible_next_offset(self.log.written()),
+                q.index.visible_next_offset(self.log.visible()),
             ),
             None => (0, 0),
         }
@@ -507,15 +507,15 @@ impl Shard {
     ) -> Result<Fetched> {
         let deadline = std::time::Instant::now() + max_wait;
         loop {
-            let moved = self.log.written_moved();
-            let written = self.log.written();
+            let moved = self.log.appended();
+            let visible = self.log.visible();
             let (start, next, entries) = {
                 let queues = self.queues.borrow();
                 match queues.get(&key) {
                     Some(q) => (
                         q.index.start_offset(),
-                        q.index.visible_next_offset(written),
-                        q.index.lookup(offset, written, max_bytes),
+                        q.index.visible_next_offset(visible),
+                        q.index.lookup(offset, visible, max_bytes),
                     ),
                     None => (0, 0, Vec::new()),
                 }

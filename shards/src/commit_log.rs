@@ -463,26 +463,30 @@ impl CommitLog {
     /// The shard's writer task: group commit until `stop`.
     pub async fn run_writer(self: Rc<Self>) {
         loop {
+            // Coalesce small async appends into one write: each write is an
+            // I/O (a VM exit on virtio) that no reader waits for.
+            let gather = {
+                let st = self.state.borrow();
+                let urgent = !st.sync_waiters.is_empty()
+                    || self.stopping.get()
+                    || st.pending_bytes >= WRITE_COALESCE_BYTES;
+                st.pending_since
+                    .map(|since| since.elapsed())
+                    .filter(|waited| !urgent && *waited < WRITE_COALESCE_DELAY)
+                    .map(|waited| WRITE_COALESCE_DELAY - waited)
+            };
+            if let Some(wait) = gather {
+                let notified = self.work.notified();
+                let _ = glommio::timer::timeout(wait, async {
+                    notified.await;
+                    Ok(())
+                })
+                .await;
+                continue;
+            }
             let (pending, must_sync, idle_wait) = {
                 let mut st = self.state.borrow_mut();
                 let waiting = !st.sync_waiters.is_empty();
-                // Coalesce small async appends into one write: each write is
-                // an I/O (a VM exit on virtio) no reader waits for.
-                let gathering =
-                    !waiting && !self.stopping.get() && st.pending_bytes < WRITE_COALESCE_BYTES;
-                if let (true, Some(since)) = (gathering, st.pending_since) {
-                    let waited = since.elapsed();
-                    if waited < WRITE_COALESCE_DELAY {
-                        drop(st);
-                        let notified = self.work.notified();
-                        let _ = glommio::timer::timeout(WRITE_COALESCE_DELAY - waited, async {
-                            notified.await;
-                            Ok(())
-                        })
-                        .await;
-                        continue;
-                    }
-                }
                 let pending = std::mem::take(&mut st.pending);
                 st.pending_bytes = 0;
                 st.pending_since = None;

@@ -466,8 +466,8 @@ lines += [
     "this system's; \"p99 ÷ coremq\" = this system's publish p99 ÷ coremq's.",
     "",
     "| system | result | msgs/s | MB/s | pub p50 | pub p99 | pub p99.9 | pub p99.99 | pub max "
-    "| e2e p50 | e2e p99 | e2e max | broker RSS max MiB | of limit | coremq × | p99 ÷ coremq |",
-    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| e2e p50 | e2e p99 | e2e max | broker RSS max MiB | CPU cores broker / perf | of limit | coremq × | p99 ÷ coremq |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 for s in systems:
     r = reports[s]
@@ -477,6 +477,10 @@ for s in systems:
     if result == "FAIL" and r.get("failures"):
         result += ": " + "; ".join(r["failures"])[:120]
     rss = r.get("broker_rss_mb_max")
+    cpu = " / ".join(
+        f"{r[k]:.2f}" if r.get(k) is not None else "–"
+        for k in ("broker_cpu_cores_avg", "perf_cpu_cores_avg")
+    )
     lines.append(
         "| " + " | ".join([
             s,
@@ -486,6 +490,7 @@ for s in systems:
             ms(p["p50"]), ms(p["p99"]), ms(p["p999"]), ms(p["p9999"]), ms(p["max"]),
             ms(e["p50"]), ms(e["p99"]), ms(e["max"]),
             f"{rss:,.0f}" if rss is not None else "–",
+            cpu,
             ratio(r["publish_mb_per_s"], limit_mb, "{:.1%}"),
             ratio(base["publish_msgs_per_s"], r["publish_msgs_per_s"]) if base else "–",
             ratio(p["p99"], base["publish_latency_us"]["p99"]) if base else "–",

@@ -12,6 +12,7 @@
 //! errors, 1 if not (or if the run failed), 2 for a usage error.
 
 mod consumer;
+mod cpu;
 mod drivers;
 mod error;
 mod plot;
@@ -107,7 +108,7 @@ struct RunArgs {
     /// Longest time a batch waits for more messages; 0 = send every message at once [default: 1]
     #[arg(long, value_name = "MS")]
     linger_ms: Option<f64>,
-    /// Sample this process's VmRSS every second (the broker's) and report the max
+    /// The broker's process: its VmRSS and CPU time are sampled every second and reported
     #[arg(long, value_name = "PID")]
     broker_pid: Option<u32>,
     /// Longest wait for consumers to catch up after the producers stop

@@ -36,6 +36,7 @@ use coremq::protocol::{QueueInfo, TopicInfo, TopicSpec};
 use coremq_shards::batch::BATCH_HEADER_BYTES;
 
 use crate::consumer::{self, ConsumerShared};
+use crate::cpu::CpuSampler;
 use crate::drivers::{self, Driver};
 use crate::error::PerfError;
 use crate::producer::{
@@ -287,22 +288,30 @@ pub struct Launched {
 }
 
 /// Runs the benchmark and returns its report (also when its checks fail).
-/// The broker's RSS is sampled whatever the driver.
+/// The broker's RSS and CPU time, and this process's CPU time, are sampled
+/// whatever the driver.
 pub fn run(opts: &RunOptions) -> Result<Report, PerfError> {
     let clock = Clock::new()?;
     let rss = match opts.broker_pid {
         Some(pid) => Some(RssSampler::start(pid)?),
         None => None,
     };
+    let cpu = CpuSampler::start(opts.broker_pid, clock)?;
     let result = match opts.driver {
         Driver::Coremq => run_coremq(opts, clock),
         Driver::Nats => drivers::nats::run(opts, clock),
         Driver::Rabbitmq => drivers::rabbitmq::run(opts, clock),
     };
     let rss_max = rss.and_then(RssSampler::finish);
+    let cpu = cpu.finish();
     let mut report = result?;
     report.broker_rss_mb_max = rss_max.map(|m| m.rss_mb);
     report.broker_rss_anon_mb_max = rss_max.and_then(|m| m.anon_mb);
+    let (broker_cpu, perf_cpu) = cpu.window(report.window_ns.0, report.window_ns.1);
+    report.broker_cpu_cores_avg = broker_cpu.map(|c| c.avg);
+    report.broker_cpu_cores_max = broker_cpu.map(|c| c.max);
+    report.perf_cpu_cores_avg = perf_cpu.map(|c| c.avg);
+    report.perf_cpu_cores_max = perf_cpu.map(|c| c.max);
     Ok(report)
 }
 
@@ -563,7 +572,8 @@ pub fn supervise(
         clock.sleep_until(next_progress.min(end_ns));
     }
     let window_counts = counts(producers, consumers);
-    let measured_seconds = (clock.now_ns() - start_ns) as f64 / NANOS_PER_SEC;
+    let window_end_ns = clock.now_ns();
+    let measured_seconds = (window_end_ns - start_ns) as f64 / NANOS_PER_SEC;
 
     // Outstanding acks, then the consumers' drain.
     workers.join_producers()?;
@@ -639,6 +649,12 @@ pub fn supervise(
         workload: w.clone(),
         broker_rss_mb_max: None,
         broker_rss_anon_mb_max: None,
+        broker_cpu_cores_avg: None,
+        broker_cpu_cores_max: None,
+        perf_cpu_cores_avg: None,
+        perf_cpu_cores_max: None,
+        cpus: thread::available_parallelism().map_or(1, |n| n.get()),
+        window_ns: (start_ns, window_end_ns),
         passed: failures.is_empty(),
         failures,
     })
@@ -705,12 +721,34 @@ pub fn summary_text(r: &Report) -> String {
             .map_or(String::new(), |a| format!(" (anonymous: {a:.1} MiB)"));
         let _ = writeln!(s, "broker RSS max: {mb:.1} MiB{anon}");
     }
+    if let Some(line) = cpu_line(r) {
+        let _ = writeln!(s, "{line}");
+    }
     if r.passed {
         let _ = writeln!(s, "result: PASS");
     } else {
         let _ = writeln!(s, "result: FAIL: {}", r.failures.join("; "));
     }
     s
+}
+
+/// The summary's CPU line: cores busy over the measured window (average
+/// and busiest second) of the broker and of this tool, out of the CPUs.
+fn cpu_line(r: &Report) -> Option<String> {
+    let part = |who: &str, avg: Option<f64>, max: Option<f64>| {
+        avg.map(|a| format!("{who} {a:.2} avg, {:.2} max", max.unwrap_or(a)))
+    };
+    let parts: Vec<String> = [
+        part("broker", r.broker_cpu_cores_avg, r.broker_cpu_cores_max),
+        part("coremq-perf", r.perf_cpu_cores_avg, r.perf_cpu_cores_max),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        return None;
+    }
+    Some(format!("CPU cores (of {}): {}", r.cpus, parts.join(" | ")))
 }
 
 /// Writes the report as pretty JSON.
@@ -736,6 +774,29 @@ mod tests {
         );
         assert_eq!(shard_addr("[::1]:9700", 5).as_deref(), Some("[::1]:5"));
         assert_eq!(shard_addr("localhost", 5), None);
+    }
+
+    #[test]
+    fn summary_shows_cpu_of_both_processes() {
+        let r = crate::stats::test_report();
+        let text = summary_text(&r);
+        assert!(
+            text.contains("CPU cores (of 2): coremq-perf 0.50 avg, 0.75 max\n"),
+            "{text}"
+        );
+        let r = Report {
+            broker_cpu_cores_avg: Some(1.6),
+            broker_cpu_cores_max: Some(1.93),
+            ..r
+        };
+        assert!(summary_text(&r)
+            .contains("CPU cores (of 2): broker 1.60 avg, 1.93 max | coremq-perf 0.50 avg"));
+        let r = Report {
+            broker_cpu_cores_avg: None,
+            perf_cpu_cores_avg: None,
+            ..r
+        };
+        assert!(!summary_text(&r).contains("CPU"));
     }
 
     #[test]

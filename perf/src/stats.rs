@@ -229,6 +229,25 @@ pub struct Report {
     /// Largest RssAnon (heap and stacks) of `--broker-pid` seen, in MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_rss_anon_mb_max: Option<f64>,
+    /// CPU-seconds per second the broker (`--broker-pid`) used over the
+    /// measured window: 1.6 = 1.6 cores busy on average.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_cpu_cores_avg: Option<f64>,
+    /// The broker's busiest 1-second sample inside the window, in cores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_cpu_cores_max: Option<f64>,
+    /// The same for coremq-perf itself (`/proc/self/stat`), which shares
+    /// the machine's cores with the broker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perf_cpu_cores_avg: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perf_cpu_cores_max: Option<f64>,
+    /// CPUs this process may run on (what the cores above are out of).
+    pub cpus: usize,
+    /// The measured window (ns since the epoch, the run's clock): for the
+    /// CPU figures, not written.
+    #[serde(skip)]
+    pub window_ns: (u64, u64),
     /// Whether every check held (sent == acked, no errors, consumers caught up).
     pub passed: bool,
     /// The checks that failed, in words.
@@ -259,10 +278,46 @@ pub fn check(
     failures
 }
 
+/// A report with made-up figures, for tests.
+#[cfg(test)]
+pub(crate) fn test_report() -> Report {
+    let workload = Workload::resolve(None, &crate::workload::Overrides::default())
+        .expect("the defaults are valid");
+    Report {
+        publish_msgs_per_s: 1.0,
+        publish_mb_per_s: 2.0,
+        consume_msgs_per_s: 3.0,
+        consume_mb_per_s: 4.0,
+        publish_latency_us: Latency::new().summary(),
+        e2e_latency_us: Latency::new().summary(),
+        sent: 5,
+        acked: 5,
+        consumed: 5,
+        expected_consumed: 5,
+        errors: 0,
+        publish_errors: 0,
+        consume_errors: 0,
+        open_loop: true,
+        measured_seconds: 1.0,
+        broker: "127.0.0.1:9700".into(),
+        topics: vec!["perf-1".into()],
+        workload,
+        broker_rss_mb_max: None,
+        broker_rss_anon_mb_max: None,
+        broker_cpu_cores_avg: None,
+        broker_cpu_cores_max: None,
+        perf_cpu_cores_avg: Some(0.5),
+        perf_cpu_cores_max: Some(0.75),
+        cpus: 2,
+        window_ns: (0, 1),
+        passed: true,
+        failures: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::{Overrides, Workload};
 
     #[test]
     fn percentiles_of_a_known_distribution() {
@@ -358,30 +413,10 @@ mod tests {
     fn report_json_has_the_documented_keys() {
         let mut l = Latency::new();
         l.record_us(42);
-        let workload = Workload::resolve(None, &Overrides::default()).unwrap();
         let report = Report {
-            publish_msgs_per_s: 1.0,
-            publish_mb_per_s: 2.0,
-            consume_msgs_per_s: 3.0,
-            consume_mb_per_s: 4.0,
             publish_latency_us: l.summary(),
             e2e_latency_us: l.summary(),
-            sent: 5,
-            acked: 5,
-            consumed: 5,
-            expected_consumed: 5,
-            errors: 0,
-            publish_errors: 0,
-            consume_errors: 0,
-            open_loop: true,
-            measured_seconds: 1.0,
-            broker: "127.0.0.1:9700".into(),
-            topics: vec!["perf-1".into()],
-            workload,
-            broker_rss_mb_max: None,
-            broker_rss_anon_mb_max: None,
-            passed: true,
-            failures: vec![],
+            ..test_report()
         };
         let v = serde_json::to_value(&report).unwrap();
         for key in [
@@ -408,11 +443,20 @@ mod tests {
         // Only present when a broker pid was given.
         assert!(v.get("broker_rss_mb_max").is_none());
         assert!(v.get("broker_rss_anon_mb_max").is_none());
-        let with_rss = Report {
+        assert!(v.get("broker_cpu_cores_avg").is_none());
+        assert!(v.get("window_ns").is_none());
+        assert_eq!(v["perf_cpu_cores_avg"], 0.5);
+        assert_eq!(v["perf_cpu_cores_max"], 0.75);
+        assert_eq!(v["cpus"], 2);
+        let with_broker = Report {
             broker_rss_mb_max: Some(12.5),
+            broker_cpu_cores_avg: Some(1.6),
+            broker_cpu_cores_max: Some(1.9),
             ..report
         };
-        let v = serde_json::to_value(&with_rss).unwrap();
+        let v = serde_json::to_value(&with_broker).unwrap();
         assert_eq!(v["broker_rss_mb_max"], 12.5);
+        assert_eq!(v["broker_cpu_cores_avg"], 1.6);
+        assert_eq!(v["broker_cpu_cores_max"], 1.9);
     }
 }

@@ -5,8 +5,9 @@
 //! directory on free ports, runs a 3-second open-loop workload with the
 //! perf binary Cargo built for this test, and checks the JSON report: every
 //! message sent was acked and consumed, and the latency percentiles are
-//! there. It asserts nothing about timing. The broker is stopped (SIGTERM,
-//! then SIGKILL) by a guard, also when the test fails.
+//! there, with the broker's RSS and CPU and the tool's own CPU (the broker
+//! is passed as --broker-pid). It asserts nothing about timing. The broker
+//! is stopped (SIGTERM, then SIGKILL) by a guard, also when the test fails.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -154,6 +155,7 @@ fn run_reports_every_message_acked_and_consumed() {
         .args(["run", "--broker", &broker.addr])
         .args(["--duration-s", "3", "--rate", "2000"])
         .args(["--message-size", "256", "--queues", "2"])
+        .args(["--broker-pid", &broker.child.id().to_string()])
         .arg("--json")
         .arg(&json)
         .stdin(Stdio::null())
@@ -190,6 +192,10 @@ fn run_reports_every_message_acked_and_consumed() {
         "publish_msgs_per_s",
         "publish_mb_per_s",
         "consume_msgs_per_s",
+        "broker_rss_mb_max",
+        "broker_cpu_cores_avg",
+        "broker_cpu_cores_max",
+        "perf_cpu_cores_avg",
     ] {
         assert!(report[key].is_f64(), "{key} missing in {text}");
     }

@@ -13,6 +13,10 @@
 #   fdatasync_64k_*       the same with 64 KiB writes
 #   loopback_mb_per_s     iperf3, one TCP stream on 127.0.0.1
 #   loopback_p2_mb_per_s  the same with two streams (informational)
+#   loopback_rtt_p50_us, loopback_rtt_p99_us, loopback_rtt_p9999_us
+#                         sockperf TCP ping-pong of 1 KiB messages on 127.0.0.1,
+#                         full round trip (--full-rtt): the floor under any
+#                         broker's produce-to-ack latency here
 #
 # MB is 2^20 bytes, the MB of coremq-perf's publish_mb_per_s (BYTES_PER_MB in
 # perf/src/stats.rs, OpenMessaging Benchmark's convention), so the two divide
@@ -33,7 +37,8 @@
 #                 env LIMITS_SETTLE_S; 0 = one probe, no wait)
 #   --no-install  fail instead of installing fio and iperf3 with apt-get
 #
-# Needs fio, iperf3 (installed with apt-get when missing, as root) and python3.
+# Needs fio, iperf3, sockperf (installed with apt-get when missing, as root)
+# and python3.
 set -euo pipefail
 
 seconds="${LIMITS_SECONDS:-5}"
@@ -120,6 +125,7 @@ ensure_tools() {
     local missing=()
     command -v fio >/dev/null 2>&1 || missing+=(fio)
     command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
+    command -v sockperf >/dev/null 2>&1 || missing+=(sockperf)
     command -v python3 >/dev/null 2>&1 || {
         echo "limits.sh: python3 is needed to read fio's and iperf3's JSON" >&2
         exit 1
@@ -147,11 +153,14 @@ ensure_tools
 work="$(mktemp -d "$dir/.coremq-limits.XXXXXX")"
 out="$(mktemp -d /tmp/coremq-limits-out.XXXXXX)"
 iperf_pid=""
+rtt_server=""
 cleanup() {
-    if [[ -n "$iperf_pid" ]]; then
-        kill "$iperf_pid" 2>/dev/null || true
-        wait "$iperf_pid" 2>/dev/null || true
-    fi
+    local pid
+    for pid in "$iperf_pid" "$rtt_server"; do
+        [[ -n "$pid" ]] || continue
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     rm -rf "$work" "$out"
 }
 trap cleanup EXIT
@@ -300,6 +309,17 @@ iperf "$out/iperf1.json"
 note "loopback TCP, 2 streams, ${seconds}s"
 iperf "$out/iperf2.json" --parallel 2
 
+note "loopback TCP round trip, 1 KiB ping-pong, ${seconds}s"
+rtt_port="$(free_port)"
+sockperf server --tcp -i 127.0.0.1 -p "$rtt_port" >"$out/sockperf-server.log" 2>&1 &
+rtt_server=$!
+sleep 0.5
+timeout -k 2 $((seconds + 20)) sockperf ping-pong --tcp --full-rtt -i 127.0.0.1 -p "$rtt_port" -m 1024 \
+    -t "$seconds" >"$out/sockperf.txt" 2>&1 || true
+kill "$rtt_server" 2>/dev/null || true
+wait "$rtt_server" 2>/dev/null || true
+rtt_server=""
+
 # --- the report ------------------------------------------------------------------
 
 python3 - "$out" "$dir" "$fs_type" "$fs_source" "$engine" "$iodepth" "$seconds" "$settle_ms" <<'EOF'
@@ -338,6 +358,15 @@ def sync_pcts(job):
     }
 
 
+def rtt(p):
+    # sockperf prints percentiles as "---> percentile 99.000 =   62.102" (µs).
+    import re
+    with open(os.path.join(out, "sockperf.txt")) as f:
+        text = f.read()
+    m = re.search(r"percentile %.3f =\s*([0-9.]+)" % p, text)
+    return round(float(m.group(1)), 1) if m else None
+
+
 def iperf(name):
     with open(os.path.join(out, name + ".json")) as f:
         j = json.load(f)
@@ -364,6 +393,9 @@ report = {
     "fdatasync_64k_count": s64["count"],
     "loopback_mb_per_s": iperf("iperf1"),
     "loopback_p2_mb_per_s": iperf("iperf2"),
+    "loopback_rtt_p50_us": rtt(50),
+    "loopback_rtt_p99_us": rtt(99),
+    "loopback_rtt_p9999_us": rtt(99.99),
     "mb_bytes": MB,
     "dir": dir_,
     "filesystem": fs_type,

@@ -15,6 +15,7 @@ mod consumer;
 mod cpu;
 mod drivers;
 mod error;
+mod payload;
 mod plot;
 mod producer;
 mod rss;
@@ -31,9 +32,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::drivers::Driver;
 use crate::error::PerfError;
+use crate::payload::PayloadKind;
 use crate::producer::CLOSED_LOOP_WINDOW_DEFAULT;
 use crate::run::{RunOptions, DRAIN_S_DEFAULT};
-use crate::workload::{FlushMode, Overrides, Workload, WorkloadFile};
+use crate::workload::{Codec, FlushMode, Overrides, Workload, WorkloadFile};
 
 /// Exit status of a run that completed but failed its checks, or broke.
 const EXIT_FAILED: u8 = 1;
@@ -108,6 +110,12 @@ struct RunArgs {
     /// Longest time a batch waits for more messages; 0 = send every message at once [default: 1]
     #[arg(long, value_name = "MS")]
     linger_ms: Option<f64>,
+    /// Codec of the producers' batches (coremq only; the broker stores them as they are, consumers decompress) [default: none]
+    #[arg(long, value_enum, value_name = "CODEC")]
+    compression: Option<Codec>,
+    /// What follows each payload's timestamp: JSON order events that vary per message, or incompressible random bytes [default: text]
+    #[arg(long, value_enum, value_name = "KIND")]
+    payload: Option<PayloadKind>,
     /// The broker's process: its VmRSS and CPU time are sampled every second and reported
     #[arg(long, value_name = "PID")]
     broker_pid: Option<u32>,
@@ -136,6 +144,8 @@ impl RunArgs {
             flush: self.flush,
             linger_ms: self.linger_ms,
             batch_bytes: self.batch_bytes,
+            compression: self.compression,
+            payload: self.payload,
         }
     }
 
@@ -151,6 +161,7 @@ impl RunArgs {
             }
         }
         let workload = Workload::resolve(file.as_ref(), &self.overrides())?;
+        drivers::check_supported(self.driver, &workload)?;
         if !(self.drain_s >= 0.0 && self.drain_s <= DRAIN_S_MAX) {
             return Err(PerfError::Invalid(format!(
                 "--drain-s must be between 0 and {DRAIN_S_MAX}"
@@ -286,5 +297,20 @@ mod tests {
             .unwrap_err()
             .is_usage());
         assert!(Cli::try_parse_from(["coremq-perf", "run", "--flush", "later"]).is_err());
+        // Compression is coremq's alone.
+        for driver in ["nats", "rabbitmq"] {
+            let e = parse(&["--driver", driver, "--compression", "zstd"])
+                .options()
+                .unwrap_err();
+            assert!(e.is_usage() && e.to_string().contains("compression"), "{e}");
+            assert!(parse(&["--driver", driver, "--compression", "none"])
+                .options()
+                .is_ok());
+        }
+        let o = parse(&["--compression", "snappy", "--payload", "random"])
+            .options()
+            .unwrap();
+        assert_eq!(o.workload.compression, Codec::Snappy);
+        assert_eq!(o.workload.payload, PayloadKind::Random);
     }
 }

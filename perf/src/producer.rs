@@ -12,7 +12,11 @@
 //!
 //! Every payload starts with its intended send time (nanoseconds since the
 //! UNIX epoch, big-endian, see [`TIMESTAMP_BYTES`]) so consumers can measure
-//! end-to-end latency from the same origin.
+//! end-to-end latency from the same origin; the rest comes from the
+//! thread's [`Payloads`]. Batches are compressed with the workload's codec
+//! when they are sealed (`batchBytes` counts uncompressed bytes, as the
+//! builder estimates them); the stored size of every acked batch is
+//! counted, for the compression ratio.
 //!
 //! In-flight limits: in open loop only a large safety cap on unacknowledged
 //! bytes (hitting it delays sends, which the schedule-based latency shows);
@@ -31,6 +35,7 @@ use coremq::client::{ClientError, Connection, Timeouts};
 use coremq::protocol::{Reply, Request};
 use coremq_shards::batch::{BatchBuilder, Compression, RECORDS_PER_BATCH_MAX};
 
+use crate::payload::Payloads;
 use crate::schedule::{Clock, Pacing};
 use crate::stats::{lock, SharedTally};
 use crate::workload::TIMESTAMP_BYTES;
@@ -147,6 +152,7 @@ impl ProducerShared {
             let mut t = self.tally.lock();
             t.messages += intended.len() as u64;
             t.bytes += payload_bytes;
+            t.stored_bytes += batch_bytes as u64;
             for &i in intended {
                 t.latency.record_between_ns(i, ack_ns);
             }
@@ -222,6 +228,9 @@ pub struct ProducerSpec {
     pub end_ns: u64,
     pub message_size: usize,
     pub batch_bytes: usize,
+    /// Codec of every batch.
+    pub compression: Compression,
+    pub payloads: Payloads,
     pub linger: Duration,
     pub window: Window,
     pub clock: Clock,
@@ -242,21 +251,7 @@ pub struct Producer {
     shared: Arc<ProducerShared>,
     open: Vec<Option<OpenBatch>>,
     next_route: usize,
-    payload: Vec<u8>,
     linger_ns: u64,
-}
-
-/// A payload of `size` bytes: room for the timestamp, then a fixed pattern.
-pub fn payload_template(size: usize) -> Vec<u8> {
-    (0..size)
-        .map(|i| {
-            if i < TIMESTAMP_BYTES {
-                0
-            } else {
-                (i * 31 + 7) as u8
-            }
-        })
-        .collect()
 }
 
 /// The intended send time stamped at the start of a payload.
@@ -268,14 +263,12 @@ pub fn payload_timestamp(payload: &[u8]) -> Option<u64> {
 impl Producer {
     pub fn new(spec: ProducerSpec, shared: Arc<ProducerShared>) -> Producer {
         let open = spec.routes.iter().map(|_| None).collect();
-        let payload = payload_template(spec.message_size);
         let linger_ns = u64::try_from(spec.linger.as_nanos()).unwrap_or(u64::MAX);
         Producer {
             spec,
             shared,
             open,
             next_route: 0,
-            payload,
             linger_ns,
         }
     }
@@ -347,14 +340,15 @@ impl Producer {
         if full {
             self.seal(q);
         }
-        self.payload[..TIMESTAMP_BYTES].copy_from_slice(&intended_ns.to_be_bytes());
+        let compression = self.spec.compression;
         let b = self.open[q].get_or_insert_with(|| OpenBatch {
-            builder: BatchBuilder::new(Compression::None),
+            builder: BatchBuilder::new(compression),
             intended: Vec::new(),
             opened_ns: now_ns,
         });
         let ts_ms = i64::try_from(intended_ns / NANOS_PER_MILLI).unwrap_or(i64::MAX);
-        b.builder.push(ts_ms, None, Some(&self.payload), &[]);
+        b.builder
+            .push(ts_ms, None, Some(self.spec.payloads.next(intended_ns)), &[]);
         b.intended.push(intended_ns);
         let seal_now = self.linger_ns == 0
             || b.builder.estimated_bytes() >= self.spec.batch_bytes
@@ -431,8 +425,7 @@ mod tests {
 
     #[test]
     fn payload_carries_its_timestamp() {
-        let mut p = payload_template(64);
-        assert_eq!(p.len(), 64);
+        let mut p = vec![0u8; 64];
         p[..TIMESTAMP_BYTES].copy_from_slice(&1_234_567_890_123u64.to_be_bytes());
         assert_eq!(payload_timestamp(&p), Some(1_234_567_890_123));
         assert_eq!(payload_timestamp(&p[..7]), None);
@@ -444,9 +437,9 @@ mod tests {
         // the producer uses to decide whether the next record fits.
         for size in [8usize, 256, 1024, 100_000] {
             let mut b = BatchBuilder::new(Compression::None);
-            let p = payload_template(size);
-            for _ in 0..10 {
-                b.push(1_700_000_000_000, None, Some(&p), &[]);
+            let mut p = Payloads::new(crate::payload::PayloadKind::Random, size, 3, 1);
+            for k in 0..10 {
+                b.push(1_700_000_000_000, None, Some(p.next(k)), &[]);
             }
             let est = b.estimated_bytes();
             let built = b.build().len();
@@ -497,6 +490,8 @@ mod tests {
         );
         let t = s.tally.snapshot();
         assert_eq!((t.messages, t.bytes, t.errors), (3, 3 * 1024, 2));
+        // The stored size of the acked batch only.
+        assert_eq!(t.stored_bytes, 100);
         assert_eq!(t.latency.summary().count, 3);
         // Latencies are from each message's own intended time: 5, 4 and 3 ms.
         assert!(t.latency.summary().max.abs_diff(5_000) <= 5); // 3 significant digits

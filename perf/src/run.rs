@@ -39,13 +39,14 @@ use crate::consumer::{self, ConsumerShared};
 use crate::cpu::CpuSampler;
 use crate::drivers::{self, Driver};
 use crate::error::PerfError;
+use crate::payload::Payloads;
 use crate::producer::{
     Producer, ProducerShared, ProducerSpec, Route, Window, OPEN_LOOP_IN_FLIGHT_BYTES_MAX,
     RECORD_OVERHEAD_BYTES,
 };
 use crate::rss::RssSampler;
 use crate::schedule::{Clock, Pacing, Schedule};
-use crate::stats::{check, merge_all, rates, Report, Tally};
+use crate::stats::{check, merge_all, rates, Report, Tally, BYTES_PER_MB};
 use crate::workload::Workload;
 
 /// Time from spawning the producers to the first intended send, so every
@@ -497,6 +498,8 @@ fn run_on_topics(
             end_ns,
             message_size: w.message_size,
             batch_bytes: w.batch_bytes,
+            compression: w.compression.compression(),
+            payloads: Payloads::for_producer(w, i),
             linger: w.linger(),
             window,
             clock,
@@ -649,6 +652,10 @@ pub fn supervise(
         workload: w.clone(),
         broker_rss_mb_max: None,
         broker_rss_anon_mb_max: None,
+        compression: w.compression.to_string(),
+        batch_bytes_sent: (publish.stored_bytes > 0).then_some(publish.stored_bytes),
+        compression_ratio: (publish.stored_bytes > 0)
+            .then(|| publish.bytes as f64 / publish.stored_bytes as f64),
         broker_cpu_cores_avg: None,
         broker_cpu_cores_max: None,
         perf_cpu_cores_avg: None,
@@ -666,18 +673,21 @@ pub fn summary_text(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "workload: {} | {} topic(s) x {} queue(s), {} B messages, {} producer(s)/topic, \
-         {} subscription(s) x {} consumer(s), flush {}, batch {} B, linger {} ms",
+        "workload: {} | {} topic(s) x {} queue(s), {} B messages ({} payload), \
+         {} producer(s)/topic, {} subscription(s) x {} consumer(s), flush {}, batch {} B, \
+         linger {} ms, compression {}",
         w.name,
         w.topics,
         w.partitions_per_topic,
         w.message_size,
+        w.payload,
         w.producers_per_topic,
         w.subscriptions_per_topic,
         w.consumer_per_subscription,
         w.flush,
         w.batch_bytes,
         w.linger_ms,
+        w.compression,
     );
     if r.open_loop {
         let _ = writeln!(
@@ -713,6 +723,15 @@ pub fn summary_text(r: &Report) -> String {
             s,
             "{what} latency us: p50 {} p99 {} p99.9 {} p99.99 {} max {} (mean {:.0}, n {})",
             l.p50, l.p99, l.p999, l.p9999, l.max, l.mean, l.count
+        );
+    }
+    if let (Some(stored), Some(ratio)) = (r.batch_bytes_sent, r.compression_ratio) {
+        let _ = writeln!(
+            s,
+            "batches: {:.1} MiB stored (compression {}) for {:.1} MiB of payload: ratio {ratio:.2}",
+            stored as f64 / BYTES_PER_MB,
+            r.compression,
+            r.payload_bytes_acked() as f64 / BYTES_PER_MB,
         );
     }
     if let Some(mb) = r.broker_rss_mb_max {

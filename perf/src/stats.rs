@@ -108,6 +108,9 @@ pub struct Tally {
     pub bytes: u64,
     /// Messages that failed (error replies, send failures, bad payloads).
     pub errors: u64,
+    /// Bytes of the acked batches as stored (compressed, headers
+    /// included): coremq producers only.
+    pub stored_bytes: u64,
     pub latency: Latency,
 }
 
@@ -117,6 +120,7 @@ impl Tally {
         self.messages += other.messages;
         self.bytes += other.bytes;
         self.errors += other.errors;
+        self.stored_bytes += other.stored_bytes;
         self.latency.merge(&other.latency);
     }
 }
@@ -229,6 +233,16 @@ pub struct Report {
     /// Largest RssAnon (heap and stacks) of `--broker-pid` seen, in MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_rss_anon_mb_max: Option<f64>,
+    /// The producers' batch codec (`none`, `gzip`, `snappy`, `lz4`, `zstd`).
+    pub compression: String,
+    /// Bytes of every acked batch as the broker stores it (compressed,
+    /// batch and record headers included); coremq only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_bytes_sent: Option<u64>,
+    /// Acked payload bytes ÷ `batch_bytes_sent` (just under 1 without
+    /// compression: the headers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression_ratio: Option<f64>,
     /// CPU-seconds per second the broker (`--broker-pid`) used over the
     /// measured window: 1.6 = 1.6 cores busy on average.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -252,6 +266,13 @@ pub struct Report {
     pub passed: bool,
     /// The checks that failed, in words.
     pub failures: Vec<String>,
+}
+
+impl Report {
+    /// Payload bytes of the acked messages, from the message count.
+    pub fn payload_bytes_acked(&self) -> u64 {
+        self.acked * self.workload.message_size as u64
+    }
 }
 
 /// Why a run failed its checks; empty if it passed.
@@ -304,6 +325,9 @@ pub(crate) fn test_report() -> Report {
         workload,
         broker_rss_mb_max: None,
         broker_rss_anon_mb_max: None,
+        compression: "none".into(),
+        batch_bytes_sent: None,
+        compression_ratio: None,
         broker_cpu_cores_avg: None,
         broker_cpu_cores_max: None,
         perf_cpu_cores_avg: Some(0.5),
@@ -445,6 +469,8 @@ mod tests {
         assert!(v.get("broker_rss_anon_mb_max").is_none());
         assert!(v.get("broker_cpu_cores_avg").is_none());
         assert!(v.get("window_ns").is_none());
+        assert_eq!(v["compression"], "none");
+        assert!(v.get("batch_bytes_sent").is_none());
         assert_eq!(v["perf_cpu_cores_avg"], 0.5);
         assert_eq!(v["perf_cpu_cores_max"], 0.75);
         assert_eq!(v["cpus"], 2);
@@ -452,11 +478,17 @@ mod tests {
             broker_rss_mb_max: Some(12.5),
             broker_cpu_cores_avg: Some(1.6),
             broker_cpu_cores_max: Some(1.9),
+            compression: "zstd".into(),
+            batch_bytes_sent: Some(1000),
+            compression_ratio: Some(3.5),
             ..report
         };
         let v = serde_json::to_value(&with_broker).unwrap();
         assert_eq!(v["broker_rss_mb_max"], 12.5);
         assert_eq!(v["broker_cpu_cores_avg"], 1.6);
         assert_eq!(v["broker_cpu_cores_max"], 1.9);
+        assert_eq!(v["compression"], "zstd");
+        assert_eq!(v["batch_bytes_sent"], 1000);
+        assert_eq!(v["compression_ratio"], 3.5);
     }
 }

@@ -6,7 +6,9 @@
 //! `producersPerTopic`, `producerRate` (the aggregate rate of all producers,
 //! messages/s; 0 = as fast as possible), `subscriptionsPerTopic`,
 //! `consumerPerSubscription`, `testDurationMinutes` — and optionally
-//! `flush`, `durationSeconds`, `lingerMs` and `batchBytes`. OMB fields this
+//! `flush`, `durationSeconds`, `lingerMs`, `batchBytes`, `compression`
+//! (the producers' batch codec) and `payload` (`text` or `random`, see
+//! `payload.rs`). OMB fields this
 //! tool has no use for (`name`, `payloadFile`, `keyDistributor`, ...) are
 //! accepted and reported, so OMB's own files load unchanged. Precedence is
 //! flag > file > default; for the duration, `--duration-s` >
@@ -16,9 +18,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use coremq_shards::batch::Compression;
 use serde::{Deserialize, Serialize};
 
 use crate::error::PerfError;
+use crate::payload::PayloadKind;
 
 /// Bytes at the start of every payload that carry its intended send time
 /// (nanoseconds since the UNIX epoch, big-endian); the smallest message.
@@ -78,6 +82,39 @@ impl std::fmt::Display for FlushMode {
     }
 }
 
+/// The codec producers compress their batches with (Kafka's
+/// `compression.type`); the broker stores batches as they come and
+/// consumers decompress them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    #[default]
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Codec {
+    /// The batch attribute's codec.
+    pub fn compression(self) -> Compression {
+        match self {
+            Codec::None => Compression::None,
+            Codec::Gzip => Compression::Gzip,
+            Codec::Snappy => Compression::Snappy,
+            Codec::Lz4 => Compression::Lz4,
+            Codec::Zstd => Compression::Zstd,
+        }
+    }
+}
+
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.compression().name())
+    }
+}
+
 /// A workload file as written: every field optional.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -95,6 +132,8 @@ pub struct WorkloadFile {
     pub duration_seconds: Option<f64>,
     pub linger_ms: Option<f64>,
     pub batch_bytes: Option<usize>,
+    pub compression: Option<Codec>,
+    pub payload: Option<PayloadKind>,
     /// OMB fields this tool ignores (kept so they can be reported).
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_json::Value>,
@@ -147,6 +186,8 @@ pub struct Overrides {
     pub flush: Option<FlushMode>,
     pub linger_ms: Option<f64>,
     pub batch_bytes: Option<usize>,
+    pub compression: Option<Codec>,
+    pub payload: Option<PayloadKind>,
 }
 
 /// The parameters a run uses, after defaults and overrides. Serialised with
@@ -166,7 +207,10 @@ pub struct Workload {
     pub duration_seconds: f64,
     pub flush: FlushMode,
     pub linger_ms: f64,
+    /// Uncompressed bytes at which a producer batch is sealed.
     pub batch_bytes: usize,
+    pub compression: Codec,
+    pub payload: PayloadKind,
 }
 
 impl Workload {
@@ -211,6 +255,8 @@ impl Workload {
                 .batch_bytes
                 .or(f.batch_bytes)
                 .unwrap_or(BATCH_BYTES_DEFAULT),
+            compression: over.compression.or(f.compression).unwrap_or_default(),
+            payload: over.payload.or(f.payload).unwrap_or_default(),
         };
         w.validate()?;
         Ok(w)
@@ -342,7 +388,8 @@ testDurationMinutes: 15
     fn coremq_fields_and_json_files() {
         let json = r#"{"topics": 2, "partitionsPerTopic": 4, "flush": "sync",
             "durationSeconds": 20, "testDurationMinutes": 5, "lingerMs": 0.5,
-            "batchBytes": 1000, "producerRate": 0}"#;
+            "batchBytes": 1000, "producerRate": 0, "compression": "zstd",
+            "payload": "random"}"#;
         let f = WorkloadFile::from_json(json, Path::new("w.json")).unwrap();
         let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
         assert_eq!(w.flush, FlushMode::Sync);
@@ -350,6 +397,9 @@ testDurationMinutes: 15
         assert_eq!(w.duration_seconds, 20.0);
         assert_eq!(w.linger_ms, 0.5);
         assert_eq!(w.batch_bytes, 1000);
+        assert_eq!(w.compression, Codec::Zstd);
+        assert_eq!(w.compression.compression(), Compression::Zstd);
+        assert_eq!(w.payload, PayloadKind::Random);
         assert!(!w.open_loop());
         assert_eq!(w.total_producers(), 2);
     }
@@ -392,6 +442,21 @@ testDurationMinutes: 15
         assert_eq!(w.producer_rate, RATE_DEFAULT);
         assert_eq!(w.duration_seconds, DURATION_S_DEFAULT);
         assert_eq!(w.batch_bytes, BATCH_BYTES_DEFAULT);
+        assert_eq!(w.compression, Codec::None);
+        assert_eq!(w.payload, PayloadKind::Text);
+        // A flag beats the file.
+        let f = WorkloadFile::from_yaml("compression: gzip\npayload: random\n", p()).unwrap();
+        let over = Overrides {
+            compression: Some(Codec::Lz4),
+            ..Overrides::default()
+        };
+        let w = Workload::resolve(Some(&f), &over).unwrap();
+        assert_eq!(
+            (w.compression, w.payload),
+            (Codec::Lz4, PayloadKind::Random)
+        );
+        assert_eq!(w.compression.to_string(), "lz4");
+        assert!(WorkloadFile::from_yaml("compression: brotli", p()).is_err());
     }
 
     #[test]
@@ -431,12 +496,17 @@ testDurationMinutes: 15
         for (file, flush) in [
             ("1-topic-2-queues-1kb-async.yaml", FlushMode::Async),
             ("1-topic-2-queues-1kb-sync.yaml", FlushMode::Sync),
+            ("1-topic-2-queues-1kb-zstd.yaml", FlushMode::Async),
         ] {
             let f = WorkloadFile::load(&dir.join(file)).unwrap();
             let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
             assert_eq!((w.topics, w.partitions_per_topic), (1, 2), "{file}");
             assert_eq!(w.message_size, 1024, "{file}");
             assert_eq!(w.flush, flush, "{file}");
+            assert!(f.ignored.is_empty(), "{file}: {:?}", f.ignored);
         }
+        let f = WorkloadFile::load(&dir.join("1-topic-2-queues-1kb-zstd.yaml")).unwrap();
+        let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
+        assert_eq!((w.compression, w.payload), (Codec::Zstd, PayloadKind::Text));
     }
 }

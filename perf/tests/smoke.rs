@@ -2,12 +2,13 @@
 //!
 //! Starts the debug `coremq` broker (`<target dir>/debug/coremq`, built
 //! with `cargo build -p coremq` if it is not there yet) in a temporary data
-//! directory on free ports, runs a 3-second open-loop workload with the
-//! perf binary Cargo built for this test, and checks the JSON report: every
-//! message sent was acked and consumed, and the latency percentiles are
-//! there, with the broker's RSS and CPU and the tool's own CPU (the broker
-//! is passed as --broker-pid). It asserts nothing about timing. The broker
-//! is stopped (SIGTERM, then SIGKILL) by a guard, also when the test fails.
+//! directory on free ports, runs 3-second open-loop workloads (plain, and
+//! with zstd-compressed batches) with the perf binary Cargo built for this
+//! test, and checks the JSON report: every message sent was acked and
+//! consumed, and the latency percentiles are there, with the broker's RSS
+//! and CPU and the tool's own CPU (the broker is passed as --broker-pid).
+//! It asserts nothing about timing. The broker is stopped (SIGTERM, then
+//! SIGKILL) by a guard, also when the test fails.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -144,17 +145,26 @@ impl Drop for Broker {
     }
 }
 
-#[test]
-fn run_reports_every_message_acked_and_consumed() {
-    let broker = Broker::start();
+/// A finished run: its JSON report (parsed and as text) and its output.
+struct Run {
+    report: serde_json::Value,
+    text: String,
+    stdout: String,
+    context: String,
+}
+
+/// Runs `coremq-perf run` against `broker` with `args` (3 s, or what the
+/// args say) and checks that it passed: sent == acked == consumed > 0, no
+/// errors, the percentile keys there.
+fn run_passing(broker: &Broker, args: &[&str]) -> Run {
     let out = tempfile::tempdir().expect("temp dir");
     let json = out.path().join("report.json");
     let stdout_log = out.path().join("perf.stdout");
     let stderr_log = out.path().join("perf.stderr");
     let mut perf = Command::new(env!("CARGO_BIN_EXE_coremq-perf"))
         .args(["run", "--broker", &broker.addr])
-        .args(["--duration-s", "3", "--rate", "2000"])
-        .args(["--message-size", "256", "--queues", "2"])
+        .args(["--duration-s", "3"])
+        .args(args)
         .args(["--broker-pid", &broker.child.id().to_string()])
         .arg("--json")
         .arg(&json)
@@ -188,6 +198,22 @@ fn run_reports_every_message_acked_and_consumed() {
             assert!(report[hist][p].is_u64(), "{hist}.{p} missing in {text}");
         }
     }
+    assert!(stdout.contains("result: PASS"), "{context}");
+    Run {
+        report,
+        text,
+        stdout,
+        context,
+    }
+}
+
+#[test]
+fn run_reports_every_message_acked_and_consumed() {
+    let broker = Broker::start();
+    let Run { report, text, .. } = run_passing(
+        &broker,
+        &["--rate", "2000", "--message-size", "256", "--queues", "2"],
+    );
     for key in [
         "publish_msgs_per_s",
         "publish_mb_per_s",
@@ -196,10 +222,49 @@ fn run_reports_every_message_acked_and_consumed() {
         "broker_cpu_cores_avg",
         "broker_cpu_cores_max",
         "perf_cpu_cores_avg",
+        "compression_ratio",
     ] {
         assert!(report[key].is_f64(), "{key} missing in {text}");
     }
     assert_eq!(report["workload"]["partitionsPerTopic"], 2, "{text}");
     assert_eq!(report["workload"]["messageSize"], 256, "{text}");
-    assert!(stdout.contains("result: PASS"), "{context}");
+    assert_eq!(report["compression"], "none", "{text}");
+}
+
+/// Compressed batches go through the broker as they are and consumers
+/// decode them (every payload's timestamp read back for the e2e latency).
+#[test]
+fn compressed_batches_are_consumed() {
+    let broker = Broker::start();
+    let run = run_passing(
+        &broker,
+        &[
+            "--rate",
+            "2000",
+            "--compression",
+            "zstd",
+            "--payload",
+            "text",
+            "--linger-ms",
+            "5",
+        ],
+    );
+    let (report, text) = (&run.report, &run.text);
+    assert_eq!(report["compression"], "zstd", "{text}");
+    assert_eq!(report["workload"]["payload"], "text", "{text}");
+    let stored = report["batch_bytes_sent"]
+        .as_u64()
+        .expect("batch_bytes_sent");
+    assert!(stored > 0, "{text}");
+    // Text compresses: the batches are smaller than their payloads.
+    let ratio = report["compression_ratio"]
+        .as_f64()
+        .expect("compression_ratio");
+    assert!(ratio > 1.0, "{text}");
+    assert_eq!(
+        report["e2e_latency_us"]["count"], report["consumed"],
+        "every consumed message had its timestamp read\n{}",
+        run.context
+    );
+    assert!(run.stdout.contains("compression zstd"), "{}", run.context);
 }

@@ -30,13 +30,13 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crate::error::PerfError;
+use crate::payload::Payloads;
 use crate::producer::{
-    payload_template, ProducerShared, Window, ACK_WAIT_MAX, OPEN_LOOP_IN_FLIGHT_BYTES_MAX,
-    RECORD_OVERHEAD_BYTES,
+    ProducerShared, Window, ACK_WAIT_MAX, OPEN_LOOP_IN_FLIGHT_BYTES_MAX, RECORD_OVERHEAD_BYTES,
 };
 use crate::run::Workers;
 use crate::schedule::{Clock, Pacing};
-use crate::workload::{Workload, TIMESTAMP_BYTES};
+use crate::workload::{Codec, Workload};
 
 /// coremq's default listen address.
 pub const COREMQ_BROKER_DEFAULT: &str = "127.0.0.1:9700";
@@ -84,6 +84,20 @@ impl std::fmt::Display for Driver {
             Driver::Rabbitmq => "rabbitmq",
         })
     }
+}
+
+/// Refuses what a driver cannot do: batch compression is coremq's alone
+/// (NATS has none per message; RabbitMQ streams' sub-entry compression is
+/// not wired up here).
+pub fn check_supported(driver: Driver, w: &Workload) -> Result<(), PerfError> {
+    if driver != Driver::Coremq && w.compression != Codec::None {
+        return Err(PerfError::Invalid(format!(
+            "--compression {} (workload field compression) is supported by --driver coremq only, \
+             not {driver}",
+            w.compression
+        )));
+    }
+    Ok(())
 }
 
 /// The runtime a peer run's clients live on.
@@ -170,6 +184,8 @@ pub struct PeerProducer<S> {
     /// No message intended at or after this time is sent.
     pub end_ns: u64,
     pub message_size: usize,
+    /// The payloads to send (timestamped as they go).
+    pub payloads: Payloads,
     pub window: Window,
     pub clock: Clock,
     /// Set by the main thread to end the run early.
@@ -182,7 +198,6 @@ impl<S: PeerSend> PeerProducer<S> {
     pub fn run(mut self) {
         let clock = self.clock;
         clock.sleep_until(self.start_ns);
-        let mut payload = payload_template(self.message_size);
         let mut partition = 0usize;
         while !self.abort.load(Ordering::Relaxed) {
             let now = clock.now_ns();
@@ -197,11 +212,11 @@ impl<S: PeerSend> PeerProducer<S> {
                 continue;
             }
             let intended = self.pacing.take(now);
-            payload[..TIMESTAMP_BYTES].copy_from_slice(&intended.to_be_bytes());
+            let payload = self.payloads.next(intended);
             self.shared.acquire(self.window, self.message_size);
             // Counted before sending: the ack may beat `send`'s return.
             self.shared.count_sent(1);
-            if let Err(e) = self.sink.send(partition, &payload, intended, now) {
+            if let Err(e) = self.sink.send(partition, payload, intended, now) {
                 self.shared.uncount_sent(1);
                 self.shared
                     .failed(1, self.message_size, format!("send failed: {e}"));

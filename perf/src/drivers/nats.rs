@@ -43,6 +43,7 @@ use crate::drivers::{
     ERROR_BACKOFF, RUNTIME_SHUTDOWN,
 };
 use crate::error::PerfError;
+use crate::payload::Payloads;
 use crate::producer::{ProducerShared, ACK_WAIT_MAX};
 use crate::run::{pacing, supervise, to_ns, topic_names, Launched, RunOptions, START_DELAY};
 use crate::schedule::Clock;
@@ -414,6 +415,7 @@ fn run_on_streams(
             start_ns,
             end_ns,
             message_size: w.message_size,
+            payloads: Payloads::for_producer(w, i),
             window,
             clock,
             abort: workers.abort_flag(),

@@ -46,6 +46,7 @@ use crate::drivers::{
     ERROR_BACKOFF, RUNTIME_SHUTDOWN,
 };
 use crate::error::PerfError;
+use crate::payload::Payloads;
 use crate::producer::{payload_timestamp, ProducerShared};
 use crate::run::{pacing, supervise, to_ns, topic_names, Launched, RunOptions, START_DELAY};
 use crate::schedule::Clock;
@@ -364,6 +365,7 @@ fn run_on_streams(
             start_ns,
             end_ns,
             message_size: w.message_size,
+            payloads: Payloads::for_producer(w, i),
             window,
             clock,
             abort: workers.abort_flag(),

@@ -116,8 +116,6 @@ pub struct CommitLog {
     written_moved: Notify,
     /// Wakes readers: an entry was appended.
     appended: Notify,
-    /// Read-only handles of segment files, for reads behind the tail cache.
-    readers: RefCell<HashMap<u64, Rc<DmaFile>>>,
     stopping: Cell<bool>,
     stopped: Notify,
     writer_done: Cell<bool>,
@@ -241,7 +239,6 @@ impl CommitLog {
             work: Notify::default(),
             written_moved: Notify::default(),
             appended: Notify::default(),
-            readers: RefCell::new(HashMap::new()),
             stopping: Cell::new(false),
             stopped: Notify::default(),
             writer_done: Cell::new(false),
@@ -395,67 +392,15 @@ impl CommitLog {
 
     /// The stored batch at `batch_pos`, without copying.
     pub fn read(&self, batch_pos: u64, len: usize) -> Option<Bytes> {
-        if let Some(b) = self.read_cached(batch_pos, len) {
-            return Some(b);
-        }
-        let st = self.state.borrow();
-        let (_, seg) = st.segments.range(..=batch_pos).next_back()?;
-        seg.slice(batch_pos - seg.base, len)
-    }
-
-    /// The stored batch at `batch_pos` if the tail cache still holds it.
-    pub fn read_cached(&self, batch_pos: u64, len: usize) -> Option<Bytes> {
         let st = self.state.borrow();
         let i = st.tail_cache.partition_point(|(p, _)| *p < batch_pos);
-        match st.tail_cache.get(i) {
-            Some((p, b)) if *p == batch_pos && b.len() == len => Some(b.clone()),
-            _ => None,
-        }
-    }
-
-    /// Log bytes `[pos, pos + len)`, written and within one segment, read
-    /// from the segment file with one O_DIRECT read through the ring: a
-    /// consumer behind the tail cache never blocks the shard on a page fault
-    /// (data written with O_DIRECT is not in the page cache, so a read
-    /// through the map would wait for the disk on the shard's thread). The
-    /// bytes are copied once into `Bytes`, which may cross cores; glommio's
-    /// buffers may not. `None` if the range is not stored in one segment.
-    pub async fn read_stored(&self, pos: u64, len: usize) -> Result<Option<Bytes>> {
-        let (base, path) = {
-            let st = self.state.borrow();
-            let Some((base, seg)) = st.segments.range(..=pos).next_back() else {
-                return Ok(None);
-            };
-            let seg_end = st
-                .stats
-                .range(base + 1..)
-                .next()
-                .map_or(st.end, |(b, _)| *b);
-            if pos + len as u64 > st.written.min(seg_end) {
-                return Ok(None);
+        if let Some((p, b)) = st.tail_cache.get(i) {
+            if *p == batch_pos && b.len() == len {
+                return Some(b.clone());
             }
-            (*base, seg.path.clone())
-        };
-        let cached = self.readers.borrow().get(&base).cloned();
-        let file = match cached {
-            Some(f) => f,
-            None => {
-                let f = Rc::new(glommio::io::DmaFile::open(&path).await?);
-                self.readers.borrow_mut().insert(base, f.clone());
-                f
-            }
-        };
-        let read = file.read_at(pos - base, len).await?;
-        if read.len() < len {
-            return Ok(None);
         }
-        Ok(Some(Bytes::copy_from_slice(&read[..len])))
-    }
-
-    /// The log position where the segment holding `pos` ends.
-    pub fn segment_end_of(&self, pos: u64) -> u64 {
-        let st = self.state.borrow();
-        st.stats.range(pos + 1..).next().map_or(st.end, |(b, _)| *b)
+        let (_, seg) = st.segments.range(..=batch_pos).next_back()?;
+        seg.slice(batch_pos - seg.base, len)
     }
 
     /// The log position where the segment starting at `base` ends: the next
@@ -495,8 +440,6 @@ impl CommitLog {
             st.stats.remove(&base);
             st.segments.remove(&base)
         };
-        // Closed when the last read using it finishes.
-        self.readers.borrow_mut().remove(&base);
         if let Some(seg) = seg {
             tracing::info!(segment = %seg.path.display(), "retention deletes segment");
             glommio::io::remove(&seg.path).await?;

@@ -34,9 +34,6 @@ pub const UNWRITTEN_BYTES_MAX: u64 = 64 << 20;
 
 /// The leader epoch stamped into stored batches: a single node is always epoch 0.
 pub const LEADER_EPOCH: i32 = 0;
-/// Uncached batches of one fetch at most this far apart (other queues'
-/// entries between them) are read from the file in one read.
-const READ_GAP_MAX_BYTES: u64 = 64 << 10;
 
 /// Format version of the queue checkpoint file.
 const CHECKPOINT_VERSION: u8 = 1;
@@ -531,7 +528,13 @@ impl Shard {
                 });
             }
             if !entries.is_empty() {
-                let batches = self.read_batches(&entries).await?;
+                let mut batches = Vec::with_capacity(entries.len());
+                for e in entries {
+                    match self.log.read(e.batch_pos, e.batch_len as usize) {
+                        Some(b) => batches.push(b),
+                        None => break,
+                    }
+                }
                 return Ok(Fetched {
                     log_start: start,
                     next_offset: next,
@@ -552,50 +555,6 @@ impl Shard {
             })
             .await;
         }
-    }
-
-    /// The batches of `entries`, in order: from the tail cache, or from the
-    /// segment files, one read per run of nearby entries. Stops at the first
-    /// batch no longer stored (retention took it).
-    async fn read_batches(&self, entries: &[IndexEntry]) -> Result<Vec<Bytes>> {
-        let mut batches = Vec::with_capacity(entries.len());
-        let mut i = 0;
-        while i < entries.len() {
-            let e = &entries[i];
-            if let Some(b) = self.log.read_cached(e.batch_pos, e.batch_len as usize) {
-                batches.push(b);
-                i += 1;
-                continue;
-            }
-            // A run of uncached entries close together: one read for them all
-            // (other queues' entries in the gaps are read and dropped).
-            let seg_end = self.log.segment_end_of(e.batch_pos);
-            let mut j = i + 1;
-            while j < entries.len()
-                && entries[j].batch_pos + entries[j].batch_len as u64 <= seg_end
-                && entries[j].batch_pos
-                    <= entries[j - 1].batch_pos
-                        + entries[j - 1].batch_len as u64
-                        + READ_GAP_MAX_BYTES
-                && self
-                    .log
-                    .read_cached(entries[j].batch_pos, entries[j].batch_len as usize)
-                    .is_none()
-            {
-                j += 1;
-            }
-            let start = e.batch_pos;
-            let end = entries[j - 1].batch_pos + entries[j - 1].batch_len as u64;
-            let Some(span) = self.log.read_stored(start, (end - start) as usize).await? else {
-                break;
-            };
-            for e in &entries[i..j] {
-                let at = (e.batch_pos - start) as usize;
-                batches.push(span.slice(at..at + e.batch_len as usize));
-            }
-            i = j;
-        }
-        Ok(batches)
     }
 
     pub fn committed_offset(&self, group: &str, key: QueueKey) -> Option<i64> {

@@ -11,6 +11,7 @@
 //! Exit status: 0 if every message sent was acked and consumed without
 //! errors, 1 if not (or if the run failed), 2 for a usage error.
 
+mod backlog;
 mod consumer;
 mod cpu;
 mod drivers;
@@ -116,6 +117,9 @@ struct RunArgs {
     /// What follows each payload's timestamp: JSON order events that vary per message, or incompressible random bytes [default: text]
     #[arg(long, value_enum, value_name = "KIND")]
     payload: Option<PayloadKind>,
+    /// Catch-up reads (OMB's consumerBacklogSizeGB): consumers start once this many GiB of payload wait for them, and the run measures how fast they catch up while producers go on (coremq only; needs a rate) [default: 0]
+    #[arg(long, value_name = "G")]
+    backlog_gb: Option<f64>,
     /// The broker's process: its VmRSS and CPU time are sampled every second and reported
     #[arg(long, value_name = "PID")]
     broker_pid: Option<u32>,
@@ -146,6 +150,7 @@ impl RunArgs {
             batch_bytes: self.batch_bytes,
             compression: self.compression,
             payload: self.payload,
+            backlog_gb: self.backlog_gb,
         }
     }
 
@@ -307,6 +312,14 @@ mod tests {
                 .options()
                 .is_ok());
         }
+        for driver in ["nats", "rabbitmq"] {
+            let e = parse(&["--driver", driver, "--backlog-gb", "1"])
+                .options()
+                .unwrap_err();
+            assert!(e.is_usage() && e.to_string().contains("backlog"), "{e}");
+        }
+        let o = parse(&["--backlog-gb", "0.5"]).options().unwrap();
+        assert_eq!(o.workload.consumer_backlog_size_gb, 0.5);
         let o = parse(&["--compression", "snappy", "--payload", "random"])
             .options()
             .unwrap();

@@ -36,7 +36,7 @@ use coremq::protocol::{Reply, Request};
 use coremq_shards::batch::{BatchBuilder, Compression, RECORDS_PER_BATCH_MAX};
 
 use crate::payload::Payloads;
-use crate::schedule::{Clock, Pacing};
+use crate::schedule::{Clock, EndTime, Pacing};
 use crate::stats::{lock, SharedTally};
 use crate::workload::TIMESTAMP_BYTES;
 
@@ -225,7 +225,7 @@ pub struct ProducerSpec {
     /// No message is sent before this time (ns since the epoch).
     pub start_ns: u64,
     /// No message intended at or after this time is sent.
-    pub end_ns: u64,
+    pub end: EndTime,
     pub message_size: usize,
     pub batch_bytes: usize,
     /// Codec of every batch.
@@ -281,7 +281,7 @@ impl Producer {
             let now = clock.now_ns();
             self.seal_lingered(now);
             let due = self.spec.pacing.next_due(now);
-            if due >= self.spec.end_ns {
+            if due >= self.spec.end.get() {
                 break;
             }
             if due > now {

@@ -35,6 +35,7 @@ use coremq::client::{Admin, Connection, Consumer, ConsumerConfig, StartFrom, Tim
 use coremq::protocol::{QueueInfo, TopicInfo, TopicSpec};
 use coremq_shards::batch::BATCH_HEADER_BYTES;
 
+use crate::backlog::{caught_up_messages, Action, Backlog, Progress};
 use crate::consumer::{self, ConsumerShared};
 use crate::cpu::CpuSampler;
 use crate::drivers::{self, Driver};
@@ -45,7 +46,7 @@ use crate::producer::{
     RECORD_OVERHEAD_BYTES,
 };
 use crate::rss::RssSampler;
-use crate::schedule::{Clock, Pacing, Schedule};
+use crate::schedule::{Clock, EndTime, Pacing, Schedule};
 use crate::stats::{check, merge_all, rates, Report, Tally, BYTES_PER_MB};
 use crate::workload::Workload;
 
@@ -58,6 +59,10 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 pub const DRAIN_S_DEFAULT: f64 = 10.0;
 /// How often the drain checks whether consumers have caught up.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// How often a backlog run checks the backlog and the catch-up.
+const BACKLOG_POLL: Duration = Duration::from_millis(20);
+/// A backlog run's producers' end until the catch-up sets it: far away.
+const END_UNTIL_CAUGHT_UP_NS: u64 = u64::MAX / 2;
 /// Nanoseconds per second.
 const NANOS_PER_SEC: f64 = 1e9;
 
@@ -126,6 +131,17 @@ pub(crate) fn topic_names(opts: &RunOptions, clock: &Clock) -> Vec<String> {
         .collect()
 }
 
+/// When producers stop, as set before they start: after the workload's
+/// duration; in a backlog run not before the catch-up is over, which
+/// `supervise` then decides.
+pub(crate) fn scheduled_end(w: &Workload, start_ns: u64) -> u64 {
+    if w.backlog_bytes() > 0 {
+        END_UNTIL_CAUGHT_UP_NS
+    } else {
+        start_ns + to_ns(w.duration())
+    }
+}
+
 /// Producer `index`'s pacing: its staggered share of the aggregate rate
 /// (open loop), or as fast as its window allows (closed loop).
 pub(crate) fn pacing(w: &Workload, start_ns: u64, index: usize) -> Pacing {
@@ -192,6 +208,8 @@ impl Drop for Topics<'_> {
 struct Threads {
     abort_producers: Arc<AtomicBool>,
     stop_consumers: Arc<AtomicBool>,
+    /// Consumers connected but not started yet (a backlog run).
+    paused_consumers: Vec<(String, Consumer, Clock, Arc<ConsumerShared>)>,
     producers: Vec<JoinHandle<()>>,
     consumers: Vec<JoinHandle<()>>,
 }
@@ -241,6 +259,13 @@ impl Threads {
         join_all(&mut self.producers, "producer")
     }
 
+    fn start_paused_consumers(&mut self) -> Result<(), PerfError> {
+        for (name, c, clock, shared) in std::mem::take(&mut self.paused_consumers) {
+            self.spawn_consumer(name, c, clock, shared)?;
+        }
+        Ok(())
+    }
+
     fn stop_consumers(&mut self) -> Result<(), PerfError> {
         self.stop_consumers.store(true, Ordering::Relaxed);
         join_all(&mut self.consumers, "consumer")
@@ -263,6 +288,11 @@ pub trait Workers {
     fn join_producers(&mut self) -> Result<(), PerfError>;
     /// Stops the consumers and waits for them.
     fn stop_consumers(&mut self) -> Result<(), PerfError>;
+    /// Starts consumers that were set up paused (a backlog run; drivers
+    /// that refuse backlogs start theirs at once and need nothing here).
+    fn start_consumers(&mut self) -> Result<(), PerfError> {
+        Ok(())
+    }
 }
 
 impl Workers for Threads {
@@ -272,6 +302,10 @@ impl Workers for Threads {
 
     fn stop_consumers(&mut self) -> Result<(), PerfError> {
         Threads::stop_consumers(self)
+    }
+
+    fn start_consumers(&mut self) -> Result<(), PerfError> {
+        Threads::start_paused_consumers(self)
     }
 }
 
@@ -284,8 +318,8 @@ pub struct Launched {
     pub consumers: Vec<Arc<ConsumerShared>>,
     /// First intended send (ns since the epoch).
     pub start_ns: u64,
-    /// End of the measured window.
-    pub end_ns: u64,
+    /// End of the measured window, as the producers see it.
+    pub end: EndTime,
 }
 
 /// Runs the benchmark and returns its report (also when its checks fail).
@@ -470,17 +504,24 @@ fn run_on_topics(
         }
     }
 
-    // Consumers first, so they are polling when the first message lands.
+    // Consumers first, so they are polling when the first message lands;
+    // in a backlog run they wait for supervise to start them.
     let consumers: Vec<Arc<ConsumerShared>> = consumer_jobs
         .iter()
         .map(|(_, _, s)| Arc::clone(s))
         .collect();
     for (name, consumer, shared) in consumer_jobs {
-        threads.spawn_consumer(name, consumer, clock, shared)?;
+        if w.backlog_bytes() > 0 {
+            threads
+                .paused_consumers
+                .push((name, consumer, clock, shared));
+        } else {
+            threads.spawn_consumer(name, consumer, clock, shared)?;
+        }
     }
 
     let start_ns = clock.now_ns() + to_ns(START_DELAY);
-    let end_ns = start_ns + to_ns(w.duration());
+    let end = EndTime::new(scheduled_end(w, start_ns));
     let window = if w.open_loop() {
         Window::Bytes(OPEN_LOOP_IN_FLIGHT_BYTES_MAX)
     } else {
@@ -495,7 +536,7 @@ fn run_on_topics(
             conns,
             pacing: pacing(w, start_ns, i),
             start_ns,
-            end_ns,
+            end: end.clone(),
             message_size: w.message_size,
             batch_bytes: w.batch_bytes,
             compression: w.compression.compression(),
@@ -513,7 +554,7 @@ fn run_on_topics(
         producers,
         consumers,
         start_ns,
-        end_ns,
+        end,
     };
     supervise(opts, clock, &launched, &mut threads)
 }
@@ -534,17 +575,68 @@ pub fn supervise(
         producers,
         consumers,
         start_ns,
-        end_ns,
+        end,
     } = launched;
-    let (start_ns, end_ns) = (*start_ns, *end_ns);
+    let start_ns = *start_ns;
+    let duration_ns = to_ns(w.duration());
+    let mut backlog = (w.backlog_bytes() > 0).then(|| {
+        Backlog::new(
+            w.backlog_bytes(),
+            w.subscriptions_per_topic,
+            caught_up_messages(w.producer_rate, w.subscriptions_per_topic),
+            start_ns,
+            duration_ns,
+        )
+    });
+    let since_start = |now: u64| now.saturating_sub(start_ns) as f64 / NANOS_PER_SEC;
 
-    // Progress until the measured window ends.
+    // Progress until the measured window ends; in a backlog run also the
+    // phases (the producers' end moves to when the catch-up is over).
     let interval_ns = to_ns(PROGRESS_INTERVAL);
     let mut next_progress = start_ns + interval_ns;
     let mut last = (start_ns, 0u64, 0u64, 0u64);
     clock.sleep_until(start_ns);
     loop {
         let now = clock.now_ns();
+        if let Some(b) = backlog.as_mut() {
+            let c = counts(producers, consumers);
+            let p = Progress {
+                acked: c.acked,
+                acked_bytes: c.acked_bytes,
+                consumed: c.consumed,
+                consumed_bytes: c.consumed_bytes,
+            };
+            match b.step(now, p) {
+                Action::StartConsumers => {
+                    let waiting = (p.acked_bytes * u64::from(w.subscriptions_per_topic))
+                        .saturating_sub(p.consumed_bytes);
+                    eprintln!(
+                        "[{:6.1}s] backlog of {:.1} MiB built: consumers start",
+                        since_start(now),
+                        waiting as f64 / BYTES_PER_MB
+                    );
+                    workers.start_consumers()?;
+                }
+                Action::Finished => {
+                    if let Some(r) = b.report() {
+                        eprintln!(
+                            "[{:6.1}s] catch-up {} after {:.1} s: {:.1} MB/s read",
+                            since_start(now),
+                            if r.catch_up_complete {
+                                "done"
+                            } else {
+                                "given up"
+                            },
+                            r.catch_up_s,
+                            r.catch_up_mb_per_s
+                        );
+                    }
+                    end.set(now.max(start_ns + duration_ns));
+                }
+                Action::Nothing => {}
+            }
+        }
+        let end_ns = end.get();
         if now >= end_ns {
             break;
         }
@@ -563,7 +655,7 @@ pub fn supervise(
             eprintln!(
                 "[{:6.1}s] publish {pub_rate:9.0} msg/s {pub_mb:7.1} MB/s | consume {con_rate:9.0} msg/s | \
                  publish p99 {} us | sent {} acked {} consumed {}",
-                (now - start_ns) as f64 / NANOS_PER_SEC,
+                since_start(now),
                 tally.latency.quantile(0.99),
                 c.sent,
                 c.acked,
@@ -572,7 +664,11 @@ pub fn supervise(
             last = (now, c.acked, c.acked_bytes, c.consumed);
             next_progress += interval_ns;
         }
-        clock.sleep_until(next_progress.min(end_ns));
+        let mut wake = next_progress.min(end_ns);
+        if backlog.as_ref().is_some_and(Backlog::holds_producers) {
+            wake = wake.min(now + to_ns(BACKLOG_POLL));
+        }
+        clock.sleep_until(wake);
     }
     let window_counts = counts(producers, consumers);
     let window_end_ns = clock.now_ns();
@@ -652,6 +748,7 @@ pub fn supervise(
         workload: w.clone(),
         broker_rss_mb_max: None,
         broker_rss_anon_mb_max: None,
+        backlog: backlog.and_then(|b| b.report()),
         compression: w.compression.to_string(),
         batch_bytes_sent: (publish.stored_bytes > 0).then_some(publish.stored_bytes),
         compression_ratio: (publish.stored_bytes > 0)
@@ -705,6 +802,25 @@ pub fn summary_text(r: &Report) -> String {
         );
     }
     let _ = writeln!(s, "measured: {:.1} s", r.measured_seconds);
+    if let Some(b) = &r.backlog {
+        let _ = writeln!(
+            s,
+            "backlog: {:.1} MiB (of {:.1} asked) built in {:.1} s; catch-up {} in {:.1} s: \
+             consumers read {:.0} msg/s, {:.1} MB/s while producers went on; e2e latency \
+             includes the wait in the backlog",
+            b.backlog_bytes as f64 / BYTES_PER_MB,
+            b.backlog_bytes_target as f64 / BYTES_PER_MB,
+            b.backlog_build_s,
+            if b.catch_up_complete {
+                "done"
+            } else {
+                "NOT done"
+            },
+            b.catch_up_s,
+            b.catch_up_msgs_per_s,
+            b.catch_up_mb_per_s,
+        );
+    }
     let _ = writeln!(
         s,
         "publish: {:.0} msg/s, {:.2} MB/s | sent {} acked {} errors {}",

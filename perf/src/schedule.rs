@@ -15,6 +15,8 @@
 //! timestamp a producer writes into a payload and the time a consumer reads
 //! it are on the same scale and never go backwards.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::PerfError;
@@ -54,6 +56,27 @@ impl Clock {
         if target_ns > now {
             std::thread::sleep(Duration::from_nanos(target_ns - now));
         }
+    }
+}
+
+/// When producers stop: no message intended at or after it is sent. Shared
+/// by the producers and the main thread, which moves it when the run's
+/// length depends on what happens (a backlog run lasts until consumers
+/// have caught up).
+#[derive(Debug, Clone)]
+pub struct EndTime(Arc<AtomicU64>);
+
+impl EndTime {
+    pub fn new(end_ns: u64) -> EndTime {
+        EndTime(Arc::new(AtomicU64::new(end_ns)))
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, end_ns: u64) {
+        self.0.store(end_ns, Ordering::Relaxed);
     }
 }
 
@@ -215,6 +238,14 @@ mod tests {
         let mut p = Pacing::Open(Schedule::new(5, 1.0));
         assert_eq!(p.next_due(1_000_000_000_000), 5);
         assert_eq!(p.take(1_000_000_000_000), 5);
+    }
+
+    #[test]
+    fn end_time_is_shared() {
+        let e = EndTime::new(5);
+        let seen_by_producer = e.clone();
+        e.set(9);
+        assert_eq!(seen_by_producer.get(), 9);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::sync::{Mutex, MutexGuard};
 
+use crate::backlog::BacklogReport;
 use crate::workload::Workload;
 
 /// Largest latency a histogram tells apart, in microseconds (one hour).
@@ -233,6 +234,10 @@ pub struct Report {
     /// Largest RssAnon (heap and stacks) of `--broker-pid` seen, in MiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_rss_anon_mb_max: Option<f64>,
+    /// A backlog run's figures (`backlog_bytes`, `catch_up_s`,
+    /// `catch_up_mb_per_s`, ...), at the top level.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<BacklogReport>,
     /// The producers' batch codec (`none`, `gzip`, `snappy`, `lz4`, `zstd`).
     pub compression: String,
     /// Bytes of every acked batch as the broker stores it (compressed,
@@ -325,6 +330,7 @@ pub(crate) fn test_report() -> Report {
         workload,
         broker_rss_mb_max: None,
         broker_rss_anon_mb_max: None,
+        backlog: None,
         compression: "none".into(),
         batch_bytes_sent: None,
         compression_ratio: None,
@@ -490,5 +496,6 @@ mod tests {
         assert_eq!(v["compression"], "zstd");
         assert_eq!(v["batch_bytes_sent"], 1000);
         assert_eq!(v["compression_ratio"], 3.5);
+        assert!(v.get("backlog_bytes").is_none());
     }
 }

@@ -8,7 +8,8 @@
 //! `consumerPerSubscription`, `testDurationMinutes` — and optionally
 //! `flush`, `durationSeconds`, `lingerMs`, `batchBytes`, `compression`
 //! (the producers' batch codec) and `payload` (`text` or `random`, see
-//! `payload.rs`). OMB fields this
+//! `payload.rs`). OMB's `consumerBacklogSizeGB` is honoured (see
+//! `backlog.rs`). OMB fields this
 //! tool has no use for (`name`, `payloadFile`, `keyDistributor`, ...) are
 //! accepted and reported, so OMB's own files load unchanged. Precedence is
 //! flag > file > default; for the duration, `--duration-s` >
@@ -51,6 +52,8 @@ pub const LINGER_MS_DEFAULT: f64 = 1.0;
 pub const DURATION_S_MAX: f64 = 86_400.0;
 /// Most producer or consumer threads a run may start.
 pub const THREADS_MAX: u32 = 1024;
+/// Bytes in the "GB" of `consumerBacklogSizeGB` (OMB multiplies by 1024^3).
+pub const GIB: u64 = 1 << 30;
 /// Longest linger accepted, in milliseconds.
 pub const LINGER_MS_MAX: f64 = 10_000.0;
 
@@ -134,6 +137,9 @@ pub struct WorkloadFile {
     pub batch_bytes: Option<usize>,
     pub compression: Option<Codec>,
     pub payload: Option<PayloadKind>,
+    /// OMB: consumers start once this many GiB of payload wait for them.
+    #[serde(rename = "consumerBacklogSizeGB")]
+    pub consumer_backlog_size_gb: Option<f64>,
     /// OMB fields this tool ignores (kept so they can be reported).
     #[serde(flatten)]
     pub ignored: BTreeMap<String, serde_json::Value>,
@@ -188,6 +194,7 @@ pub struct Overrides {
     pub batch_bytes: Option<usize>,
     pub compression: Option<Codec>,
     pub payload: Option<PayloadKind>,
+    pub backlog_gb: Option<f64>,
 }
 
 /// The parameters a run uses, after defaults and overrides. Serialised with
@@ -211,6 +218,10 @@ pub struct Workload {
     pub batch_bytes: usize,
     pub compression: Codec,
     pub payload: PayloadKind,
+    /// Backlog (GiB of payload, over all subscriptions) to build with the
+    /// consumers paused before they start; 0 = consumers from the start.
+    #[serde(rename = "consumerBacklogSizeGB")]
+    pub consumer_backlog_size_gb: f64,
 }
 
 impl Workload {
@@ -257,6 +268,10 @@ impl Workload {
                 .unwrap_or(BATCH_BYTES_DEFAULT),
             compression: over.compression.or(f.compression).unwrap_or_default(),
             payload: over.payload.or(f.payload).unwrap_or_default(),
+            consumer_backlog_size_gb: over
+                .backlog_gb
+                .or(f.consumer_backlog_size_gb)
+                .unwrap_or(0.0),
         };
         w.validate()?;
         Ok(w)
@@ -302,6 +317,20 @@ impl Workload {
         if self.batch_bytes == 0 {
             return bad("batchBytes must be positive".into());
         }
+        let backlog = self.consumer_backlog_size_gb;
+        if !(backlog.is_finite() && backlog >= 0.0) {
+            return bad("consumerBacklogSizeGB (--backlog-gb) must be 0 or positive".into());
+        }
+        if backlog > 0.0 && !self.open_loop() {
+            // As in OMB: the producers' rate must be known while the backlog builds.
+            return bad(
+                "consumerBacklogSizeGB (--backlog-gb) needs a producer rate (producerRate > 0)"
+                    .into(),
+            );
+        }
+        if backlog > 0.0 && self.subscriptions_per_topic == 0 {
+            return bad("consumerBacklogSizeGB (--backlog-gb) needs subscriptions".into());
+        }
         Ok(())
     }
 
@@ -328,6 +357,12 @@ impl Workload {
 
     pub fn duration(&self) -> Duration {
         Duration::from_secs_f64(self.duration_seconds)
+    }
+
+    /// The backlog to build before consumers start, in payload bytes
+    /// (GiB = 2^30 bytes, as OMB counts); 0 = none.
+    pub fn backlog_bytes(&self) -> u64 {
+        (self.consumer_backlog_size_gb * GIB as f64) as u64
     }
 
     pub fn linger(&self) -> Duration {
@@ -367,10 +402,8 @@ testDurationMinutes: 15
         assert_eq!(f.test_duration_minutes, Some(15.0));
         // OMB-only fields are kept aside, not refused.
         let ignored: Vec<_> = f.ignored.keys().cloned().collect();
-        assert_eq!(
-            ignored,
-            ["consumerBacklogSizeGB", "keyDistributor", "payloadFile"]
-        );
+        assert_eq!(ignored, ["keyDistributor", "payloadFile"]);
+        assert_eq!(f.consumer_backlog_size_gb, Some(0.0));
         let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
         assert_eq!(w.name, "1 topic / 16 partitions / 1kb");
         assert_eq!(w.topics, 1);
@@ -435,6 +468,22 @@ testDurationMinutes: 15
     }
 
     #[test]
+    fn backlog_in_gib() {
+        let f =
+            WorkloadFile::from_yaml("consumerBacklogSizeGB: 2\nproducerRate: 1000\n", p()).unwrap();
+        let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
+        assert_eq!(w.backlog_bytes(), 2 << 30);
+        let over = Overrides {
+            backlog_gb: Some(0.25),
+            ..Overrides::default()
+        };
+        let w = Workload::resolve(Some(&f), &over).unwrap();
+        assert_eq!(w.backlog_bytes(), 256 << 20);
+        let v = serde_json::to_value(&w).unwrap();
+        assert_eq!(v["consumerBacklogSizeGB"], 0.25);
+    }
+
+    #[test]
     fn defaults_without_a_file() {
         let w = Workload::resolve(None, &Overrides::default()).unwrap();
         assert_eq!(w.partitions_per_topic, QUEUES_DEFAULT);
@@ -482,6 +531,21 @@ testDurationMinutes: 15
                 batch_bytes: Some(0),
                 ..Overrides::default()
             },
+            Overrides {
+                backlog_gb: Some(-1.0),
+                ..Overrides::default()
+            },
+            // A backlog needs a rate (as in OMB) and someone to consume it.
+            Overrides {
+                backlog_gb: Some(1.0),
+                rate: Some(0.0),
+                ..Overrides::default()
+            },
+            Overrides {
+                backlog_gb: Some(1.0),
+                subscriptions: Some(0),
+                ..Overrides::default()
+            },
         ] {
             let e = Workload::resolve(None, &over).unwrap_err();
             assert!(e.is_usage(), "{e}");
@@ -497,6 +561,7 @@ testDurationMinutes: 15
             ("1-topic-2-queues-1kb-async.yaml", FlushMode::Async),
             ("1-topic-2-queues-1kb-sync.yaml", FlushMode::Sync),
             ("1-topic-2-queues-1kb-zstd.yaml", FlushMode::Async),
+            ("1-topic-2-queues-1kb-backlog.yaml", FlushMode::Async),
         ] {
             let f = WorkloadFile::load(&dir.join(file)).unwrap();
             let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
@@ -508,5 +573,8 @@ testDurationMinutes: 15
         let f = WorkloadFile::load(&dir.join("1-topic-2-queues-1kb-zstd.yaml")).unwrap();
         let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
         assert_eq!((w.compression, w.payload), (Codec::Zstd, PayloadKind::Text));
+        let f = WorkloadFile::load(&dir.join("1-topic-2-queues-1kb-backlog.yaml")).unwrap();
+        let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
+        assert_eq!(w.backlog_bytes(), GIB);
     }
 }

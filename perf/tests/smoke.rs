@@ -268,3 +268,22 @@ fn compressed_batches_are_consumed() {
     );
     assert!(run.stdout.contains("compression zstd"), "{}", run.context);
 }
+
+/// A backlog run: consumers start once the backlog is there, catch up
+/// while producers go on, and still consume everything.
+#[test]
+fn backlog_is_built_then_caught_up() {
+    let broker = Broker::start();
+    // 4 MiB of 1 KiB messages at 5,000 msg/s: about 0.8 s to build.
+    let run = run_passing(&broker, &["--rate", "5000", "--backlog-gb", "0.00390625"]);
+    let (report, text) = (&run.report, &run.text);
+    let backlog = report["backlog_bytes"].as_u64().expect("backlog_bytes");
+    assert!(backlog >= 4 << 20, "{text}");
+    assert_eq!(report["backlog_bytes_target"], 4 << 20, "{text}");
+    assert_eq!(report["catch_up_complete"], true, "{text}");
+    for key in ["catch_up_s", "catch_up_mb_per_s", "backlog_build_s"] {
+        assert!(report[key].is_f64(), "{key} missing in {text}");
+    }
+    assert_eq!(report["workload"]["consumerBacklogSizeGB"], 0.00390625);
+    assert!(run.stdout.contains("backlog: "), "{}", run.context);
+}

@@ -35,7 +35,7 @@ use crate::producer::{
     ProducerShared, Window, ACK_WAIT_MAX, OPEN_LOOP_IN_FLIGHT_BYTES_MAX, RECORD_OVERHEAD_BYTES,
 };
 use crate::run::Workers;
-use crate::schedule::{Clock, Pacing};
+use crate::schedule::{Clock, EndTime, Pacing};
 use crate::workload::{Codec, Workload};
 
 /// coremq's default listen address.
@@ -86,15 +86,25 @@ impl std::fmt::Display for Driver {
     }
 }
 
-/// Refuses what a driver cannot do: batch compression is coremq's alone
-/// (NATS has none per message; RabbitMQ streams' sub-entry compression is
-/// not wired up here).
+/// Refuses what a driver cannot do: batch compression and backlog runs
+/// are coremq's alone (NATS has no batch compression; RabbitMQ streams'
+/// sub-entry compression and pausing the peers' consumers are not wired up
+/// here).
 pub fn check_supported(driver: Driver, w: &Workload) -> Result<(), PerfError> {
-    if driver != Driver::Coremq && w.compression != Codec::None {
+    if driver == Driver::Coremq {
+        return Ok(());
+    }
+    if w.compression != Codec::None {
         return Err(PerfError::Invalid(format!(
             "--compression {} (workload field compression) is supported by --driver coremq only, \
              not {driver}",
             w.compression
+        )));
+    }
+    if w.backlog_bytes() > 0 {
+        return Err(PerfError::Invalid(format!(
+            "--backlog-gb (workload field consumerBacklogSizeGB) is supported by --driver coremq \
+             only, not {driver}"
         )));
     }
     Ok(())
@@ -182,7 +192,7 @@ pub struct PeerProducer<S> {
     /// No message is sent before this time (ns since the epoch).
     pub start_ns: u64,
     /// No message intended at or after this time is sent.
-    pub end_ns: u64,
+    pub end: EndTime,
     pub message_size: usize,
     /// The payloads to send (timestamped as they go).
     pub payloads: Payloads,
@@ -203,7 +213,7 @@ impl<S: PeerSend> PeerProducer<S> {
             let now = clock.now_ns();
             self.sink.flush(now);
             let due = self.pacing.next_due(now);
-            if due >= self.end_ns {
+            if due >= self.end.get() {
                 break;
             }
             if due > now {

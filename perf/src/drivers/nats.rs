@@ -46,7 +46,7 @@ use crate::error::PerfError;
 use crate::payload::Payloads;
 use crate::producer::{ProducerShared, ACK_WAIT_MAX};
 use crate::run::{pacing, supervise, to_ns, topic_names, Launched, RunOptions, START_DELAY};
-use crate::schedule::Clock;
+use crate::schedule::{Clock, EndTime};
 use crate::stats::Report;
 use crate::workload::FlushMode;
 
@@ -396,7 +396,7 @@ fn run_on_streams(
     }
 
     let start_ns = clock.now_ns() + to_ns(START_DELAY);
-    let end_ns = start_ns + to_ns(w.duration());
+    let end = EndTime::new(start_ns + to_ns(w.duration()));
     let mut producers = Vec::new();
     for (i, (t, js, subjects)) in producer_jobs.into_iter().enumerate() {
         let shared = Arc::new(ProducerShared::new(t));
@@ -413,7 +413,7 @@ fn run_on_streams(
             partitions: w.partitions_per_topic as usize,
             pacing: pacing(w, start_ns, i),
             start_ns,
-            end_ns,
+            end: end.clone(),
             message_size: w.message_size,
             payloads: Payloads::for_producer(w, i),
             window,
@@ -429,7 +429,7 @@ fn run_on_streams(
         producers,
         consumers,
         start_ns,
-        end_ns,
+        end,
     };
     supervise(opts, clock, &launched, &mut workers)
 }

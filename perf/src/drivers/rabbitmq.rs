@@ -49,7 +49,7 @@ use crate::error::PerfError;
 use crate::payload::Payloads;
 use crate::producer::{payload_timestamp, ProducerShared};
 use crate::run::{pacing, supervise, to_ns, topic_names, Launched, RunOptions, START_DELAY};
-use crate::schedule::Clock;
+use crate::schedule::{Clock, EndTime};
 use crate::stats::Report;
 use crate::workload::{FlushMode, Workload};
 
@@ -344,7 +344,7 @@ fn run_on_streams(
 
     let window = peer_window(w, opts.window);
     let start_ns = clock.now_ns() + to_ns(START_DELAY);
-    let end_ns = start_ns + to_ns(w.duration());
+    let end = EndTime::new(start_ns + to_ns(w.duration()));
     let mut producers = Vec::new();
     for (i, (t, clients)) in producer_jobs.into_iter().enumerate() {
         let shared = Arc::new(ProducerShared::new(t));
@@ -363,7 +363,7 @@ fn run_on_streams(
             partitions: w.partitions_per_topic as usize,
             pacing: pacing(w, start_ns, i),
             start_ns,
-            end_ns,
+            end: end.clone(),
             message_size: w.message_size,
             payloads: Payloads::for_producer(w, i),
             window,
@@ -379,7 +379,7 @@ fn run_on_streams(
         producers,
         consumers,
         start_ns,
-        end_ns,
+        end,
     };
     supervise(opts, clock, &launched, &mut workers)
 }

@@ -140,7 +140,8 @@ impl ProducerShared {
     }
 
     /// One batch acked at `ack_ns`: every message's latency (from its
-    /// intended time) is recorded and the batch leaves the window.
+    /// intended time) is recorded and the batch leaves the window (a peer
+    /// driver's: what the broker stores is not known, so not counted).
     pub(crate) fn acked(
         &self,
         intended: &[u64],
@@ -148,11 +149,23 @@ impl ProducerShared {
         payload_bytes: u64,
         batch_bytes: usize,
     ) {
+        self.record_ack(intended, ack_ns, payload_bytes, batch_bytes, 0);
+    }
+
+    /// [`ProducerShared::acked`], counting `stored_bytes` as stored.
+    fn record_ack(
+        &self,
+        intended: &[u64],
+        ack_ns: u64,
+        payload_bytes: u64,
+        batch_bytes: usize,
+        stored_bytes: u64,
+    ) {
         {
             let mut t = self.tally.lock();
             t.messages += intended.len() as u64;
             t.bytes += payload_bytes;
-            t.stored_bytes += batch_bytes as u64;
+            t.stored_bytes += stored_bytes;
             for &i in intended {
                 t.latency.record_between_ns(i, ack_ns);
             }
@@ -178,7 +191,13 @@ impl ProducerShared {
     ) {
         let n = intended.len() as u64;
         match outcome {
-            Ok(Reply::Produce { .. }) => self.acked(intended, ack_ns, payload_bytes, batch_bytes),
+            Ok(Reply::Produce { .. }) => self.record_ack(
+                intended,
+                ack_ns,
+                payload_bytes,
+                batch_bytes,
+                batch_bytes as u64,
+            ),
             Ok(other) => self.failed(
                 n,
                 batch_bytes,
@@ -492,6 +511,11 @@ mod tests {
         assert_eq!((t.messages, t.bytes, t.errors), (3, 3 * 1024, 2));
         // The stored size of the acked batch only.
         assert_eq!(t.stored_bytes, 100);
+        // A peer's ack counts nothing as stored.
+        let peer = ProducerShared::new(0);
+        peer.acquire(Window::Batches(4), 1024);
+        peer.acked(&[10 * ms], 11 * ms, 1024, 1024);
+        assert_eq!(peer.tally.snapshot().stored_bytes, 0);
         assert_eq!(t.latency.summary().count, 3);
         // Latencies are from each message's own intended time: 5, 4 and 3 ms.
         assert!(t.latency.summary().max.abs_diff(5_000) <= 5); // 3 significant digits

@@ -1,73 +1,132 @@
-//! One consumer thread: long-polls its queues and measures end-to-end latency.
+//! Consumers: the coremq fetcher threads, and the counts every driver's
+//! consumers keep.
 //!
-//! Each thread drives one library [`Consumer`] (one connection, one fetch in
-//! flight per queue) of a subscription's consumer group, over the queues it
-//! was assigned. For every record it reads the intended send time from the
-//! first [`TIMESTAMP_BYTES`] of the payload and records the time from then
-//! to the moment the poll returned it. It stops when the main thread raises
-//! the stop flag (noticed within [`POLL_TIMEOUT`]).
+//! coremq's consumers are fetcher threads, one per shard: each reads every
+//! queue of that shard for every subscription (a cursor per topic,
+//! subscription and queue), so ten thousand topics do not mean ten thousand
+//! threads. A cursor has at most one long-poll `Fetch` in flight; fetches of
+//! all cursors are pipelined over the thread's connections (to the shard's
+//! own port, or the shared one with `--no-shard-direct`), at most
+//! [`FETCHES_PER_CONNECTION_MAX`] per connection because the broker stops
+//! reading a connection with 1,024 requests in progress, and more
+//! connections when a shard has more queues. Replies come back through a
+//! channel from the connections' reader threads and are handled in the
+//! order they arrive, so a busy queue cannot starve a quiet one. The
+//! position of a cursor starts at its queue's start offset and moves past
+//! every record returned; nothing is committed (the subscriptions are
+//! positions, not consumer groups on the broker). Each fetch asks for a
+//! share of [`FETCH_BUDGET_BYTES`] (between [`FETCH_BYTES_MIN`] and
+//! [`FETCH_BYTES_MAX`]), grown when one batch does not fit.
+//!
+//! Records are decoded (and decompressed) with the client library's
+//! `records_from_fetch`; for every record the thread reads the intended
+//! send time from the first [`TIMESTAMP_BYTES`] of the payload and records
+//! the time from then to the moment the reply was handled. It stops when
+//! the main thread raises the stop flag (noticed within [`POLL_TIMEOUT`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use coremq::client::{ConsumedRecord, Consumer};
+use coremq::client::consumer::records_from_fetch;
+use coremq::client::{ClientError, Completion, Connection, Timeouts};
+use coremq::protocol::{Reply, Request};
 
 use crate::producer::payload_timestamp;
+use crate::run::to_ns;
 use crate::schedule::Clock;
 use crate::stats::SharedTally;
 use crate::workload::TIMESTAMP_BYTES;
 
-/// Longest a poll blocks before the stop flag is checked again.
+/// Longest a fetcher (or a peer consumer) waits for replies before it
+/// checks the stop flag again.
 pub const POLL_TIMEOUT: Duration = Duration::from_millis(100);
-/// Pause after a failed poll before the next one.
-const ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// How long the broker may hold a fetch open waiting for data.
+pub const MAX_WAIT_MS: u32 = 500;
+/// Fetches one connection may have in flight (the broker pauses reading a
+/// connection at 1,024 requests in progress).
+pub const FETCHES_PER_CONNECTION_MAX: usize = 1000;
+/// Reply bytes a fetcher asks for at once over all its cursors.
+pub const FETCH_BUDGET_BYTES: usize = 256 << 20;
+/// Bounds of what one fetch asks for.
+pub const FETCH_BYTES_MIN: u32 = 64 << 10;
+pub const FETCH_BYTES_MAX: u32 = 1 << 20;
+/// Largest a fetch grows to so that one batch fits.
+pub const FETCH_BYTES_GROWN_MAX: u32 = 32 << 20;
+/// Pause before refetching a queue whose fetch came back empty before the
+/// broker's wait was up (so a broker that does not hold fetches cannot
+/// make us spin), or failed.
+const EMPTY_FETCH_PAUSE: Duration = Duration::from_millis(10);
+const ERROR_PAUSE: Duration = Duration::from_millis(100);
 
-/// What a consumer thread shares with the main thread.
+/// What a consumer thread (or a peer consumer task) shares with the main
+/// thread: per slot — a (topic, subscription) it reads — the messages
+/// received; over all of them, the tally.
 #[derive(Debug)]
 pub struct ConsumerShared {
-    /// Index of the topic in the run.
-    pub topic: usize,
-    /// Index of the subscription within the topic.
-    pub subscription: usize,
+    /// (topic, subscription) of each slot, run-wide indices.
+    pub slots: Vec<(usize, usize)>,
+    consumed_by_slot: Vec<AtomicU64>,
     /// Received messages, payload bytes, e2e latencies; `errors` counts
-    /// failed polls and payloads too short to carry a timestamp.
+    /// failed fetches and payloads too short to carry a timestamp.
     pub tally: SharedTally,
 }
 
 impl ConsumerShared {
+    /// A consumer of one topic's subscription (a peer driver's).
     pub fn new(topic: usize, subscription: usize) -> ConsumerShared {
+        ConsumerShared::for_slots(vec![(topic, subscription)])
+    }
+
+    pub fn for_slots(slots: Vec<(usize, usize)>) -> ConsumerShared {
         ConsumerShared {
-            topic,
-            subscription,
+            consumed_by_slot: slots.iter().map(|_| AtomicU64::new(0)).collect(),
+            slots,
             tally: SharedTally::default(),
         }
     }
 
-    /// Counts the records of one poll, all received at `now_ns`.
-    pub fn record(&self, records: &[ConsumedRecord], now_ns: u64) {
-        self.record_payloads(
-            records.iter().map(|r| r.value.as_deref().unwrap_or(&[])),
-            now_ns,
-        );
+    /// ((topic, subscription), messages consumed) of each slot.
+    pub fn consumed_by_slot(&self) -> impl Iterator<Item = ((usize, usize), u64)> + '_ {
+        self.slots
+            .iter()
+            .zip(&self.consumed_by_slot)
+            .map(|(&s, n)| (s, n.load(Ordering::Relaxed)))
     }
 
-    /// Counts payloads received at `now_ns` (any driver's messages).
+    /// Counts payloads received at `now_ns` (a peer consumer's: slot 0).
     pub fn record_payloads<'a>(&self, payloads: impl IntoIterator<Item = &'a [u8]>, now_ns: u64) {
+        self.record_slot(0, payloads, now_ns);
+    }
+
+    /// Counts payloads of slot `slot` received at `now_ns`.
+    pub fn record_slot<'a>(
+        &self,
+        slot: usize,
+        payloads: impl IntoIterator<Item = &'a [u8]>,
+        now_ns: u64,
+    ) {
         let mut bad = 0u64;
+        let mut good = 0u64;
         {
             let mut t = self.tally.lock();
             for value in payloads {
                 match payload_timestamp(value) {
                     Some(sent_ns) => {
-                        t.messages += 1;
+                        good += 1;
                         t.bytes += value.len() as u64;
                         t.latency.record_between_ns(sent_ns, now_ns);
                     }
                     None => bad += 1,
                 }
             }
+            t.messages += good;
+        }
+        if let Some(n) = self.consumed_by_slot.get(slot) {
+            n.fetch_add(good, Ordering::Relaxed);
         }
         if bad > 0 {
             self.tally.fail(
@@ -78,27 +137,243 @@ impl ConsumerShared {
     }
 }
 
-/// Polls until `stop` is raised.
-pub fn run(
-    mut consumer: Consumer,
+/// One queue of one subscription, as a fetcher reads it.
+#[derive(Debug, Clone)]
+pub struct CursorSpec {
+    /// Slot in the fetcher's [`ConsumerShared`].
+    pub slot: usize,
+    pub topic: String,
+    pub queue: u32,
+    /// Where reading starts.
+    pub position: i64,
+}
+
+#[derive(Debug)]
+struct Cursor {
+    spec: CursorSpec,
+    max_bytes: u32,
+    conn: usize,
+    /// Identifies the fetch in flight (replies to older ones are ignored).
+    token: u64,
+    sent_ns: u64,
+}
+
+/// What one fetch asks for when a fetcher has `cursors` of them.
+pub fn fetch_bytes(cursors: usize) -> u32 {
+    let share = FETCH_BUDGET_BYTES / cursors.max(1);
+    (share.min(FETCH_BYTES_MAX as usize) as u32).max(FETCH_BYTES_MIN)
+}
+
+/// Connections a fetcher of `cursors` cursors needs.
+pub fn connections_for(cursors: usize) -> usize {
+    cursors.div_ceil(FETCHES_PER_CONNECTION_MAX).max(1)
+}
+
+/// A reply, tagged with its cursor and fetch.
+struct Event {
+    cursor: usize,
+    token: u64,
+    completion: Completion,
+}
+
+/// One fetcher thread: the cursors of one shard, and its connections.
+pub struct Fetcher {
+    cursors: Vec<Cursor>,
+    conns: Vec<Connection>,
     clock: Clock,
     shared: Arc<ConsumerShared>,
     stop: Arc<AtomicBool>,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        match consumer.poll(POLL_TIMEOUT) {
-            Ok(records) => {
-                if !records.is_empty() {
-                    shared.record(&records, clock.now_ns());
+    /// Cursors with no fetch in flight, to be sent one now.
+    ready: VecDeque<usize>,
+    /// (not before, cursor) of cursors pausing, in time order.
+    paused: VecDeque<(u64, usize)>,
+    next_token: u64,
+    tx: mpsc::Sender<Event>,
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Fetcher {
+    /// Connects to `addr` (as many connections as the cursors need).
+    pub fn connect(
+        addr: &str,
+        specs: Vec<CursorSpec>,
+        clock: Clock,
+        shared: Arc<ConsumerShared>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Fetcher, ClientError> {
+        let n = connections_for(specs.len());
+        let conns = (0..n)
+            .map(|_| Connection::connect(addr, Timeouts::default()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let max_bytes = fetch_bytes(specs.len());
+        let cursors: Vec<Cursor> = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| Cursor {
+                spec,
+                max_bytes,
+                conn: i % n,
+                token: 0,
+                sent_ns: 0,
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel();
+        Ok(Fetcher {
+            ready: (0..cursors.len()).collect(),
+            cursors,
+            conns,
+            clock,
+            shared,
+            stop,
+            paused: VecDeque::new(),
+            next_token: 1,
+            tx,
+            rx,
+        })
+    }
+
+    /// Fetches until the stop flag is raised.
+    pub fn run(mut self) {
+        let poll_ns = to_ns(POLL_TIMEOUT);
+        while !self.stop.load(Ordering::Relaxed) {
+            let now = self.clock.now_ns();
+            while let Some(&(not_before, c)) = self.paused.front() {
+                if not_before > now {
+                    break;
+                }
+                self.paused.pop_front();
+                self.ready.push_back(c);
+            }
+            while let Some(c) = self.ready.pop_front() {
+                self.send(c);
+            }
+            let wait_ns = self
+                .paused
+                .front()
+                .map_or(poll_ns, |&(t, _)| t.saturating_sub(now).min(poll_ns));
+            match self.rx.recv_timeout(Duration::from_nanos(wait_ns)) {
+                Ok(e) => {
+                    self.handle(e);
+                    // Everything else already there, before sending again.
+                    while let Ok(e) = self.rx.try_recv() {
+                        self.handle(e);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn pause(&mut self, c: usize, d: Duration) {
+        self.paused.push_back((self.clock.now_ns() + to_ns(d), c));
+    }
+
+    /// Sends cursor `c`'s next fetch.
+    fn send(&mut self, c: usize) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let cur = &mut self.cursors[c];
+        cur.token = token;
+        cur.sent_ns = self.clock.now_ns();
+        let req = Request::Fetch {
+            topic: cur.spec.topic.clone(),
+            queue: cur.spec.queue,
+            offset: cur.spec.position,
+            max_bytes: cur.max_bytes,
+            max_wait_ms: MAX_WAIT_MS,
+        };
+        let tx = self.tx.clone();
+        let conn = cur.conn;
+        let sent = self.conns[conn].send_with(&req, move |completion| {
+            // The fetcher may be gone (stopped): nothing to do then.
+            let _ = tx.send(Event {
+                cursor: c,
+                token,
+                completion,
+            });
+        });
+        if let Err(e) = sent {
+            self.shared.tally.fail(1, format!("fetch failed: {e}"));
+            self.reconnect(conn);
+            self.pause(c, ERROR_PAUSE);
+        }
+    }
+
+    /// Applies one reply.
+    fn handle(&mut self, e: Event) {
+        let now = self.clock.now_ns();
+        let cur = &mut self.cursors[e.cursor];
+        if cur.token != e.token {
+            return; // not the fetch in flight (cannot happen: one at a time)
+        }
+        match e.completion.into_reply() {
+            Ok(Reply::Fetch { batches, .. }) => {
+                match records_from_fetch(cur.spec.queue, cur.spec.position, &batches) {
+                    Ok(o) => {
+                        if let Some(needed) = o.needed_bytes {
+                            let grown = (needed as u64).max(u64::from(cur.max_bytes) * 2);
+                            cur.max_bytes = grown.min(u64::from(FETCH_BYTES_GROWN_MAX)) as u32;
+                        }
+                        let early =
+                            now.saturating_sub(cur.sent_ns) < u64::from(MAX_WAIT_MS) * 1_000_000;
+                        let empty = o.records.is_empty() && o.position == cur.spec.position;
+                        cur.spec.position = o.position;
+                        let slot = cur.spec.slot;
+                        if !o.records.is_empty() {
+                            self.shared.record_slot(
+                                slot,
+                                o.records.iter().map(|r| r.value.as_deref().unwrap_or(&[])),
+                                now,
+                            );
+                        }
+                        if empty && early && o.needed_bytes.is_none() {
+                            self.pause(e.cursor, EMPTY_FETCH_PAUSE);
+                        } else {
+                            self.ready.push_back(e.cursor);
+                        }
+                    }
+                    Err(err) => {
+                        self.shared
+                            .tally
+                            .fail(1, format!("bad batch in a fetch reply: {err}"));
+                        self.pause(e.cursor, ERROR_PAUSE);
+                    }
                 }
             }
-            Err(e) => {
-                let retriable = e.is_retriable();
-                shared.tally.fail(1, format!("poll failed: {e}"));
-                if !retriable {
-                    return;
+            Ok(other) => {
+                self.shared
+                    .tally
+                    .fail(1, format!("unexpected reply to a fetch: {other:?}"));
+                self.pause(e.cursor, ERROR_PAUSE);
+            }
+            Err(err) => {
+                let conn = cur.conn;
+                if !self.stop.load(Ordering::Relaxed) {
+                    self.shared.tally.fail(1, format!("fetch failed: {err}"));
                 }
-                thread::sleep(ERROR_BACKOFF);
+                if matches!(err, ClientError::Disconnected | ClientError::Io(_)) {
+                    self.reconnect(conn);
+                }
+                self.pause(e.cursor, ERROR_PAUSE);
+            }
+        }
+    }
+
+    /// Replaces a closed connection (one attempt; its cursors retry later).
+    fn reconnect(&mut self, idx: usize) {
+        let old = &self.conns[idx];
+        if !old.is_closed() || self.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let (addr, timeouts) = (old.addr().to_string(), old.timeouts());
+        match Connection::connect(&addr, timeouts) {
+            Ok(c) => self.conns[idx] = c,
+            Err(e) => {
+                self.shared
+                    .tally
+                    .note_error(format!("reconnect to {addr} failed: {e}"));
+                thread::sleep(ERROR_PAUSE);
             }
         }
     }
@@ -107,28 +382,42 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-
-    fn rec(value: &[u8]) -> ConsumedRecord {
-        ConsumedRecord {
-            queue: 0,
-            offset: 0,
-            timestamp: 0,
-            key: None,
-            value: Some(Bytes::copy_from_slice(value)),
-            headers: vec![],
-        }
-    }
 
     #[test]
     fn e2e_latency_from_the_payload_timestamp() {
-        let s = ConsumerShared::new(0, 0);
-        let mut v = vec![0u8; 32];
+        let s = ConsumerShared::for_slots(vec![(0, 0), (3, 1)]);
+        let mut v = [0u8; 32];
         v[..8].copy_from_slice(&1_000_000u64.to_be_bytes());
-        s.record(&[rec(&v), rec(&v), rec(b"short")], 3_000_000);
+        s.record_slot(1, [&v[..], &v[..], b"short"], 3_000_000);
         let t = s.tally.snapshot();
         assert_eq!((t.messages, t.bytes, t.errors), (2, 64, 1));
         assert_eq!(t.latency.summary().max, 2_000);
         assert!(s.tally.first_error().unwrap().contains("shorter"));
+        assert_eq!(
+            s.consumed_by_slot().collect::<Vec<_>>(),
+            [((0, 0), 0), ((3, 1), 2)]
+        );
+        // A peer's consumer has one slot.
+        let p = ConsumerShared::new(4, 2);
+        p.record_payloads([&v[..]], 2_000_000);
+        assert_eq!(p.consumed_by_slot().collect::<Vec<_>>(), [((4, 2), 1)]);
+    }
+
+    #[test]
+    fn fetch_sizes_share_a_budget() {
+        assert_eq!(fetch_bytes(1), FETCH_BYTES_MAX);
+        assert_eq!(fetch_bytes(256), FETCH_BYTES_MAX);
+        assert_eq!(fetch_bytes(1024), 256 << 10);
+        assert_eq!(fetch_bytes(10_000), FETCH_BYTES_MIN);
+        assert_eq!(fetch_bytes(0), FETCH_BYTES_MAX);
+    }
+
+    #[test]
+    fn connections_keep_under_the_broker_limit() {
+        assert_eq!(connections_for(0), 1);
+        assert_eq!(connections_for(2), 1);
+        assert_eq!(connections_for(1000), 1);
+        assert_eq!(connections_for(1001), 2);
+        assert_eq!(connections_for(5000), 5);
     }
 }

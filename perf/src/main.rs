@@ -36,7 +36,7 @@ use crate::error::PerfError;
 use crate::payload::PayloadKind;
 use crate::producer::CLOSED_LOOP_WINDOW_DEFAULT;
 use crate::run::{RunOptions, DRAIN_S_DEFAULT};
-use crate::workload::{Codec, FlushMode, Overrides, Workload, WorkloadFile};
+use crate::workload::{Codec, FlushMode, Overrides, Workload, WorkloadFile, THREADS_MAX};
 
 /// Exit status of a run that completed but failed its checks, or broke.
 const EXIT_FAILED: u8 = 1;
@@ -132,6 +132,9 @@ struct RunArgs {
     /// Send everything through the shared port instead of each queue's shard port
     #[arg(long)]
     no_shard_direct: bool,
+    /// coremq: most producer threads; the producers (topics x producers per topic) are spread over them [default: one per producer, at most 2 per CPU]
+    #[arg(long, value_name = "N")]
+    producer_threads: Option<usize>,
 }
 
 impl RunArgs {
@@ -175,6 +178,19 @@ impl RunArgs {
         if self.window == 0 {
             return Err(PerfError::Invalid("--window must be at least 1".into()));
         }
+        if let Some(n) = self.producer_threads {
+            if n == 0 || n > THREADS_MAX as usize {
+                return Err(PerfError::Invalid(format!(
+                    "--producer-threads must be 1 to {THREADS_MAX}"
+                )));
+            }
+            if self.driver != Driver::Coremq {
+                return Err(PerfError::Invalid(format!(
+                    "--producer-threads is for --driver coremq (the {} driver runs a thread per producer)",
+                    self.driver
+                )));
+            }
+        }
         Ok(RunOptions {
             driver: self.driver,
             broker: self
@@ -187,6 +203,7 @@ impl RunArgs {
             drain: Duration::from_secs_f64(self.drain_s),
             window: self.window,
             shard_direct: !self.no_shard_direct,
+            producer_threads: self.producer_threads,
         })
     }
 }
@@ -318,6 +335,31 @@ mod tests {
                 .unwrap_err();
             assert!(e.is_usage() && e.to_string().contains("backlog"), "{e}");
         }
+        assert!(parse(&["--producer-threads", "0"])
+            .options()
+            .unwrap_err()
+            .is_usage());
+        assert!(parse(&["--driver", "nats", "--producer-threads", "2"])
+            .options()
+            .unwrap_err()
+            .is_usage());
+        let o = parse(&[
+            "--producer-threads",
+            "3",
+            "--topics",
+            "10000",
+            "--queues",
+            "1",
+        ])
+        .options()
+        .unwrap();
+        assert_eq!(o.producer_threads, Some(3));
+        assert_eq!(o.workload.topics, 10_000);
+        // Peers run a thread per producer: ten thousand are too many.
+        assert!(parse(&["--driver", "nats", "--topics", "10000"])
+            .options()
+            .unwrap_err()
+            .is_usage());
         let o = parse(&["--backlog-gb", "0.5"]).options().unwrap();
         assert_eq!(o.workload.consumer_backlog_size_gb, 0.5);
         let o = parse(&["--compression", "snappy", "--payload", "random"])

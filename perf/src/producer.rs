@@ -1,10 +1,19 @@
 //! One producer thread: builds record batches itself and pipelines them.
 //!
+//! A thread carries one or more of the workload's producers (many topics
+//! need not mean as many threads): it owns their routes — one per
+//! (producer, queue), each with the thread's connection to the queue's
+//! shard — and follows one schedule at the sum of their rates. Messages go
+//! round robin over the routes, ordered so that each producer gets every
+//! k-th message (k producers on the thread) and cycles over its topic's
+//! queues, as a producer of its own would.
+//!
 //! The library's `Producer` hides per-message ack times behind its sender
-//! thread, so the benchmark batches on its own: messages go round robin over
-//! the topic's queues into one open [`BatchBuilder`] per queue; a batch is
-//! sealed when the next message would push it past `batch_bytes`, when it
-//! has lingered `linger`, or at once when `linger` is zero (each message its
+//! thread, so the benchmark batches on its own: one open [`BatchBuilder`]
+//! per route; a batch is sealed when the next message would push it past
+//! `batch_bytes`, when it has lingered `linger` (open batches wait in a
+//! queue in the order they were opened, so finding the lingered ones costs
+//! nothing per route), or at once when `linger` is zero (each message its
 //! own batch: the single-message latency case). A sealed batch goes out with
 //! [`Connection::send_with`] without waiting for earlier acks; its reply
 //! callback records, for every message in it, the time from the message's
@@ -18,14 +27,16 @@
 //! builder estimates them); the stored size of every acked batch is
 //! counted, for the compression ratio.
 //!
-//! In-flight limits: in open loop only a large safety cap on unacknowledged
-//! bytes (hitting it delays sends, which the schedule-based latency shows);
-//! in closed loop a window of unacknowledged batches, which is what sets
-//! the pace. Batches are never retried: a failed batch counts its messages
+//! In-flight limits, per thread: in open loop only a large safety cap on
+//! unacknowledged bytes (hitting it delays sends, which the schedule-based
+//! latency shows); in closed loop a window of unacknowledged batches (the
+//! run gives each thread `--window` per producer it carries), which is
+//! what sets the pace. Batches are never retried: a failed batch counts its messages
 //! as errors. After the last scheduled message the thread waits for every
 //! outstanding ack (up to [`ACK_WAIT_MAX`]); what is still unanswered then
 //! is failed by closing the connection.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -74,8 +85,10 @@ struct Flight {
 /// What a producer thread shares with its reply callbacks and the main thread.
 #[derive(Debug)]
 pub struct ProducerShared {
-    /// Index of the producer's topic in the run.
-    pub topic: usize,
+    /// The run's index of each topic the thread sends to (its topic slots).
+    pub topics: Vec<usize>,
+    /// Acked messages per topic slot.
+    acked_by_slot: Vec<AtomicU64>,
     /// Acked messages, their bytes and latencies; failed messages.
     pub tally: SharedTally,
     /// Messages handed to the connection.
@@ -85,9 +98,16 @@ pub struct ProducerShared {
 }
 
 impl ProducerShared {
+    /// A producer of one topic (a peer driver's).
     pub fn new(topic: usize) -> ProducerShared {
+        ProducerShared::for_topics(vec![topic])
+    }
+
+    /// A thread sending to `topics` (run-wide indices; slot i is topics[i]).
+    pub fn for_topics(topics: Vec<usize>) -> ProducerShared {
         ProducerShared {
-            topic,
+            acked_by_slot: topics.iter().map(|_| AtomicU64::new(0)).collect(),
+            topics,
             tally: SharedTally::default(),
             sent: AtomicU64::new(0),
             flight: Mutex::new(Flight::default()),
@@ -97,6 +117,14 @@ impl ProducerShared {
 
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    /// (run-wide topic index, messages acked on it) for each topic slot.
+    pub fn acked_by_topic(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.topics
+            .iter()
+            .zip(&self.acked_by_slot)
+            .map(|(&t, n)| (t, n.load(Ordering::Relaxed)))
     }
 
     /// Batches sent and not yet answered.
@@ -149,12 +177,14 @@ impl ProducerShared {
         payload_bytes: u64,
         batch_bytes: usize,
     ) {
-        self.record_ack(intended, ack_ns, payload_bytes, batch_bytes, 0);
+        self.record_ack(0, intended, ack_ns, payload_bytes, batch_bytes, 0);
     }
 
-    /// [`ProducerShared::acked`], counting `stored_bytes` as stored.
+    /// [`ProducerShared::acked`] for topic slot `slot`, counting
+    /// `stored_bytes` as stored.
     fn record_ack(
         &self,
+        slot: usize,
         intended: &[u64],
         ack_ns: u64,
         payload_bytes: u64,
@@ -170,6 +200,9 @@ impl ProducerShared {
                 t.latency.record_between_ns(i, ack_ns);
             }
         }
+        if let Some(n) = self.acked_by_slot.get(slot) {
+            n.fetch_add(intended.len() as u64, Ordering::Relaxed);
+        }
         self.release(batch_bytes);
     }
 
@@ -183,6 +216,7 @@ impl ProducerShared {
     /// (intended time to `ack_ns`) is recorded.
     fn complete(
         &self,
+        slot: usize,
         outcome: Result<Reply, ClientError>,
         intended: &[u64],
         ack_ns: u64,
@@ -192,6 +226,7 @@ impl ProducerShared {
         let n = intended.len() as u64;
         match outcome {
             Ok(Reply::Produce { .. }) => self.record_ack(
+                slot,
                 intended,
                 ack_ns,
                 payload_bytes,
@@ -226,18 +261,44 @@ impl ProducerShared {
     }
 }
 
-/// Where one of the producer's queues is sent: queue number and index of
-/// the connection (the queue's shard, or the shared port) in `conns`.
+/// Where one (producer, queue) of the thread is sent: the topic slot (in
+/// [`ProducerSpec::topics`]), the queue, and the index of the connection
+/// (the queue's shard, or the shared port) in `conns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
+    pub topic: usize,
     pub queue: u32,
     pub conn: usize,
+}
+
+/// The routes of a thread's producers, in the order messages take them:
+/// `producers[p]` is producer p's (topic slot, connection of each queue);
+/// message m goes to producer `m % k` and that producer's queues in turn,
+/// so each producer gets every k-th message and cycles over its queues.
+pub fn interleave_routes(producers: &[(usize, Vec<(u32, usize)>)]) -> Vec<Route> {
+    let k = producers.len();
+    let longest = producers.iter().map(|(_, q)| q.len()).max().unwrap_or(0);
+    let mut routes = Vec::new();
+    for i in 0..longest {
+        for (topic, queues) in producers {
+            if let Some(&(queue, conn)) = queues.get(i % queues.len().max(1)) {
+                routes.push(Route {
+                    topic: *topic,
+                    queue,
+                    conn,
+                });
+            }
+        }
+    }
+    debug_assert!(k == 0 || routes.len() == k * longest);
+    routes
 }
 
 /// Everything a producer thread needs.
 #[derive(Debug)]
 pub struct ProducerSpec {
-    pub topic: String,
+    /// Name of each topic slot.
+    pub topics: Vec<String>,
     pub routes: Vec<Route>,
     pub conns: Vec<Connection>,
     pub pacing: Pacing,
@@ -261,7 +322,8 @@ struct OpenBatch {
     builder: BatchBuilder,
     /// Intended send time of each message, in batch order.
     intended: Vec<u64>,
-    opened_ns: u64,
+    /// Tells this batch from an earlier one of the same route in `lingering`.
+    serial: u64,
 }
 
 /// A producer thread's state.
@@ -269,6 +331,11 @@ pub struct Producer {
     spec: ProducerSpec,
     shared: Arc<ProducerShared>,
     open: Vec<Option<OpenBatch>>,
+    /// (seal-by time, route, serial) of open batches, oldest first (the
+    /// linger is the same for all); entries of batches sealed early are
+    /// skipped when they come up.
+    lingering: VecDeque<(u64, usize, u64)>,
+    next_serial: u64,
     next_route: usize,
     linger_ns: u64,
 }
@@ -287,6 +354,8 @@ impl Producer {
             spec,
             shared,
             open,
+            lingering: VecDeque::new(),
+            next_serial: 0,
             next_route: 0,
             linger_ns,
         }
@@ -327,27 +396,37 @@ impl Producer {
         }
     }
 
+    /// Whether `lingering`'s entry is still an open batch.
+    fn is_open(&self, route: usize, serial: u64) -> bool {
+        self.open[route]
+            .as_ref()
+            .is_some_and(|b| b.serial == serial)
+    }
+
     /// Earliest time an open batch must be sealed for lingering.
-    fn linger_deadline(&self) -> Option<u64> {
-        self.open
-            .iter()
-            .flatten()
-            .map(|b| b.opened_ns.saturating_add(self.linger_ns))
-            .min()
+    fn linger_deadline(&mut self) -> Option<u64> {
+        while let Some(&(due, route, serial)) = self.lingering.front() {
+            if self.is_open(route, serial) {
+                return Some(due);
+            }
+            self.lingering.pop_front();
+        }
+        None
     }
 
     fn seal_lingered(&mut self, now_ns: u64) {
-        for q in 0..self.open.len() {
-            let due = self.open[q]
-                .as_ref()
-                .is_some_and(|b| b.opened_ns.saturating_add(self.linger_ns) <= now_ns);
-            if due {
-                self.seal(q);
+        while let Some(&(due, route, serial)) = self.lingering.front() {
+            if due > now_ns {
+                break;
+            }
+            self.lingering.pop_front();
+            if self.is_open(route, serial) {
+                self.seal(route);
             }
         }
     }
 
-    /// Adds one message (round robin over queues) to its queue's open batch.
+    /// Adds one message (round robin over the routes) to its route's open batch.
     fn append(&mut self, intended_ns: u64, now_ns: u64) {
         let q = self.next_route;
         self.next_route = (q + 1) % self.open.len();
@@ -359,12 +438,22 @@ impl Producer {
         if full {
             self.seal(q);
         }
-        let compression = self.spec.compression;
-        let b = self.open[q].get_or_insert_with(|| OpenBatch {
-            builder: BatchBuilder::new(compression),
-            intended: Vec::new(),
-            opened_ns: now_ns,
-        });
+        if self.open[q].is_none() {
+            let serial = self.next_serial;
+            self.next_serial += 1;
+            self.open[q] = Some(OpenBatch {
+                builder: BatchBuilder::new(self.spec.compression),
+                intended: Vec::new(),
+                serial,
+            });
+            if self.linger_ns > 0 {
+                let due = now_ns.saturating_add(self.linger_ns);
+                self.lingering.push_back((due, q, serial));
+            }
+        }
+        let Some(b) = self.open[q].as_mut() else {
+            return;
+        };
         let ts_ms = i64::try_from(intended_ns / NANOS_PER_MILLI).unwrap_or(i64::MAX);
         b.builder
             .push(ts_ms, None, Some(self.spec.payloads.next(intended_ns)), &[]);
@@ -377,7 +466,7 @@ impl Producer {
         }
     }
 
-    /// Sends queue `q`'s open batch, waiting for room in the window first.
+    /// Sends route `q`'s open batch, waiting for room in the window first.
     fn seal(&mut self, q: usize) {
         let Some(b) = self.open[q].take() else {
             return;
@@ -391,7 +480,7 @@ impl Producer {
         self.shared.acquire(self.spec.window, batch_bytes);
         let route = self.spec.routes[q];
         let req = Request::Produce {
-            topic: self.spec.topic.clone(),
+            topic: self.spec.topics[route.topic].clone(),
             queue: route.queue,
             batch,
         };
@@ -403,6 +492,7 @@ impl Producer {
         let result = self.spec.conns[route.conn].send_with(&req, move |c| {
             let ack_ns = clock.now_ns();
             shared.complete(
+                route.topic,
                 c.into_reply(),
                 &intended,
                 ack_ns,
@@ -468,6 +558,44 @@ mod tests {
     }
 
     #[test]
+    fn acks_are_counted_per_topic() {
+        let s = ProducerShared::for_topics(vec![7, 3]);
+        s.acquire(Window::Batches(4), 10);
+        s.acquire(Window::Batches(4), 10);
+        let ok = || {
+            Ok(Reply::Produce {
+                base_offset: 0,
+                duplicate: false,
+            })
+        };
+        s.complete(1, ok(), &[1, 2], 5, 2048, 10);
+        s.complete(0, ok(), &[1], 5, 1024, 10);
+        assert_eq!(s.acked_by_topic().collect::<Vec<_>>(), [(7, 1), (3, 2)]);
+    }
+
+    #[test]
+    fn routes_interleave_producers_and_cycle_queues() {
+        // Two producers (topic slots 0 and 1) of two queues each, on
+        // connections 0 (shard 0) and 1 (shard 1).
+        let r = interleave_routes(&[(0, vec![(0, 0), (1, 1)]), (1, vec![(0, 1), (1, 0)])]);
+        let got: Vec<(usize, u32, usize)> = r.iter().map(|r| (r.topic, r.queue, r.conn)).collect();
+        assert_eq!(got, [(0, 0, 0), (1, 0, 1), (0, 1, 1), (1, 1, 0)]);
+        // One producer: its queues in order, as a producer of its own.
+        let r = interleave_routes(&[(0, vec![(0, 0), (1, 1), (2, 0)])]);
+        assert_eq!(r.iter().map(|r| r.queue).collect::<Vec<_>>(), [0, 1, 2]);
+        // Many single-queue producers: one route each.
+        let many: Vec<(usize, Vec<(u32, usize)>)> =
+            (0..1000).map(|t| (t, vec![(0, t % 2)])).collect();
+        let r = interleave_routes(&many);
+        assert_eq!(r.len(), 1000);
+        assert!(r
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.topic == i && r.queue == 0));
+        assert!(interleave_routes(&[]).is_empty());
+    }
+
+    #[test]
     fn window_counts_batches_and_bytes() {
         let s = ProducerShared::new(0);
         s.acquire(Window::Batches(2), 10);
@@ -491,6 +619,7 @@ mod tests {
         s.acquire(Window::Batches(4), 100);
         let ms = NANOS_PER_MILLI;
         s.complete(
+            0,
             Ok(Reply::Produce {
                 base_offset: 0,
                 duplicate: false,
@@ -501,6 +630,7 @@ mod tests {
             100,
         );
         s.complete(
+            0,
             Err(ClientError::Disconnected),
             &[13 * ms, 14 * ms],
             16 * ms,
@@ -522,5 +652,6 @@ mod tests {
         assert!(t.latency.quantile(0.0).abs_diff(3_000) <= 2);
         assert_eq!(s.in_flight(), 0);
         assert!(s.tally.first_error().unwrap().contains("closed"));
+        assert_eq!(s.acked_by_topic().collect::<Vec<_>>(), [(0, 3)]);
     }
 }

@@ -11,11 +11,18 @@
 //! with everything acked, stops them, deletes the topics (also on error)
 //! and builds the [`Report`].
 //!
-//! With shard-direct connections (the default) each producer opens one
-//! connection per shard it writes to, on that shard's own port, and each
-//! consumer one per shard it reads from (a consumer thread per shard), so no
-//! request crosses cores inside the broker; `--no-shard-direct` sends
-//! everything through the shared port, as a shard-unaware client would.
+//! Threads do not grow with topics: the workload's producers are spread
+//! over at most `--producer-threads` threads (default: one per producer up
+//! to twice the CPUs), each carrying the routes of its producers (see
+//! `producer.rs`), and the consumers are one fetcher thread per shard
+//! reading every queue of that shard for every subscription (see
+//! `consumer.rs`). Topics are created and deleted with pipelined requests.
+//!
+//! With shard-direct connections (the default) each producer thread opens
+//! one connection per shard it writes to, on that shard's own port, and
+//! each fetcher its connections to its shard's port, so no request crosses
+//! cores inside the broker; `--no-shard-direct` sends everything through
+//! the shared port, as a shard-unaware client would.
 //!
 //! That is the coremq driver. The peer drivers (`--driver nats|rabbitmq`,
 //! in `drivers/`) set up their own brokers' topics and clients and hand
@@ -23,7 +30,7 @@
 //! every driver shares the schedule, the progress lines, the drain and the
 //! report.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,19 +38,19 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use coremq::client::{Admin, Connection, Consumer, ConsumerConfig, StartFrom, Timeouts};
-use coremq::protocol::{QueueInfo, TopicInfo, TopicSpec};
+use coremq::client::{Admin, ClientError, Connection, PendingReply, Timeouts};
+use coremq::protocol::{QueueInfo, Reply, Request, TopicInfo, TopicSpec};
 use coremq_shards::batch::BATCH_HEADER_BYTES;
 
 use crate::backlog::{caught_up_messages, Action, Backlog, Progress};
-use crate::consumer::{self, ConsumerShared};
+use crate::consumer::{ConsumerShared, CursorSpec, Fetcher};
 use crate::cpu::CpuSampler;
 use crate::drivers::{self, Driver};
 use crate::error::PerfError;
 use crate::payload::Payloads;
 use crate::producer::{
-    Producer, ProducerShared, ProducerSpec, Route, Window, OPEN_LOOP_IN_FLIGHT_BYTES_MAX,
-    RECORD_OVERHEAD_BYTES,
+    interleave_routes, Producer, ProducerShared, ProducerSpec, Window,
+    OPEN_LOOP_IN_FLIGHT_BYTES_MAX, RECORD_OVERHEAD_BYTES,
 };
 use crate::rss::RssSampler;
 use crate::schedule::{Clock, EndTime, Pacing, Schedule};
@@ -81,6 +88,17 @@ pub struct RunOptions {
     pub window: usize,
     /// Connect to each queue's shard port rather than the shared one.
     pub shard_direct: bool,
+    /// coremq: most producer threads (`None`: [`producer_threads_default`]).
+    pub producer_threads: Option<usize>,
+}
+
+/// Producer threads when `--producer-threads` is not given: one per
+/// producer, but at most two per CPU.
+pub fn producer_threads_default(total_producers: u64, cpus: usize) -> usize {
+    usize::try_from(total_producers)
+        .unwrap_or(usize::MAX)
+        .min(2 * cpus.max(1))
+        .max(1)
 }
 
 pub(crate) fn to_ns(d: Duration) -> u64 {
@@ -157,6 +175,52 @@ pub(crate) fn pacing(w: &Workload, start_ns: u64, index: usize) -> Pacing {
     }
 }
 
+/// Pacing of producer thread `index` carrying `producers` of the run's
+/// producers: their share of the aggregate rate, offset by `index / rate`
+/// so that the threads' sends interleave (with one producer per thread,
+/// the same as [`pacing`]).
+pub(crate) fn thread_pacing(w: &Workload, start_ns: u64, index: usize, producers: usize) -> Pacing {
+    if w.open_loop() {
+        let offset_ns = (index as f64 * NANOS_PER_SEC / w.producer_rate).round() as u64;
+        let rate = w.producer_rate * producers as f64 / w.total_producers() as f64;
+        Pacing::Open(Schedule::new(start_ns + offset_ns, rate))
+    } else {
+        Pacing::Closed
+    }
+}
+
+/// Requests the admin connection has in flight when creating or deleting
+/// many topics.
+const ADMIN_PIPELINE: usize = 64;
+/// Topic counts from which creation and deletion report their time.
+const MANY_TOPICS: usize = 100;
+
+/// Sends `requests` over `admin`'s connection, at most [`ADMIN_PIPELINE`]
+/// in flight, and hands each reply to `done` in order (with its request's
+/// key). Every request is answered (or fails) before this returns.
+fn pipelined<K>(
+    admin: &Admin,
+    requests: impl IntoIterator<Item = (K, Request)>,
+    mut done: impl FnMut(K, Result<Reply, ClientError>),
+) {
+    let conn = admin.connection();
+    let wait = conn.timeouts().request;
+    let mut in_flight: VecDeque<(K, Result<PendingReply, ClientError>)> = VecDeque::new();
+    let mut requests = requests.into_iter();
+    loop {
+        while in_flight.len() < ADMIN_PIPELINE {
+            let Some((key, req)) = requests.next() else {
+                break;
+            };
+            in_flight.push_back((key, conn.send(&req)));
+        }
+        let Some((key, pending)) = in_flight.pop_front() else {
+            return;
+        };
+        done(key, pending.and_then(|p| p.wait(wait)));
+    }
+}
+
 /// The run's topics; deleted when dropped (best effort, reported on stderr).
 struct Topics<'a> {
     admin: &'a Admin,
@@ -167,11 +231,13 @@ impl<'a> Topics<'a> {
     fn create(admin: &'a Admin, opts: &RunOptions, clock: &Clock) -> Result<Topics<'a>, PerfError> {
         let w = &opts.workload;
         let names = topic_names(opts, clock);
+        let count = names.len();
         let mut topics = Topics {
             admin,
             infos: Vec::new(),
         };
-        for name in names {
+        let started = clock.now_ns();
+        let requests = names.into_iter().map(|name| {
             let spec = TopicSpec {
                 name: name.clone(),
                 queues: w.partitions_per_topic,
@@ -180,10 +246,32 @@ impl<'a> Topics<'a> {
                 retention_ms: 0,
                 retention_bytes: 0,
             };
-            let info = admin
-                .create_topic(spec)
-                .map_err(|e| PerfError::client(format!("cannot create topic {name}"), e))?;
-            topics.infos.push(info);
+            (name, Request::CreateTopic(spec))
+        });
+        // Every reply is collected, also after a failure, so that whatever
+        // was created is deleted again.
+        let mut first_error = None;
+        pipelined(admin, requests, |name, reply| match reply {
+            Ok(Reply::Topic(info)) => topics.infos.push(info),
+            Ok(other) => {
+                first_error.get_or_insert_with(|| {
+                    PerfError::Thread(format!("unexpected reply to creating {name}: {other:?}"))
+                });
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| {
+                    PerfError::client(format!("cannot create topic {name}"), e)
+                });
+            }
+        });
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        if count >= MANY_TOPICS {
+            eprintln!(
+                "created {count} topics in {:.1} s",
+                (clock.now_ns() - started) as f64 / NANOS_PER_SEC
+            );
         }
         Ok(topics)
     }
@@ -195,10 +283,32 @@ impl<'a> Topics<'a> {
 
 impl Drop for Topics<'_> {
     fn drop(&mut self) {
-        for info in self.infos.drain(..) {
-            if let Err(e) = self.admin.delete_topic(&info.spec.name) {
-                eprintln!("warning: cannot delete topic {}: {e}", info.spec.name);
+        let count = self.infos.len();
+        let started = std::time::Instant::now();
+        let requests = self.infos.drain(..).map(|info| {
+            let name = info.spec.name;
+            (name.clone(), Request::DeleteTopic { name })
+        });
+        let mut failed = 0usize;
+        pipelined(self.admin, requests, |name, reply| {
+            let why = match reply {
+                Ok(Reply::Done) => return,
+                Ok(other) => format!("unexpected reply {other:?}"),
+                Err(e) => e.to_string(),
+            };
+            failed += 1;
+            if failed <= 5 {
+                eprintln!("warning: cannot delete topic {name}: {why}");
             }
+        });
+        if failed > 5 {
+            eprintln!("warning: {failed} topics could not be deleted");
+        }
+        if count >= MANY_TOPICS {
+            eprintln!(
+                "deleted {count} topics in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
         }
     }
 }
@@ -208,8 +318,8 @@ impl Drop for Topics<'_> {
 struct Threads {
     abort_producers: Arc<AtomicBool>,
     stop_consumers: Arc<AtomicBool>,
-    /// Consumers connected but not started yet (a backlog run).
-    paused_consumers: Vec<(String, Consumer, Clock, Arc<ConsumerShared>)>,
+    /// Fetchers connected but not started yet (a backlog run).
+    paused_consumers: Vec<(String, Fetcher)>,
     producers: Vec<JoinHandle<()>>,
     consumers: Vec<JoinHandle<()>>,
 }
@@ -239,17 +349,10 @@ impl Threads {
         Ok(())
     }
 
-    fn spawn_consumer(
-        &mut self,
-        name: String,
-        c: Consumer,
-        clock: Clock,
-        shared: Arc<ConsumerShared>,
-    ) -> Result<(), PerfError> {
-        let stop = Arc::clone(&self.stop_consumers);
+    fn spawn_consumer(&mut self, name: String, f: Fetcher) -> Result<(), PerfError> {
         let h = thread::Builder::new()
             .name(name)
-            .spawn(move || consumer::run(c, clock, shared, stop))
+            .spawn(move || f.run())
             .map_err(|e| PerfError::io("cannot start a consumer thread", e))?;
         self.consumers.push(h);
         Ok(())
@@ -260,8 +363,8 @@ impl Threads {
     }
 
     fn start_paused_consumers(&mut self) -> Result<(), PerfError> {
-        for (name, c, clock, shared) in std::mem::take(&mut self.paused_consumers) {
-            self.spawn_consumer(name, c, clock, shared)?;
+        for (name, f) in std::mem::take(&mut self.paused_consumers) {
+            self.spawn_consumer(name, f)?;
         }
         Ok(())
     }
@@ -350,8 +453,8 @@ pub fn run(opts: &RunOptions) -> Result<Report, PerfError> {
     Ok(report)
 }
 
-/// The coremq driver: topics through the admin API, thread-based
-/// producers that batch themselves, library consumers.
+/// The coremq driver: topics through the admin API, producer threads that
+/// batch themselves, a fetcher thread per shard.
 fn run_coremq(opts: &RunOptions, clock: Clock) -> Result<Report, PerfError> {
     let admin = Admin::connect(&opts.broker).map_err(|e| {
         PerfError::client(
@@ -369,33 +472,100 @@ fn run_coremq(opts: &RunOptions, clock: Clock) -> Result<Report, PerfError> {
     result
 }
 
-/// Connections and routes of one producer over the queues of `info`.
-fn connect_producer(
+/// A producer thread's share of the run, connected.
+struct ProducerThread {
+    /// Run-wide index of each topic slot, and its name.
+    topics: Vec<usize>,
+    names: Vec<String>,
+    conns: Vec<Connection>,
+    routes: Vec<crate::producer::Route>,
+    /// The run's producers it carries.
+    producers: usize,
+}
+
+/// Which topic each producer thread's producers write to: producer `g`
+/// (of topic `g / producersPerTopic`) goes to thread `g % threads`, so
+/// every thread gets a spread of the topics.
+pub fn assign_producers(topics: usize, per_topic: usize, threads: usize) -> Vec<Vec<usize>> {
+    let threads = threads.max(1);
+    let mut out = vec![Vec::new(); threads];
+    for g in 0..topics * per_topic {
+        out[g % threads].push(g / per_topic.max(1));
+    }
+    out
+}
+
+/// Connects producer thread that carries producers of `topics` (one entry
+/// per producer, run-wide topic indices): a connection per address its
+/// queues are on, a route per (producer, queue).
+fn connect_producer_thread(
     opts: &RunOptions,
-    info: &TopicInfo,
-) -> Result<(Vec<Connection>, Vec<Route>), PerfError> {
+    infos: &[TopicInfo],
+    topics: &[usize],
+) -> Result<ProducerThread, PerfError> {
     let mut by_addr: BTreeMap<String, usize> = BTreeMap::new();
     let mut conns = Vec::new();
-    let mut routes = Vec::new();
-    for q in &info.queues {
-        let addr = queue_addr(opts, q);
-        let idx = match by_addr.get(&addr) {
-            Some(&i) => i,
-            None => {
-                let c = Connection::connect(&addr, Timeouts::default()).map_err(|e| {
-                    PerfError::client(format!("producer cannot connect to {addr}"), e)
-                })?;
-                conns.push(c);
-                by_addr.insert(addr, conns.len() - 1);
-                conns.len() - 1
-            }
-        };
-        routes.push(Route {
-            queue: q.queue,
-            conn: idx,
+    let mut slot_of: HashMap<usize, usize> = HashMap::new();
+    let mut slots = Vec::new();
+    let mut per_producer = Vec::with_capacity(topics.len());
+    for &t in topics {
+        let slot = *slot_of.entry(t).or_insert_with(|| {
+            slots.push(t);
+            slots.len() - 1
         });
+        let mut queues = Vec::with_capacity(infos[t].queues.len());
+        for q in &infos[t].queues {
+            let addr = queue_addr(opts, q);
+            let idx = match by_addr.get(&addr) {
+                Some(&i) => i,
+                None => {
+                    let c = Connection::connect(&addr, Timeouts::default()).map_err(|e| {
+                        PerfError::client(format!("producer cannot connect to {addr}"), e)
+                    })?;
+                    conns.push(c);
+                    by_addr.insert(addr, conns.len() - 1);
+                    conns.len() - 1
+                }
+            };
+            queues.push((q.queue, idx));
+        }
+        per_producer.push((slot, queues));
     }
-    Ok((conns, routes))
+    Ok(ProducerThread {
+        names: slots.iter().map(|&t| infos[t].spec.name.clone()).collect(),
+        topics: slots,
+        conns,
+        routes: interleave_routes(&per_producer),
+        producers: topics.len(),
+    })
+}
+
+/// The fetchers' cursors: per shard, its address, the (topic,
+/// subscription) slots and a cursor per (topic, subscription, queue).
+type ShardCursors = BTreeMap<u32, (String, Vec<(usize, usize)>, Vec<CursorSpec>)>;
+
+/// Every queue of every subscription, grouped by the shard that owns it.
+fn cursors_by_shard(opts: &RunOptions, infos: &[TopicInfo]) -> ShardCursors {
+    let mut by_shard = ShardCursors::new();
+    for (t, info) in infos.iter().enumerate() {
+        for s in 0..opts.workload.subscriptions_per_topic as usize {
+            for q in &info.queues {
+                let (_, slots, cursors) = by_shard
+                    .entry(q.shard)
+                    .or_insert_with(|| (queue_addr(opts, q), Vec::new(), Vec::new()));
+                if slots.last() != Some(&(t, s)) {
+                    slots.push((t, s));
+                }
+                cursors.push(CursorSpec {
+                    slot: slots.len() - 1,
+                    topic: info.spec.name.clone(),
+                    queue: q.queue,
+                    position: q.start_offset,
+                });
+            }
+        }
+    }
+    by_shard
 }
 
 /// Sums of every thread's counts, taken by the main thread.
@@ -429,29 +599,31 @@ fn counts(producers: &[Arc<ProducerShared>], consumers: &[Arc<ConsumerShared>]) 
     c
 }
 
-/// Per topic and subscription: (name, consumed, acked on the topic).
+/// Per topic and subscription: (topic, subscription, consumed, acked on
+/// the topic), in topic then subscription order.
 fn subscription_progress(
-    topics: &[String],
+    topics: usize,
     subscriptions: u32,
     producers: &[Arc<ProducerShared>],
     consumers: &[Arc<ConsumerShared>],
-) -> Vec<(String, u64, u64)> {
-    let mut acked = vec![0u64; topics.len()];
+) -> Vec<(usize, usize, u64, u64)> {
+    let subs = subscriptions as usize;
+    let mut acked = vec![0u64; topics];
     for p in producers {
-        acked[p.topic] += p.tally.counts().0;
-    }
-    let mut out = Vec::new();
-    for (t, name) in topics.iter().enumerate() {
-        for s in 0..subscriptions as usize {
-            let consumed: u64 = consumers
-                .iter()
-                .filter(|c| c.topic == t && c.subscription == s)
-                .map(|c| c.tally.counts().0)
-                .sum();
-            out.push((format!("{name}/sub-{s}"), consumed, acked[t]));
+        for (t, n) in p.acked_by_topic() {
+            acked[t] += n;
         }
     }
-    out
+    let mut consumed = vec![0u64; topics * subs];
+    for c in consumers {
+        for ((t, s), n) in c.consumed_by_slot() {
+            consumed[t * subs + s] += n;
+        }
+    }
+    (0..topics)
+        .flat_map(|t| (0..subs).map(move |s| (t, s)))
+        .map(|(t, s)| (t, s, consumed[t * subs + s], acked[t]))
+        .collect()
 }
 
 fn run_on_topics(
@@ -463,78 +635,66 @@ fn run_on_topics(
     let names = topics.names();
     let mut threads = Threads::default();
 
-    // Connect everything before any thread starts.
-    let mut consumer_jobs = Vec::new();
-    for (t, info) in topics.infos.iter().enumerate() {
-        for s in 0..w.subscriptions_per_topic {
-            let group = format!("{}-sub-{s}", info.spec.name);
-            for c in 0..w.consumer_per_subscription {
-                let mut by_addr: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-                for q in info
-                    .queues
-                    .iter()
-                    .filter(|q| q.queue % w.consumer_per_subscription == c)
-                {
-                    by_addr
-                        .entry(queue_addr(opts, q))
-                        .or_default()
-                        .push(q.queue);
-                }
-                for (addr, queues) in by_addr {
-                    let cfg = ConsumerConfig {
-                        group: group.clone(),
-                        from: StartFrom::Earliest,
-                        queues: Some(queues),
-                        ..ConsumerConfig::default()
-                    };
-                    let consumer = Consumer::connect(&addr, &info.spec.name, cfg).map_err(|e| {
-                        PerfError::client(format!("consumer cannot connect to {addr}"), e)
-                    })?;
-                    let shared = Arc::new(ConsumerShared::new(t, s as usize));
-                    consumer_jobs.push((format!("perf-c{t}.{s}.{c}"), consumer, shared));
-                }
-            }
-        }
+    // Connect everything before any thread starts: a fetcher per shard...
+    let mut fetchers = Vec::new();
+    let mut consumers: Vec<Arc<ConsumerShared>> = Vec::new();
+    for (shard, (addr, slots, cursors)) in cursors_by_shard(opts, &topics.infos) {
+        let shared = Arc::new(ConsumerShared::for_slots(slots));
+        let f = Fetcher::connect(
+            &addr,
+            cursors,
+            clock,
+            Arc::clone(&shared),
+            Arc::clone(&threads.stop_consumers),
+        )
+        .map_err(|e| PerfError::client(format!("consumer cannot connect to {addr}"), e))?;
+        consumers.push(shared);
+        fetchers.push((format!("perf-f{shard}"), f));
     }
-    let mut producer_conns = Vec::new();
-    for (t, info) in topics.infos.iter().enumerate() {
-        for _ in 0..w.producers_per_topic {
-            let (conns, routes) = connect_producer(opts, info)?;
-            producer_conns.push((t, info.spec.name.clone(), conns, routes));
-        }
+    // ... and the producer threads.
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    let n_threads = opts
+        .producer_threads
+        .unwrap_or_else(|| producer_threads_default(w.total_producers(), cpus));
+    let assignment = assign_producers(
+        topics.infos.len(),
+        w.producers_per_topic as usize,
+        n_threads,
+    );
+    let mut producer_threads = Vec::new();
+    for topics_of_thread in assignment.iter().filter(|a| !a.is_empty()) {
+        producer_threads.push(connect_producer_thread(
+            opts,
+            &topics.infos,
+            topics_of_thread,
+        )?);
     }
 
     // Consumers first, so they are polling when the first message lands;
     // in a backlog run they wait for supervise to start them.
-    let consumers: Vec<Arc<ConsumerShared>> = consumer_jobs
-        .iter()
-        .map(|(_, _, s)| Arc::clone(s))
-        .collect();
-    for (name, consumer, shared) in consumer_jobs {
+    for (name, f) in fetchers {
         if w.backlog_bytes() > 0 {
-            threads
-                .paused_consumers
-                .push((name, consumer, clock, shared));
+            threads.paused_consumers.push((name, f));
         } else {
-            threads.spawn_consumer(name, consumer, clock, shared)?;
+            threads.spawn_consumer(name, f)?;
         }
     }
 
     let start_ns = clock.now_ns() + to_ns(START_DELAY);
     let end = EndTime::new(scheduled_end(w, start_ns));
-    let window = if w.open_loop() {
-        Window::Bytes(OPEN_LOOP_IN_FLIGHT_BYTES_MAX)
-    } else {
-        Window::Batches(opts.window)
-    };
     let mut producers: Vec<Arc<ProducerShared>> = Vec::new();
-    for (i, (t, topic, conns, routes)) in producer_conns.into_iter().enumerate() {
-        let shared = Arc::new(ProducerShared::new(t));
+    for (i, pt) in producer_threads.into_iter().enumerate() {
+        let window = if w.open_loop() {
+            Window::Bytes(OPEN_LOOP_IN_FLIGHT_BYTES_MAX)
+        } else {
+            Window::Batches(opts.window.saturating_mul(pt.producers))
+        };
+        let shared = Arc::new(ProducerShared::for_topics(pt.topics));
         let spec = ProducerSpec {
-            topic,
-            routes,
-            conns,
-            pacing: pacing(w, start_ns, i),
+            topics: pt.names,
+            routes: pt.routes,
+            conns: pt.conns,
+            pacing: thread_pacing(w, start_ns, i, pt.producers),
             start_ns,
             end: end.clone(),
             message_size: w.message_size,
@@ -679,10 +839,10 @@ pub fn supervise(
     let drain_end = clock.now_ns() + to_ns(opts.drain);
     loop {
         let progress =
-            subscription_progress(names, w.subscriptions_per_topic, producers, consumers);
+            subscription_progress(names.len(), w.subscriptions_per_topic, producers, consumers);
         let caught_up = progress
             .iter()
-            .all(|(_, consumed, acked)| consumed >= acked);
+            .all(|(_, _, consumed, acked)| consumed >= acked);
         if caught_up || clock.now_ns() >= drain_end {
             break;
         }
@@ -714,7 +874,11 @@ pub fn supervise(
     {
         eprintln!("error: {e}");
     }
-    let progress = subscription_progress(names, w.subscriptions_per_topic, producers, consumers);
+    let progress: Vec<(String, u64, u64)> =
+        subscription_progress(names.len(), w.subscriptions_per_topic, producers, consumers)
+            .into_iter()
+            .map(|(t, s, consumed, acked)| (format!("{}/sub-{s}", names[t]), consumed, acked))
+            .collect();
     let errors = publish.errors + consume.errors;
     let failures = check(final_counts.sent, final_counts.acked, errors, &progress);
     let (publish_msgs_per_s, publish_mb_per_s) = rates(
@@ -932,6 +1096,148 @@ mod tests {
             ..r
         };
         assert!(!summary_text(&r).contains("CPU"));
+    }
+
+    fn opts(over: Overrides) -> RunOptions {
+        RunOptions {
+            driver: Driver::Coremq,
+            broker: "127.0.0.1:9700".into(),
+            workload: Workload::resolve(None, &over).unwrap(),
+            topic_prefix: "perf".into(),
+            broker_pid: None,
+            drain: Duration::from_secs(1),
+            window: 16,
+            shard_direct: true,
+            producer_threads: None,
+        }
+    }
+
+    fn topic(name: &str, id: u32, queues: u32, shards: u32) -> TopicInfo {
+        TopicInfo {
+            spec: TopicSpec {
+                name: name.into(),
+                queues,
+                flush: coremq::protocol::Flush::Async,
+                segment_bytes: 0,
+                retention_ms: 0,
+                retention_bytes: 0,
+            },
+            id,
+            queues: (0..queues)
+                .map(|q| {
+                    let shard = (id + q) % shards;
+                    QueueInfo {
+                        queue: q,
+                        shard,
+                        shard_port: 9710 + shard as u16,
+                        start_offset: 0,
+                        end_offset: 0,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn producer_threads_do_not_grow_with_topics() {
+        assert_eq!(producer_threads_default(2, 2), 2);
+        assert_eq!(producer_threads_default(1, 2), 1);
+        assert_eq!(producer_threads_default(10_000, 2), 4);
+        assert_eq!(producer_threads_default(10_000, 0), 2);
+        // Producer g of topic g / per_topic goes to thread g % threads.
+        assert_eq!(assign_producers(5, 1, 2), [vec![0, 2, 4], vec![1, 3]]);
+        assert_eq!(
+            assign_producers(2, 2, 4),
+            [vec![0], vec![0], vec![1], vec![1]]
+        );
+        assert_eq!(
+            assign_producers(1, 2, 4),
+            [vec![0], vec![0], vec![], vec![]]
+        );
+        let big = assign_producers(10_000, 1, 4);
+        assert!(big.iter().all(|t| t.len() == 2_500));
+    }
+
+    #[test]
+    fn thread_pacing_splits_the_rate() {
+        let w = opts(Overrides {
+            rate: Some(4_000.0),
+            topics: Some(4),
+            ..Overrides::default()
+        })
+        .workload;
+        // One producer per thread: the same as each producer's own schedule.
+        for i in 0..4 {
+            let (Pacing::Open(a), Pacing::Open(b)) = (thread_pacing(&w, 0, i, 1), pacing(&w, 0, i))
+            else {
+                panic!("open loop");
+            };
+            assert_eq!(
+                (a.intended_ns(0), a.intended_ns(7)),
+                (b.intended_ns(0), b.intended_ns(7))
+            );
+        }
+        // Two threads of two producers: 2,000 msg/s each, 250 us apart.
+        let mut all: Vec<u64> = (0..2)
+            .flat_map(|i| {
+                let Pacing::Open(s) = thread_pacing(&w, 0, i, 2) else {
+                    panic!("open loop");
+                };
+                (0..4).map(move |k| s.intended_ns(k))
+            })
+            .collect();
+        all.sort_unstable();
+        assert_eq!(all[..4], [0, 250_000, 500_000, 750_000]);
+        let closed = opts(Overrides {
+            rate: Some(0.0),
+            ..Overrides::default()
+        })
+        .workload;
+        assert!(matches!(thread_pacing(&closed, 0, 0, 3), Pacing::Closed));
+    }
+
+    #[test]
+    fn fetchers_read_each_shard_for_every_subscription() {
+        let o = opts(Overrides {
+            subscriptions: Some(2),
+            ..Overrides::default()
+        });
+        let infos = [
+            topic("a", 0, 2, 2),
+            topic("b", 1, 2, 2),
+            topic("c", 2, 1, 2),
+        ];
+        let by_shard = cursors_by_shard(&o, &infos);
+        assert_eq!(by_shard.len(), 2);
+        let (addr, slots, cursors) = &by_shard[&0];
+        assert_eq!(addr, "127.0.0.1:9710");
+        // Shard 0 has a/0, b/1 and c/0; each read by both subscriptions.
+        assert_eq!(slots, &[(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]);
+        let got: Vec<(usize, &str, u32)> = cursors
+            .iter()
+            .map(|c| (c.slot, c.topic.as_str(), c.queue))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, "a", 0),
+                (1, "a", 0),
+                (2, "b", 1),
+                (3, "b", 1),
+                (4, "c", 0),
+                (5, "c", 0)
+            ]
+        );
+        let (addr, _, cursors) = &by_shard[&1];
+        assert_eq!(addr, "127.0.0.1:9711");
+        assert_eq!(cursors.len(), 4);
+        // Through the shared port: the same split, one address.
+        let shared = RunOptions {
+            shard_direct: false,
+            ..o
+        };
+        let by_shard = cursors_by_shard(&shared, &infos);
+        assert!(by_shard.values().all(|(a, _, _)| a == "127.0.0.1:9700"));
     }
 
     #[test]

@@ -280,6 +280,9 @@ impl Report {
     }
 }
 
+/// Subscriptions behind that a failed run names (the rest are counted).
+pub const FAILED_SUBSCRIPTIONS_LISTED: usize = 5;
+
 /// Why a run failed its checks; empty if it passed.
 pub fn check(
     sent: u64,
@@ -294,12 +297,20 @@ pub fn check(
     if errors > 0 {
         failures.push(format!("{errors} messages failed"));
     }
-    for (name, consumed, wanted) in per_subscription {
-        if consumed < wanted {
-            failures.push(format!(
-                "subscription {name} consumed {consumed} of {wanted} acked messages"
-            ));
-        }
+    let behind: Vec<&(String, u64, u64)> = per_subscription
+        .iter()
+        .filter(|(_, consumed, wanted)| consumed < wanted)
+        .collect();
+    for (name, consumed, wanted) in behind.iter().take(FAILED_SUBSCRIPTIONS_LISTED) {
+        failures.push(format!(
+            "subscription {name} consumed {consumed} of {wanted} acked messages"
+        ));
+    }
+    if behind.len() > FAILED_SUBSCRIPTIONS_LISTED {
+        failures.push(format!(
+            "{} more subscriptions behind",
+            behind.len() - FAILED_SUBSCRIPTIONS_LISTED
+        ));
     }
     failures
 }
@@ -437,6 +448,11 @@ mod tests {
         assert_eq!(f.len(), 3, "{f:?}");
         assert!(f[0].contains("sent 10 but acked 9"));
         assert!(f[2].contains("consumed 5 of 9"));
+        // Ten thousand topics behind do not make ten thousand lines.
+        let many: Vec<(String, u64, u64)> = (0..10_000).map(|t| (format!("t{t}"), 0, 1)).collect();
+        let f = check(1, 1, 0, &many);
+        assert_eq!(f.len(), FAILED_SUBSCRIPTIONS_LISTED + 1, "{f:?}");
+        assert_eq!(f.last().unwrap(), "9995 more subscriptions behind");
     }
 
     #[test]

@@ -50,8 +50,14 @@ pub const BATCH_BYTES_DEFAULT: usize = 64 << 10;
 pub const LINGER_MS_DEFAULT: f64 = 1.0;
 /// Longest run accepted, in seconds (a typo guard: one day).
 pub const DURATION_S_MAX: f64 = 86_400.0;
-/// Most producer or consumer threads a run may start.
+/// Most producer or consumer threads a run may start (a peer driver runs
+/// one per producer and a task per consumer; coremq spreads producers over
+/// `--producer-threads`).
 pub const THREADS_MAX: u32 = 1024;
+/// Most producers (topics x producers per topic), and consumers, a run may have.
+pub const PRODUCERS_MAX: u64 = 1_000_000;
+/// Most queues (topics x queues per topic) a run may create.
+pub const QUEUES_MAX: u64 = 1_000_000;
 /// Bytes in the "GB" of `consumerBacklogSizeGB` (OMB multiplies by 1024^3).
 pub const GIB: u64 = 1 << 30;
 /// Longest linger accepted, in milliseconds.
@@ -299,11 +305,12 @@ impl Workload {
         if self.subscriptions_per_topic > 0 && self.consumer_per_subscription == 0 {
             return bad("consumerPerSubscription must be at least 1".into());
         }
-        if self.total_producers() > u64::from(THREADS_MAX)
-            || self.total_consumers() > u64::from(THREADS_MAX)
+        if self.total_producers() > PRODUCERS_MAX
+            || self.total_consumers() > PRODUCERS_MAX
+            || u64::from(self.topics) * u64::from(self.partitions_per_topic) > QUEUES_MAX
         {
             return bad(format!(
-                "at most {THREADS_MAX} producers and {THREADS_MAX} consumers"
+                "at most {PRODUCERS_MAX} producers, {PRODUCERS_MAX} consumers and {QUEUES_MAX} queues"
             ));
         }
         if !(self.duration_seconds > 0.0 && self.duration_seconds <= DURATION_S_MAX) {
@@ -573,6 +580,11 @@ testDurationMinutes: 15
         let f = WorkloadFile::load(&dir.join("1-topic-2-queues-1kb-zstd.yaml")).unwrap();
         let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
         assert_eq!((w.compression, w.payload), (Codec::Zstd, PayloadKind::Text));
+        let f = WorkloadFile::load(&dir.join("10k-topics-1kb-async.yaml")).unwrap();
+        assert!(f.ignored.is_empty(), "{:?}", f.ignored);
+        let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
+        assert_eq!((w.topics, w.partitions_per_topic), (10_000, 1));
+        assert_eq!(w.total_producers(), 10_000);
         let f = WorkloadFile::load(&dir.join("1-topic-2-queues-1kb-backlog.yaml")).unwrap();
         let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
         assert_eq!(w.backlog_bytes(), GIB);

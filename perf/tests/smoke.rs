@@ -287,3 +287,30 @@ fn backlog_is_built_then_caught_up() {
     assert_eq!(report["workload"]["consumerBacklogSizeGB"], 0.00390625);
     assert!(run.stdout.contains("backlog: "), "{}", run.context);
 }
+
+/// Many topics: producers share a few threads, one fetcher per shard reads
+/// every queue, and every message still arrives.
+#[test]
+fn many_topics_share_threads() {
+    let broker = Broker::start();
+    let run = run_passing(
+        &broker,
+        &[
+            "--topics",
+            "300",
+            "--queues",
+            "1",
+            "--rate",
+            "3000",
+            "--message-size",
+            "128",
+        ],
+    );
+    let (report, text) = (&run.report, &run.text);
+    assert_eq!(report["workload"]["topics"], 300, "{text}");
+    assert_eq!(
+        report["topics"].as_array().map(Vec::len),
+        Some(300),
+        "{text}"
+    );
+}

@@ -36,7 +36,7 @@ use crate::producer::{
 };
 use crate::run::Workers;
 use crate::schedule::{Clock, EndTime, Pacing};
-use crate::workload::{Codec, Workload};
+use crate::workload::{Codec, Workload, THREADS_MAX};
 
 /// coremq's default listen address.
 pub const COREMQ_BROKER_DEFAULT: &str = "127.0.0.1:9700";
@@ -93,6 +93,13 @@ impl std::fmt::Display for Driver {
 pub fn check_supported(driver: Driver, w: &Workload) -> Result<(), PerfError> {
     if driver == Driver::Coremq {
         return Ok(());
+    }
+    if w.total_producers() > u64::from(THREADS_MAX) || w.total_consumers() > u64::from(THREADS_MAX)
+    {
+        return Err(PerfError::Invalid(format!(
+            "the {driver} driver runs a thread per producer and a task per consumer: at most \
+             {THREADS_MAX} of each"
+        )));
     }
     if w.compression != Codec::None {
         return Err(PerfError::Invalid(format!(

@@ -580,6 +580,19 @@ testDurationMinutes: 15
         let f = WorkloadFile::load(&dir.join("1-topic-2-queues-1kb-zstd.yaml")).unwrap();
         let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
         assert_eq!((w.compression, w.payload), (Codec::Zstd, PayloadKind::Text));
+        for (file, flush) in [
+            ("single-message-20k-async.yaml", FlushMode::Async),
+            ("single-message-20k-sync.yaml", FlushMode::Sync),
+        ] {
+            let f = WorkloadFile::load(&dir.join(file)).unwrap();
+            assert!(f.ignored.is_empty(), "{file}: {:?}", f.ignored);
+            let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
+            assert_eq!(w.flush, flush, "{file}");
+            assert_eq!(w.total_producers(), 1, "{file}");
+            assert_eq!((w.producer_rate, w.linger_ms), (20_000.0, 0.0), "{file}");
+            // Every message its own batch.
+            assert!(w.batch_bytes < w.message_size, "{file}");
+        }
         let f = WorkloadFile::load(&dir.join("10k-topics-1kb-async.yaml")).unwrap();
         assert!(f.ignored.is_empty(), "{:?}", f.ignored);
         let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();

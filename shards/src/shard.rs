@@ -17,6 +17,7 @@ use crate::delivery::Subscription;
 use crate::durable_file;
 use crate::error::{Result, ShardError};
 use crate::group_offsets::GroupOffsets;
+use crate::notify::Notify;
 use crate::producer_state::{ProducerTable, SequenceCheck};
 use crate::segment::{EntryKind, EntryMeta, ENTRY_HEADER_BYTES, PRIORITY_MAX};
 use crate::time_wheel::TimeWheel;
@@ -111,6 +112,10 @@ pub struct QueuePolicy {
 pub(crate) struct QueueState {
     pub(crate) index: ConsumeQueue,
     producers: ProducerTable,
+    /// Wakes this queue's parked fetches when a batch becomes visible. Per
+    /// queue: with thousands of queues on a shard, a shard-wide signal woke
+    /// every parked fetch on every append.
+    arrived: Rc<Notify>,
 }
 
 /// A produce that is stored (or known duplicate) and may still await durability.
@@ -356,6 +361,7 @@ impl Shard {
                 .insert(deliver_at_ms.max(0) as u64, Timer::Delayed(entry_pos));
         } else {
             q.index.push(index_entry(&h, batch_pos, opts.priority));
+            q.arrived.notify_all();
         }
         q.producers.record(&h, base_offset);
         Ok(Produced {
@@ -475,6 +481,7 @@ impl Shard {
             Ok(batch_pos) => {
                 h.base_offset = base_offset;
                 q.index.push(index_entry(&h, batch_pos, r.priority));
+                q.arrived.notify_all();
                 true
             }
             Err(e) => {
@@ -507,19 +514,19 @@ impl Shard {
     ) -> Result<Fetched> {
         let deadline = std::time::Instant::now() + max_wait;
         loop {
-            let moved = self.log.appended();
             let visible = self.log.visible();
-            let (start, next, entries) = {
-                let queues = self.queues.borrow();
-                match queues.get(&key) {
-                    Some(q) => (
-                        q.index.start_offset(),
-                        q.index.visible_next_offset(visible),
-                        q.index.lookup(offset, visible, max_bytes),
-                    ),
-                    None => (0, 0, Vec::new()),
-                }
+            let (start, next, entries, arrived) = {
+                let mut queues = self.queues.borrow_mut();
+                let q = queues.entry(key).or_default();
+                (
+                    q.index.start_offset(),
+                    q.index.visible_next_offset(visible),
+                    q.index.lookup(offset, visible, max_bytes),
+                    q.arrived.clone(),
+                )
             };
+            // No await since the state was read: no append can slip between.
+            let moved = arrived.notified();
             if offset < start || offset > next {
                 return Err(ShardError::OffsetOutOfRange {
                     offset,

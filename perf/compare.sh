@@ -20,7 +20,8 @@
 #      LIMITS_SECONDS and the other limits.sh variables, SETTLE_MAX_S (longest
 #      wait for a quiet disk before each system, default 30), COOLDOWN_S (pause
 #      after measuring the limits, default 10), DRAIN_S (coremq-perf
-#      --drain-s, default 10).
+#      --drain-s, default 10), SETUP_S (time allowed per run besides the
+#      duration and drain, for topic setup and teardown, default 60).
 #
 # For each system: wait until the disk is quiet, start the broker on free
 # ports with fresh data, run coremq-perf with --broker-pid (RSS sampling),
@@ -329,10 +330,11 @@ run_perf() { # system, pid, addr, driver args...
     [[ -n "$addr" ]] && cmd+=(--broker "$addr")
     [[ -n "$duration" ]] && cmd+=(--duration-s "$duration")
     cmd+=("${extra[@]}")
-    # Bounded: the run, its drain, and a minute for setup and teardown.
+    # Bounded: the run, its drain, and SETUP_S (default a minute) for setup
+    # and teardown: creating and deleting 10,000 topics takes longer.
     local limit
-    limit="$(python3 -c 'import sys; print(int(float(sys.argv[1]) + float(sys.argv[2]) + 60))' \
-        "${duration:-3600}" "$drain_s")"
+    limit="$(python3 -c 'import sys; print(int(float(sys.argv[1]) + float(sys.argv[2]) + float(sys.argv[3])))' \
+        "${duration:-3600}" "$drain_s" "${SETUP_S:-60}")"
     echo "\$ ${cmd[*]}" >"$out/$system.log"
     note "running $system (--duration-s ${duration:-from the workload})"
     local rc=0

@@ -319,7 +319,11 @@ impl Shard {
         // A delayed batch gets its offset when it comes due.
         let base_offset = if delayed { -1 } else { q.index.next_offset() };
         let mut owned = match batch.try_into_mut() {
-            Ok(m) => m,
+            // Unique and about its own size: patched in place.
+            Ok(m) if m.capacity() <= 2 * m.len() => m,
+            // A small frame cut from a large read buffer: the tail cache
+            // would pin the whole buffer for it, so keep a copy instead.
+            Ok(m) => bytes::BytesMut::from(&m[..]),
             Err(shared) => bytes::BytesMut::from(&shared[..]),
         };
         batch::set_base_offset(&mut owned, base_offset.max(0));

@@ -324,7 +324,7 @@ struct Threads {
     consumers: Vec<JoinHandle<()>>,
 }
 
-fn join_all(handles: &mut Vec<JoinHandle<()>>, what: &str) -> Result<(), PerfError> {
+pub(crate) fn join_all(handles: &mut Vec<JoinHandle<()>>, what: &str) -> Result<(), PerfError> {
     let mut panicked = 0;
     for h in handles.drain(..) {
         if h.join().is_err() {

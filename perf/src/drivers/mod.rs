@@ -34,7 +34,7 @@ use crate::payload::Payloads;
 use crate::producer::{
     ProducerShared, Window, ACK_WAIT_MAX, OPEN_LOOP_IN_FLIGHT_BYTES_MAX, RECORD_OVERHEAD_BYTES,
 };
-use crate::run::Workers;
+use crate::run::{join_all, pacing, Workers};
 use crate::schedule::{Clock, EndTime, Pacing};
 use crate::workload::{Codec, Workload, THREADS_MAX};
 
@@ -282,13 +282,35 @@ impl PeerWorkers {
         Arc::clone(&self.stop)
     }
 
+    /// Starts producer `index` of the run: `sink` is its connection to the
+    /// peer; the schedule, payloads and end come from the workload.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn_producer<S: PeerSend + Send + 'static>(
         &mut self,
-        name: String,
-        p: PeerProducer<S>,
+        w: &Workload,
+        index: usize,
+        sink: S,
+        start_ns: u64,
+        end: &EndTime,
+        window: Window,
+        clock: Clock,
+        shared: &Arc<ProducerShared>,
     ) -> Result<(), PerfError> {
+        let p = PeerProducer {
+            sink,
+            partitions: w.partitions_per_topic as usize,
+            pacing: pacing(w, start_ns, index),
+            start_ns,
+            end: end.clone(),
+            message_size: w.message_size,
+            payloads: Payloads::for_producer(w, index),
+            window,
+            clock,
+            abort: self.abort_flag(),
+            shared: Arc::clone(shared),
+        };
         let h = thread::Builder::new()
-            .name(name)
+            .name(format!("perf-p{index}"))
             .spawn(move || p.run())
             .map_err(|e| PerfError::io("cannot start a producer thread", e))?;
         self.producers.push(h);
@@ -317,18 +339,7 @@ impl PeerWorkers {
 
 impl Workers for PeerWorkers {
     fn join_producers(&mut self) -> Result<(), PerfError> {
-        let mut panicked = 0;
-        for h in self.producers.drain(..) {
-            if h.join().is_err() {
-                panicked += 1;
-            }
-        }
-        if panicked > 0 {
-            return Err(PerfError::Thread(format!(
-                "{panicked} producer threads panicked"
-            )));
-        }
-        Ok(())
+        join_all(&mut self.producers, "producer")
     }
 
     fn stop_consumers(&mut self) -> Result<(), PerfError> {

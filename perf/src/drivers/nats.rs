@@ -39,13 +39,12 @@ use tokio::sync::mpsc;
 
 use crate::consumer::{ConsumerShared, POLL_TIMEOUT};
 use crate::drivers::{
-    max_in_flight_messages, peer_window, runtime, PeerProducer, PeerSend, PeerWorkers,
-    ERROR_BACKOFF, RUNTIME_SHUTDOWN,
+    max_in_flight_messages, peer_window, runtime, PeerSend, PeerWorkers, ERROR_BACKOFF,
+    RUNTIME_SHUTDOWN,
 };
 use crate::error::PerfError;
-use crate::payload::Payloads;
 use crate::producer::{ProducerShared, ACK_WAIT_MAX};
-use crate::run::{pacing, supervise, to_ns, topic_names, Launched, RunOptions, START_DELAY};
+use crate::run::{supervise, to_ns, topic_names, Launched, RunOptions, START_DELAY};
 use crate::schedule::{Clock, EndTime};
 use crate::stats::Report;
 use crate::workload::FlushMode;
@@ -408,21 +407,8 @@ fn run_on_streams(
             Arc::clone(&shared),
             w.message_size,
         );
-        let p = PeerProducer {
-            sink,
-            partitions: w.partitions_per_topic as usize,
-            pacing: pacing(w, start_ns, i),
-            start_ns,
-            end: end.clone(),
-            message_size: w.message_size,
-            payloads: Payloads::for_producer(w, i),
-            window,
-            clock,
-            abort: workers.abort_flag(),
-            shared: Arc::clone(&shared),
-        };
+        workers.spawn_producer(w, i, sink, start_ns, &end, window, clock, &shared)?;
         producers.push(shared);
-        workers.spawn_producer(format!("perf-p{i}"), p)?;
     }
     let launched = Launched {
         names: names.to_vec(),

@@ -42,13 +42,12 @@ use tokio::runtime::{Handle, Runtime};
 
 use crate::consumer::{ConsumerShared, POLL_TIMEOUT};
 use crate::drivers::{
-    messages_per_batch, peer_window, runtime, split_host_port, PeerProducer, PeerSend, PeerWorkers,
+    messages_per_batch, peer_window, runtime, split_host_port, PeerSend, PeerWorkers,
     ERROR_BACKOFF, RUNTIME_SHUTDOWN,
 };
 use crate::error::PerfError;
-use crate::payload::Payloads;
 use crate::producer::{payload_timestamp, ProducerShared};
-use crate::run::{pacing, supervise, to_ns, topic_names, Launched, RunOptions, START_DELAY};
+use crate::run::{supervise, to_ns, topic_names, Launched, RunOptions, START_DELAY};
 use crate::schedule::{Clock, EndTime};
 use crate::stats::Report;
 use crate::workload::{FlushMode, Workload};
@@ -358,21 +357,8 @@ fn run_on_streams(
             clock,
             shared: Arc::clone(&shared),
         };
-        let p = PeerProducer {
-            sink,
-            partitions: w.partitions_per_topic as usize,
-            pacing: pacing(w, start_ns, i),
-            start_ns,
-            end: end.clone(),
-            message_size: w.message_size,
-            payloads: Payloads::for_producer(w, i),
-            window,
-            clock,
-            abort: workers.abort_flag(),
-            shared: Arc::clone(&shared),
-        };
+        workers.spawn_producer(w, i, sink, start_ns, &end, window, clock, &shared)?;
         producers.push(shared);
-        workers.spawn_producer(format!("perf-p{i}"), p)?;
     }
     let launched = Launched {
         names: topics.iter().map(|(topic, _)| topic.clone()).collect(),

@@ -10,22 +10,21 @@
 //! It asserts nothing about timing. The broker is stopped (SIGTERM, then
 //! SIGKILL) by a guard, also when the test fails.
 
+mod common;
+
+use common::{wait_with_timeout, Run};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Longest wait for the broker to print its listening address.
 const BROKER_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for the broker to exit after SIGTERM before it is killed.
 const BROKER_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest a perf run may take (3 s measured, plus acks and the drain).
-const PERF_RUN_TIMEOUT: Duration = Duration::from_secs(120);
-/// How often a child process is checked for having exited.
-const EXIT_POLL: Duration = Duration::from_millis(50);
 /// What the broker prints before its address once it accepts connections.
 const LISTENING_PREFIX: &str = "listening on ";
 /// What follows the shared address on that line.
@@ -57,22 +56,6 @@ fn broker_binary() -> PathBuf {
         assert!(broker.exists(), "{} still missing", broker.display());
     }
     broker
-}
-
-/// Waits for `child` to exit, killing it after `timeout`.
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        thread::sleep(EXIT_POLL);
-    }
 }
 
 /// A running broker; stopped when dropped, even if the test panicked.
@@ -145,66 +128,16 @@ impl Drop for Broker {
     }
 }
 
-/// A finished run: its JSON report (parsed and as text) and its output.
-struct Run {
-    report: serde_json::Value,
-    text: String,
-    stdout: String,
-    context: String,
-}
-
 /// Runs `coremq-perf run` against `broker` with `args` (3 s, or what the
-/// args say) and checks that it passed: sent == acked == consumed > 0, no
-/// errors, the percentile keys there.
+/// args say) and checks that it passed (`common::run_passing`).
 fn run_passing(broker: &Broker, args: &[&str]) -> Run {
-    let out = tempfile::tempdir().expect("temp dir");
-    let json = out.path().join("report.json");
-    let stdout_log = out.path().join("perf.stdout");
-    let stderr_log = out.path().join("perf.stderr");
-    let mut perf = Command::new(env!("CARGO_BIN_EXE_coremq-perf"))
-        .args(["run", "--broker", &broker.addr])
-        .args(["--duration-s", "3"])
-        .args(args)
-        .args(["--broker-pid", &broker.child.id().to_string()])
-        .arg("--json")
-        .arg(&json)
-        .stdin(Stdio::null())
-        .stdout(File::create(&stdout_log).expect("perf stdout log"))
-        .stderr(File::create(&stderr_log).expect("perf stderr log"))
-        .spawn()
-        .expect("start coremq-perf");
-    let status = wait_with_timeout(&mut perf, PERF_RUN_TIMEOUT);
-    let stdout = std::fs::read_to_string(&stdout_log).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&stderr_log).unwrap_or_default();
-    let context = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    let status = status.unwrap_or_else(|| panic!("coremq-perf did not finish\n{context}"));
-    assert!(status.success(), "coremq-perf failed: {status}\n{context}");
-
-    let text =
-        std::fs::read_to_string(&json).unwrap_or_else(|e| panic!("no JSON report: {e}\n{context}"));
-    let report: serde_json::Value = serde_json::from_str(&text).expect("report is JSON");
-    let count = |key: &str| {
-        report[key]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{key} missing or not a count in {text}"))
-    };
-    let (sent, acked, consumed) = (count("sent"), count("acked"), count("consumed"));
-    assert!(sent > 0, "{text}");
-    assert_eq!(sent, acked, "{text}");
-    assert_eq!(acked, consumed, "{text}");
-    assert_eq!(count("errors"), 0, "{text}");
-    for hist in ["publish_latency_us", "e2e_latency_us"] {
-        for p in ["p50", "p99", "p999", "p9999", "max"] {
-            assert!(report[hist][p].is_u64(), "{hist}.{p} missing in {text}");
-        }
-    }
-    assert!(stdout.contains("result: PASS"), "{context}");
-    Run {
-        report,
-        text,
-        stdout,
-        context,
-    }
+    let mut all: Vec<String> = ["--broker", &broker.addr, "--duration-s", "3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    all.extend(args.iter().map(|s| s.to_string()));
+    all.extend(["--broker-pid".to_string(), broker.child.id().to_string()]);
+    common::run_passing(&all)
 }
 
 #[test]

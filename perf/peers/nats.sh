@@ -33,36 +33,17 @@ usage() {
     exit 2
 }
 
-log() { echo "nats.sh: $*" >&2; }
-
-# Whether PID runs (a zombie does not: its parent may never reap it).
-alive() {
-    local state
-    state=$(sed -n 's/^[0-9]* ([^)]*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null || true)
-    [[ -n "$state" && "$state" != Z ]]
-}
-
-# Whether PID is alive and is a nats-server (not a recycled pid).
-is_ours() {
-    local pid=$1
-    [[ -n "$pid" ]] && alive "$pid" &&
-        [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == nats-server ]]
-}
+NAME=nats.sh
+# shellcheck source=perf/peers/common.sh
+. "$(dirname "$0")/common.sh"
 
 running_pid() {
-    local pid
-    pid=$(cat "$1/nats.pid" 2>/dev/null || true)
-    if is_ours "$pid"; then echo "$pid"; fi
+    pid_from "$1/nats.pid" nats-server
 }
 
 install_if_missing() {
     command -v nats-server >/dev/null && return 0
-    log "installing nats-server with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! timeout "$INSTALL_TIMEOUT_S" apt-get install -y -q nats-server >&2; then
-        timeout "$INSTALL_TIMEOUT_S" apt-get update -q >&2
-        timeout "$INSTALL_TIMEOUT_S" apt-get install -y -q nats-server >&2
-    fi
+    apt_install nats-server
     # Where the package started its own service (systemd machines), stop it:
     # it would hold the default port.
     if command -v systemctl >/dev/null && systemctl is-active --quiet nats-server 2>/dev/null; then

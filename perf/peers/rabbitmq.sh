@@ -45,32 +45,13 @@ usage() {
     exit 2
 }
 
-log() { echo "rabbitmq.sh: $*" >&2; }
-
-# Whether PID runs (a zombie does not: its parent may never reap it).
-alive() {
-    local state
-    state=$(sed -n 's/^[0-9]* ([^)]*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null || true)
-    [[ -n "$state" && "$state" != Z ]]
-}
-
-# The PID in FILE if that process is alive and runs COMM (not a recycled pid).
-pid_from() {
-    local pid
-    pid=$(cat "$1" 2>/dev/null || true)
-    if [[ -n "$pid" ]] && alive "$pid" && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$2" ]]; then
-        echo "$pid"
-    fi
-}
+NAME=rabbitmq.sh
+# shellcheck source=perf/peers/common.sh
+. "$(dirname "$0")/common.sh"
 
 install_if_missing() {
     [[ -x "$RABBITMQ_BIN/rabbitmq-server" ]] && return 0
-    log "installing rabbitmq-server with apt-get"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! timeout "$INSTALL_TIMEOUT_S" apt-get install -y -q rabbitmq-server >&2; then
-        timeout "$INSTALL_TIMEOUT_S" apt-get update -q >&2
-        timeout "$INSTALL_TIMEOUT_S" apt-get install -y -q rabbitmq-server >&2
-    fi
+    apt_install rabbitmq-server
     # Where the package started its own service (systemd or init.d), stop
     # it: this script runs its own node, and that one would hold port 5672.
     if command -v systemctl >/dev/null && systemctl is-active --quiet rabbitmq-server 2>/dev/null; then

@@ -29,3 +29,31 @@ apt_install() {
         timeout "$INSTALL_TIMEOUT_S" apt-get install -y -q "$1" >&2
     fi
 }
+
+# SIGTERM to PID (if set), SIGKILL after STOP_TIMEOUT_S; returns once it is gone.
+terminate() {
+    local pid=$1
+    [[ -n "$pid" ]] || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + STOP_TIMEOUT_S))
+    while alive "$pid"; do
+        if ((SECONDS >= deadline)); then
+            log "process $pid still running after ${STOP_TIMEOUT_S}s; killing it"
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.1
+    done
+}
+
+# The command line of a peer script: start DIR [flags...] | stop DIR.
+dispatch() {
+    (($# >= 2)) || usage
+    local cmd=$1 dir=$2
+    shift 2
+    case $cmd in
+    start) start "$dir" "$@" ;;
+    stop) (($# == 0)) || usage; stop "$dir" ;;
+    *) usage ;;
+    esac
+}

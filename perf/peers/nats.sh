@@ -128,24 +128,8 @@ stop() {
         rm -f "$dir/nats.pid"
         return 0
     fi
-    kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + STOP_TIMEOUT_S))
-    while alive "$pid"; do
-        if ((SECONDS >= deadline)); then
-            log "nats-server $pid still running after ${STOP_TIMEOUT_S}s; killing it"
-            kill -KILL "$pid" 2>/dev/null || true
-            break
-        fi
-        sleep 0.1
-    done
+    terminate "$pid"
     rm -f "$dir/nats.pid"
 }
 
-(($# >= 2)) || usage
-cmd=$1 dir=$2
-shift 2
-case $cmd in
-start) start "$dir" "$@" ;;
-stop) (($# == 0)) || usage; stop "$dir" ;;
-*) usage ;;
-esac
+dispatch "$@"

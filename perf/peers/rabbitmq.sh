@@ -162,18 +162,7 @@ stop() {
     # The node: by its pid file, or (a start that failed early) still starting.
     pid=$(pid_from "$dir/rabbitmq.pid" beam.smp)
     [[ -n "$pid" ]] || pid=$(pid_from "$dir/rabbitmq.pid" rabbitmq-server)
-    if [[ -n "$pid" ]]; then
-        kill -TERM "$pid" 2>/dev/null || true
-        local deadline=$((SECONDS + STOP_TIMEOUT_S))
-        while alive "$pid"; do
-            if ((SECONDS >= deadline)); then
-                log "node $pid still running after ${STOP_TIMEOUT_S}s; killing it"
-                kill -KILL "$pid" 2>/dev/null || true
-                break
-            fi
-            sleep 0.2
-        done
-    fi
+    terminate "$pid"
     rm -f "$dir/rabbitmq.pid"
     # Our epmd, once no node is registered with it any more.
     local epmd
@@ -193,11 +182,4 @@ stop() {
     rm -f "$dir/epmd.pid"
 }
 
-(($# >= 2)) || usage
-cmd=$1 dir=$2
-shift 2
-case $cmd in
-start) start "$dir" "$@" ;;
-stop) (($# == 0)) || usage; stop "$dir" ;;
-*) usage ;;
-esac
+dispatch "$@"

@@ -219,34 +219,26 @@ fn run(args: &RunArgs) -> Result<bool, PerfError> {
     Ok(report.passed)
 }
 
+/// Reports `e` and picks the exit status: 2 for a usage error, else 1.
+fn failed(e: &dyn std::fmt::Display, usage: bool) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILED })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => match run(&args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(EXIT_FAILED),
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(if e.is_usage() {
-                    EXIT_USAGE
-                } else {
-                    EXIT_FAILED
-                })
-            }
+            Err(e) => failed(&e, e.is_usage()),
         },
         Command::Plot(args) => match plot::run(&args) {
             Ok(()) => {
                 eprintln!("wrote {}", args.out.display());
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(if e.is_usage() {
-                    EXIT_USAGE
-                } else {
-                    EXIT_FAILED
-                })
-            }
+            Err(e) => failed(&e, e.is_usage()),
         },
     }
 }

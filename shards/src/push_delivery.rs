@@ -93,7 +93,7 @@ impl Shard {
                     .max(q.index.start_offset()),
             )
         });
-        let (handouts, dead) = sub.take(&q.index, self.log.visible(), max, cfg, now);
+        let (handouts, dead) = sub.take(&q.index, self.log.end(), max, cfg, now);
         if handouts.is_empty() && dead.is_empty() {
             return Ok(Received::default());
         }
@@ -145,7 +145,8 @@ impl Shard {
             }
             // New data wakes us; redeliveries show up within a tick.
             let nap = (deadline - now).min(Duration::from_millis(self.cfg.tick_ms.max(1)));
-            let moved = self.log.appended();
+            let arrived = self.queue_arrived(key);
+            let moved = arrived.notified();
             let _ = glommio::timer::timeout(nap, async {
                 moved.await;
                 Ok(())

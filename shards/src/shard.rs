@@ -501,7 +501,7 @@ impl Shard {
         match queues.get(&key) {
             Some(q) => (
                 q.index.start_offset(),
-                q.index.visible_next_offset(self.log.visible()),
+                q.index.visible_next_offset(self.log.end()),
             ),
             None => (0, 0),
         }
@@ -518,7 +518,7 @@ impl Shard {
     ) -> Result<Fetched> {
         let deadline = std::time::Instant::now() + max_wait;
         loop {
-            let visible = self.log.visible();
+            let visible = self.log.end();
             let (start, next, entries, arrived) = {
                 let mut queues = self.queues.borrow_mut();
                 let q = queues.entry(key).or_default();
@@ -566,6 +566,16 @@ impl Shard {
             })
             .await;
         }
+    }
+
+    /// The signal `key`'s parked readers wait on: a batch became visible.
+    pub(crate) fn queue_arrived(&self, key: QueueKey) -> Rc<Notify> {
+        self.queues
+            .borrow_mut()
+            .entry(key)
+            .or_default()
+            .arrived
+            .clone()
     }
 
     pub fn committed_offset(&self, group: &str, key: QueueKey) -> Option<i64> {

@@ -36,7 +36,7 @@ impl ShardCtx {
                 retention_ms: 0,
                 retention_bytes: 0,
             };
-            match self.meta.create_topic(spec) {
+            match self.meta.create_topic(spec).await {
                 Ok(_) => tracing::info!(topic = %dlq, "dead-letter topic created"),
                 Err(e) if e.code == ErrorCode::TopicExists => {}
                 Err(e) => {

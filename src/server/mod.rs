@@ -364,14 +364,11 @@ async fn shard_main(
 async fn run_retention(ctx: &ShardCtx) {
     let meta = ctx.meta.snapshot();
     let now_ms = coremq_shards::shard::now_ms();
-    // Index topics by id once per run: a shard may hold queues of thousands of topics.
-    let by_id: std::collections::HashMap<u32, &crate::metadata::TopicMeta> =
-        meta.topics.values().map(|t| (t.id, t)).collect();
+    // The snapshot's id index: O(log topics) a lookup, nothing to build per run.
     let policy_of =
-        |key: coremq_shards::QueueKey| by_id.get(&key.topic_id).map(|t| shard_context::policy(t));
+        |key: coremq_shards::QueueKey| meta.topic_by_id(key.topic_id).map(shard_context::policy);
     ctx.shard.retain_queues(|key| {
-        by_id
-            .get(&key.topic_id)
+        meta.topic_by_id(key.topic_id)
             .is_some_and(|t| (key.queue as usize) < t.placement.len())
     });
     match ctx.shard.enforce_retention(now_ms, policy_of).await {

@@ -326,12 +326,12 @@ impl ShardCtx {
     async fn handle_control(self: Rc<Self>, req: Request) -> Response {
         match req {
             Request::CreateTopic(spec) => {
-                let t = self.meta.create_topic(spec)?;
+                let t = self.meta.create_topic(spec).await?;
                 tracing::info!(topic = %t.spec.name, queues = t.spec.queues, flush = %t.spec.flush, "topic created");
                 Ok(Reply::Topic(self.topic_info(&t).await))
             }
             Request::DeleteTopic { name } => {
-                self.meta.delete_topic(&name)?;
+                self.meta.delete_topic(&name).await?;
                 tracing::info!(topic = %name, "topic deleted");
                 Ok(Reply::Done)
             }
@@ -342,14 +342,14 @@ impl ShardCtx {
             }
             Request::ListTopics => {
                 let meta = self.meta.snapshot();
-                let mut out = Vec::with_capacity(meta.topics.len());
-                for t in meta.topics.values() {
+                let mut out = Vec::with_capacity(meta.topic_count());
+                for t in meta.topics() {
                     out.push(self.topic_info(t).await);
                 }
                 Ok(Reply::Topics(out))
             }
             Request::AlterTopic(a) => {
-                let t = self.meta.alter_topic(&a.name, a.queues)?;
+                let t = self.meta.alter_topic(&a.name, a.queues).await?;
                 tracing::info!(topic = %a.name, queues = a.queues, "topic grown");
                 Ok(Reply::Topic(self.topic_info(&t).await))
             }

@@ -5,10 +5,12 @@
 //! `[base, base + len)`. Appends are synchronous and only assign a position
 //! and queue the entry; one writer task per shard turns everything queued
 //! while the previous write was in flight into a single O_DIRECT write (group
-//! commit), then `fdatasync`s when a sync-flush producer waits or the flush
-//! interval has passed. Three watermarks, in order `synced <= written <= end`:
-//! `end` is where the next entry goes, `written` is what readers may see,
-//! `synced` is what survives a power cut.
+//! commit), and a syncer task beside it `fdatasync`s what is written when a
+//! sync-flush producer waits or the flush interval or size has passed, while
+//! the writer goes on writing. Three watermarks, in order
+//! `synced <= written <= end`: `end` is where the next entry goes (readers
+//! see entries up to it), `written` is what is in the file, `synced` is what
+//! survives a power cut.
 //!
 //! The block holding `written` is rewritten by the next write, so reads of
 //! recent entries are served from the tail cache (the batches' own `Bytes`)
@@ -103,15 +105,23 @@ struct LogState {
     tail_cache: VecDeque<(u64, Bytes)>,
     tail_cache_bytes: usize,
     sync_waiters: Vec<(u64, oneshot::Sender<std::result::Result<(), String>>)>,
+    /// The syncer has been asked to sync, up to `sync_target` or beyond.
+    sync_asked: bool,
+    sync_target: u64,
     failed: Option<String>,
     last_sync: Instant,
 }
 
 pub struct CommitLog {
     cfg: LogConfig,
+    /// Bytes per read-ahead request on the log's device.
+    read_ahead_chunk: usize,
     state: RefCell<LogState>,
-    /// Wakes the writer: entries queued or a durability waiter registered.
+    /// Wakes the writer: entries queued, a durability waiter registered or
+    /// a sync finished.
     work: Notify,
+    /// Wakes the syncer: `sync_asked` was set, or the writer is done.
+    sync_wanted: Notify,
     /// Wakes back-pressured producers: `written` moved.
     written_moved: Notify,
     stopping: Cell<bool>,
@@ -125,6 +135,7 @@ impl CommitLog {
     pub async fn open(cfg: LogConfig) -> Result<(Rc<CommitLog>, Recovery)> {
         std::fs::create_dir_all(&cfg.dir)?;
         crate::io_poll::keep_off_polled_ring(&cfg.dir).await?;
+        let read_ahead_chunk = segment::read_ahead_chunk_bytes(&cfg.dir);
         let mut bases: Vec<u64> = std::fs::read_dir(&cfg.dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| segment::parse_file_name(&e.file_name().to_string_lossy()))
@@ -146,7 +157,7 @@ impl CommitLog {
             } else {
                 size
             };
-            let seg = Segment::map(base, &path, map_len)?;
+            let seg = Segment::map(base, &path, map_len, read_ahead_chunk)?;
             let scan = segment::scan(&seg.map[..size as usize], cfg.batch_bytes_max);
             let seg_stats = stats.entry(base).or_default();
             for e in &scan.entries {
@@ -230,11 +241,15 @@ impl CommitLog {
                 tail_cache_bytes: recovered_tail.iter().map(|(_, b)| b.len()).sum(),
                 tail_cache: recovered_tail,
                 sync_waiters: Vec::new(),
+                sync_asked: false,
+                sync_target: end,
                 failed: None,
                 last_sync: Instant::now(),
             }),
             cfg,
+            read_ahead_chunk,
             work: Notify::default(),
+            sync_wanted: Notify::default(),
             written_moved: Notify::default(),
             stopping: Cell::new(false),
             stopped: Notify::default(),
@@ -386,7 +401,8 @@ impl CommitLog {
             }
         }
         let (_, seg) = st.segments.range(..=batch_pos).next_back()?;
-        seg.slice(batch_pos - seg.base, len)
+        let stable = align_down(st.written).saturating_sub(seg.base);
+        seg.slice(batch_pos - seg.base, len, stable)
     }
 
     /// The log position where the segment starting at `base` ends: the next
@@ -446,8 +462,12 @@ impl CommitLog {
         }
     }
 
-    /// The shard's writer task: group commit until `stop`.
+    /// The shard's writer task: group commit until `stop`. Writes and
+    /// `fdatasync`s overlap: while the syncer flushes what was written, the
+    /// writer already writes what arrived since, so a sync-flush cycle costs
+    /// the longer of the two, not their sum.
     pub async fn run_writer(self: Rc<Self>) {
+        glommio::spawn_local(self.clone().run_syncer()).detach();
         loop {
             // Coalesce small async appends into one write: each write is an
             // I/O (a VM exit on virtio) that no reader waits for.
@@ -462,75 +482,98 @@ impl CommitLog {
                     .map(|waited| WRITE_COALESCE_DELAY - waited)
             };
             if let Some(wait) = gather {
-                let notified = self.work.notified();
-                let _ = glommio::timer::timeout(wait, async {
-                    notified.await;
-                    Ok(())
-                })
-                .await;
+                self.wait_for_work(Some(wait)).await;
                 continue;
             }
-            let (pending, must_sync, idle_wait) = {
+            let pending = {
                 let mut st = self.state.borrow_mut();
-                let waiting = !st.sync_waiters.is_empty();
-                let pending = std::mem::take(&mut st.pending);
                 st.pending_bytes = 0;
                 st.pending_since = None;
-                let due = st.synced < st.written
-                    && (st.last_sync.elapsed() >= self.cfg.flush_interval
-                        || st.written - st.synced >= self.cfg.flush_bytes);
-                let idle_wait = (st.synced < st.written).then(|| {
-                    self.cfg
-                        .flush_interval
-                        .saturating_sub(st.last_sync.elapsed())
-                });
-                (pending, waiting || due || self.stopping.get(), idle_wait)
+                std::mem::take(&mut st.pending)
             };
-            if pending.is_empty() && !must_sync {
-                let notified = self.work.notified();
-                match idle_wait {
-                    Some(wait) => {
-                        let _ =
-                            glommio::timer::timeout(wait.max(Duration::from_micros(100)), async {
-                                notified.await;
-                                Ok(())
-                            })
-                            .await;
-                    }
-                    None => notified.await,
+            let wrote = !pending.is_empty();
+            if wrote {
+                if let Err(e) = self.write(pending).await {
+                    self.fail(e.to_string());
                 }
-                continue;
+                self.written_moved.notify_all();
             }
-            let result = async {
-                if !pending.is_empty() {
-                    self.write(pending).await?;
+            let idle_wait = self.ask_sync_if_due();
+            {
+                let st = self.state.borrow();
+                let done = self.stopping.get()
+                    && st.pending.is_empty()
+                    && ((st.synced == st.written && !st.sync_asked) || st.failed.is_some());
+                if done {
+                    break;
                 }
-                if must_sync || self.has_waiters() {
-                    self.sync().await?;
-                }
-                Ok::<(), ShardError>(())
             }
-            .await;
-            if let Err(e) = result {
-                self.fail(e.to_string());
-            }
-            self.written_moved.notify_all();
-            let st = self.state.borrow();
-            let done = self.stopping.get()
-                && st.pending.is_empty()
-                && (st.synced == st.written || st.failed.is_some());
-            drop(st);
-            if done {
-                break;
+            if !wrote {
+                self.wait_for_work(idle_wait).await;
             }
         }
         self.writer_done.set(true);
+        self.sync_wanted.notify_all();
         self.stopped.notify_all();
         self.written_moved.notify_all();
     }
 
-    fn has_waiters(&self) -> bool {
-        !self.state.borrow().sync_waiters.is_empty()
+    /// Waits for appends, durability waiters or a finished sync, at most `limit`.
+    async fn wait_for_work(&self, limit: Option<Duration>) {
+        let notified = self.work.notified();
+        match limit {
+            Some(wait) => {
+                let _ = glommio::timer::timeout(wait.max(Duration::from_micros(100)), async {
+                    notified.await;
+                    Ok(())
+                })
+                .await;
+            }
+            None => notified.await,
+        }
+    }
+
+    /// Hands the syncer what is written but not yet being synced, when a
+    /// durability waiter, the flush interval or size, or a stop asks for
+    /// it. Returns how long the writer may idle before the interval is due.
+    fn ask_sync_if_due(&self) -> Option<Duration> {
+        let mut st = self.state.borrow_mut();
+        if st.written <= st.sync_target || st.failed.is_some() {
+            return None;
+        }
+        let since_sync = st.last_sync.elapsed();
+        let due = !st.sync_waiters.is_empty()
+            || self.stopping.get()
+            || since_sync >= self.cfg.flush_interval
+            || st.written - st.synced >= self.cfg.flush_bytes;
+        if !due {
+            return Some(self.cfg.flush_interval - since_sync);
+        }
+        st.sync_target = st.written;
+        st.sync_asked = true;
+        drop(st);
+        self.sync_wanted.notify_all();
+        None
+    }
+
+    /// The shard's syncer task: `fdatasync`s whenever the writer asks,
+    /// until the writer is done.
+    async fn run_syncer(self: Rc<Self>) {
+        loop {
+            let asked = std::mem::take(&mut self.state.borrow_mut().sync_asked);
+            if asked {
+                if let Err(e) = self.sync().await {
+                    self.fail(e.to_string());
+                }
+                // The writer may have more to hand over, or be stopping.
+                self.work.notify_all();
+                continue;
+            }
+            if self.writer_done.get() {
+                break;
+            }
+            self.sync_wanted.notified().await;
+        }
     }
 
     fn fail(&self, reason: String) {
@@ -632,7 +675,12 @@ impl CommitLog {
         let dir = glommio::io::Directory::open(&self.cfg.dir).await?;
         dir.sync().await?;
         dir.close().await?;
-        let seg = Segment::map(seg_base, &path, self.cfg.segment_bytes)?;
+        let seg = Segment::map(
+            seg_base,
+            &path,
+            self.cfg.segment_bytes,
+            self.read_ahead_chunk,
+        )?;
         let f = Rc::new(f);
         let mut st = self.state.borrow_mut();
         st.segments.insert(seg_base, seg);
@@ -645,7 +693,8 @@ impl CommitLog {
 
     async fn sync(&self) -> Result<()> {
         let (file, target) = {
-            let st = self.state.borrow();
+            let mut st = self.state.borrow_mut();
+            st.sync_target = st.sync_target.max(st.written);
             (st.file.clone(), st.written)
         };
         if let Some((_, f)) = file {

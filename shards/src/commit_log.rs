@@ -19,6 +19,7 @@
 use crate::batch::BatchHeader;
 use crate::error::{Result, ShardError};
 use crate::notify::Notify;
+use crate::read_ahead::ReadAhead;
 use crate::segment::{
     self, align_down, align_up, EntryMeta, Segment, BLOCK_BYTES, ENTRY_HEADER_BYTES,
 };
@@ -114,8 +115,8 @@ struct LogState {
 
 pub struct CommitLog {
     cfg: LogConfig,
-    /// Bytes per read-ahead request on the log's device.
-    read_ahead_chunk: usize,
+    /// Reads ahead of readers behind the tail cache.
+    read_ahead: ReadAhead,
     state: RefCell<LogState>,
     /// Wakes the writer: entries queued, a durability waiter registered or
     /// a sync finished.
@@ -135,7 +136,7 @@ impl CommitLog {
     pub async fn open(cfg: LogConfig) -> Result<(Rc<CommitLog>, Recovery)> {
         std::fs::create_dir_all(&cfg.dir)?;
         crate::io_poll::keep_off_polled_ring(&cfg.dir).await?;
-        let read_ahead_chunk = segment::read_ahead_chunk_bytes(&cfg.dir);
+        let read_ahead = ReadAhead::start(&cfg.dir, "log-read-ahead".into())?;
         let mut bases: Vec<u64> = std::fs::read_dir(&cfg.dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| segment::parse_file_name(&e.file_name().to_string_lossy()))
@@ -157,7 +158,7 @@ impl CommitLog {
             } else {
                 size
             };
-            let seg = Segment::map(base, &path, map_len, read_ahead_chunk)?;
+            let seg = Segment::map(base, &path, map_len)?;
             let scan = segment::scan(&seg.map[..size as usize], cfg.batch_bytes_max);
             let seg_stats = stats.entry(base).or_default();
             for e in &scan.entries {
@@ -247,7 +248,7 @@ impl CommitLog {
                 last_sync: Instant::now(),
             }),
             cfg,
-            read_ahead_chunk,
+            read_ahead,
             work: Notify::default(),
             sync_wanted: Notify::default(),
             written_moved: Notify::default(),
@@ -401,8 +402,17 @@ impl CommitLog {
             }
         }
         let (_, seg) = st.segments.range(..=batch_pos).next_back()?;
+        let rel = batch_pos - seg.base;
+        let bytes = seg.slice(rel, len)?;
         let stable = align_down(st.written).saturating_sub(seg.base);
-        seg.slice(batch_pos - seg.base, len, stable)
+        let stable = stable.min(seg.map.len() as u64) as usize;
+        if let Some((from, to)) = seg
+            .read_ahead
+            .next(rel as usize, rel as usize + len, stable)
+        {
+            self.read_ahead.ask(&seg.map, from, to);
+        }
+        Some(bytes)
     }
 
     /// The log position where the segment starting at `base` ends: the next
@@ -675,12 +685,7 @@ impl CommitLog {
         let dir = glommio::io::Directory::open(&self.cfg.dir).await?;
         dir.sync().await?;
         dir.close().await?;
-        let seg = Segment::map(
-            seg_base,
-            &path,
-            self.cfg.segment_bytes,
-            self.read_ahead_chunk,
-        )?;
+        let seg = Segment::map(seg_base, &path, self.cfg.segment_bytes)?;
         let f = Rc::new(f);
         let mut st = self.state.borrow_mut();
         st.segments.insert(seg_base, seg);

@@ -22,6 +22,7 @@ pub mod io_poll;
 pub mod notify;
 pub mod producer_state;
 pub mod push_delivery;
+pub mod read_ahead;
 pub mod segment;
 pub mod shard;
 pub mod time_wheel;

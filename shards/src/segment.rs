@@ -21,16 +21,12 @@
 //!
 //! Reads go through a read-only `memmap2` map of the whole file, handed out
 //! as `Bytes` slices that keep the map alive: no copy into a per-request
-//! buffer. The log is written with O_DIRECT, so a reader behind the tail
-//! cache reads from the disk: each segment asks the kernel to read ahead
-//! (`MADV_WILLNEED`) `READ_AHEAD_BYTES` beyond its reader, so the pages are
-//! in memory before the socket send touches them, instead of one
-//! page-fault round trip to the disk at a time on the shard's thread.
+//! buffer (read-ahead for readers behind the tail cache: `read_ahead`).
 
 use crate::batch;
+use crate::read_ahead::Window;
 use crate::QueueKey;
 use bytes::Bytes;
-use std::cell::Cell;
 use std::path::{Path, PathBuf};
 
 /// Bytes of a log entry header.
@@ -256,47 +252,14 @@ pub struct Segment {
     pub path: PathBuf,
     /// Read-only view of the whole file (and the space it may grow into).
     pub map: Bytes,
-    /// Relative range `[from, to)` already handed to the kernel's read-ahead.
-    read_ahead: Cell<(usize, usize)>,
-    /// Bytes per read-ahead request (`read_ahead_chunk_bytes`).
-    read_ahead_chunk: usize,
-}
-
-/// How far ahead of a reader a segment has the kernel read: several disk
-/// requests in flight, as fio's queue depth, instead of one fault at a time.
-pub const READ_AHEAD_BYTES: usize = 16 << 20;
-/// Bytes per read-ahead request where the device's own size is unknown:
-/// Linux's default `read_ahead_kb`.
-const READ_AHEAD_CHUNK_BYTES_DEFAULT: usize = 128 << 10;
-
-/// The read-ahead size of the block device holding `dir`, which caps each
-/// `MADV_WILLNEED` (`/sys/dev/block/MAJ:MIN/queue/read_ahead_kb`, or the
-/// whole disk's for a partition); the default where sysfs does not say.
-pub fn read_ahead_chunk_bytes(dir: &Path) -> usize {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(dev) = std::fs::metadata(dir).map(|m| m.dev()) else {
-        return READ_AHEAD_CHUNK_BYTES_DEFAULT;
-    };
-    let block = format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev));
-    ["queue", "../queue"]
-        .iter()
-        .find_map(|q| std::fs::read_to_string(format!("{block}/{q}/read_ahead_kb")).ok())
-        .and_then(|kb| kb.trim().parse::<usize>().ok())
-        .map_or(READ_AHEAD_CHUNK_BYTES_DEFAULT, |kb| {
-            (kb << 10).clamp(READ_AHEAD_CHUNK_BYTES_DEFAULT, READ_AHEAD_BYTES)
-        })
+    /// Where its reader's read-ahead stands.
+    pub read_ahead: Window,
 }
 
 impl Segment {
     /// Maps `path` read-only, `len` bytes (may exceed the file size for the
     /// active segment: only bytes already written are ever read).
-    /// `read_ahead_chunk` is `read_ahead_chunk_bytes` of the file's directory.
-    pub fn map(
-        base: u64,
-        path: &Path,
-        len: u64,
-        read_ahead_chunk: usize,
-    ) -> std::io::Result<Segment> {
+    pub fn map(base: u64, path: &Path, len: u64) -> std::io::Result<Segment> {
         let file = std::fs::File::open(path)?;
         let len = len.max(BLOCK_BYTES) as usize;
         // SAFETY: the file is only written by this shard's log, through
@@ -308,56 +271,17 @@ impl Segment {
             base,
             path: path.to_path_buf(),
             map: Bytes::from_owner(mmap),
-            read_ahead: Cell::new((0, 0)),
-            read_ahead_chunk,
+            read_ahead: Window::default(),
         })
     }
 
     /// The stored bytes at relative position `rel`, without copying.
-    /// `stable` is the relative end of what is on disk for good (read-ahead
-    /// stops there: the block being rewritten must not be cached).
-    pub fn slice(&self, rel: u64, len: usize, stable: u64) -> Option<Bytes> {
+    pub fn slice(&self, rel: u64, len: usize) -> Option<Bytes> {
         let start = usize::try_from(rel).ok()?;
         let end = start.checked_add(len)?;
-        if end > self.map.len() {
-            return None;
-        }
-        self.read_ahead(start, end, (stable as usize).min(self.map.len()));
-        Some(self.map.slice(start..end))
-    }
-
-    /// Keeps `READ_AHEAD_BYTES` beyond `[start, end)` requested from the
-    /// disk: asks again once the reader is half-way through the window, and
-    /// starts a new window when a reader jumps elsewhere.
-    fn read_ahead(&self, start: usize, end: usize, stable: usize) {
-        let (from, to) = self.read_ahead.get();
-        let inside = from <= start && start <= to;
-        if inside && end + READ_AHEAD_BYTES / 2 <= to {
-            return;
-        }
-        let ask_from = (if inside { to } else { start }) & !(PAGE_BYTES - 1);
-        let ask_to = (end + READ_AHEAD_BYTES).min(stable);
-        self.read_ahead
-            .set((if inside { from } else { start }, ask_to.max(end)));
-        // The kernel cuts each advice to the device's read-ahead size, so
-        // ask in pieces of that.
-        for at in (ask_from..ask_to).step_by(self.read_ahead_chunk) {
-            let len = self.read_ahead_chunk.min(ask_to - at);
-            // SAFETY: the range lies inside the mapping (`ask_to <= map.len()`),
-            // and WILLNEED only starts reads into the page cache.
-            unsafe {
-                libc::madvise(
-                    self.map.as_ptr().add(at) as *mut libc::c_void,
-                    len,
-                    libc::MADV_WILLNEED,
-                );
-            }
-        }
+        (end <= self.map.len()).then(|| self.map.slice(start..end))
     }
 }
-
-/// madvise's granularity (x86-64 and aarch64 base pages).
-const PAGE_BYTES: usize = 4096;
 
 #[cfg(test)]
 mod tests {
@@ -460,70 +384,5 @@ mod tests {
         assert_eq!(parse_file_name("+0000000000000000001.log"), None);
         assert_eq!(align_up(1), 4096);
         assert_eq!(align_down(4097), 4096);
-    }
-
-    /// Whether the page holding `rel` of `seg` is in the page cache.
-    fn resident(seg: &Segment, rel: usize) -> bool {
-        let mut v = [0u8; 1];
-        let page = rel & !(PAGE_BYTES - 1);
-        // SAFETY: one page inside the mapping, and a one-byte result vector.
-        let rc = unsafe {
-            libc::mincore(
-                seg.map.as_ptr().add(page) as *mut libc::c_void,
-                PAGE_BYTES,
-                v.as_mut_ptr(),
-            )
-        };
-        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
-        v[0] & 1 == 1
-    }
-
-    /// A file of `len` bytes on disk and out of the page cache, as the log's
-    /// O_DIRECT writes leave it.
-    fn cold_file(dir: &Path, name: &str, len: usize) -> PathBuf {
-        use std::os::fd::AsRawFd;
-        let path = dir.join(name);
-        std::fs::write(&path, vec![0xab; len]).unwrap();
-        let f = std::fs::File::open(&path).unwrap();
-        f.sync_all().unwrap();
-        // SAFETY: a plain advice call on an open descriptor.
-        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(rc, 0);
-        path
-    }
-
-    fn wait_resident(seg: &Segment, rel: usize) -> bool {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !resident(seg, rel) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        resident(seg, rel)
-    }
-
-    /// A read through the map starts the disk reads of what follows it, up
-    /// to the stable end and no further.
-    #[test]
-    fn reading_a_segment_reads_ahead_up_to_the_stable_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let len = 2 * READ_AHEAD_BYTES;
-        let chunk = read_ahead_chunk_bytes(dir.path());
-        let seg = Segment::map(0, &cold_file(dir.path(), "a", len), len as u64, chunk).unwrap();
-        let ahead = READ_AHEAD_BYTES - PAGE_BYTES;
-        assert!(
-            !resident(&seg, ahead),
-            "the file should start out of the cache"
-        );
-        assert_eq!(seg.slice(0, 4096, len as u64).unwrap().len(), 4096);
-        assert!(
-            wait_resident(&seg, ahead),
-            "read-ahead did not reach {ahead}"
-        );
-        assert!(!resident(&seg, len - PAGE_BYTES), "read too far ahead");
-
-        let stable = READ_AHEAD_BYTES / 4;
-        let seg = Segment::map(0, &cold_file(dir.path(), "b", len), len as u64, chunk).unwrap();
-        seg.slice(0, 4096, stable as u64).unwrap();
-        assert!(wait_resident(&seg, stable - PAGE_BYTES));
-        assert!(!resident(&seg, stable), "read ahead past the stable end");
     }
 }

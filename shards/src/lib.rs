@@ -16,6 +16,7 @@ pub mod delay_queue;
 pub mod delivery;
 pub mod durable_file;
 pub mod error;
+pub mod fetch_many;
 pub mod group_coordinator;
 pub mod group_offsets;
 pub mod io_poll;

@@ -115,7 +115,7 @@ pub(crate) struct QueueState {
     /// Wakes this queue's parked fetches when a batch becomes visible. Per
     /// queue: with thousands of queues on a shard, a shard-wide signal woke
     /// every parked fetch on every append.
-    arrived: Rc<Notify>,
+    pub(crate) arrived: Rc<Notify>,
 }
 
 /// A produce that is stored (or known duplicate) and may still await durability.

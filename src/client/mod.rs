@@ -23,7 +23,8 @@
 //! [`PushConsumer`] has the broker push messages to a group with
 //! acknowledgements, redelivery and dead letters (see its module for the
 //! loop and its guarantees); [`Deduplicator`] skips redelivered messages on
-//! the consumer side. Messages may carry a priority and a delay
+//! the consumer side. [`Connection::produce_many`] and
+//! [`Connection::fetch_many`] carry many queues per request (`many.rs`). Messages may carry a priority and a delay
 //! ([`Message::with_priority`], [`Message::with_delay`]).
 //!
 //! Shard-aware by default (`shard_aware` in each config): the producer and
@@ -40,6 +41,7 @@ pub mod connection;
 pub mod consumer;
 pub mod dedup;
 pub mod group_consumer;
+pub mod many;
 mod pipeline;
 pub mod producer;
 pub mod push_consumer;
@@ -54,6 +56,7 @@ pub use consumer::{ConsumedRecord, Consumer, ConsumerConfig, StartFrom};
 pub use coremq_shards::batch::Compression;
 pub use dedup::{Deduplicator, MessageId};
 pub use group_consumer::{AssignmentChange, GroupConfig, GroupConsumer};
+pub use many::{fetch_many_requests, ProduceManyBuilder};
 pub use producer::{Delay, Message, MessageError, ProduceSummary, Producer, ProducerConfig};
 pub use push_consumer::{PushConfig, PushConsumer, PushedRecord};
 

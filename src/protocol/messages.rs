@@ -8,6 +8,7 @@
 
 use super::error_code::ErrorCode;
 use super::frame::API_VERSION;
+use super::many::{self, FetchMany, FetchPart, ProduceEntry, ProduceResult};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Longest topic name, in bytes (Kafka's limit).
@@ -38,6 +39,8 @@ pub enum ApiKey {
     ListGroups = 15,
     Receive = 16,
     Ack = 17,
+    ProduceMany = 18,
+    FetchMany = 19,
 }
 
 impl ApiKey {
@@ -61,6 +64,8 @@ impl ApiKey {
             15 => ListGroups,
             16 => Receive,
             17 => Ack,
+            18 => ProduceMany,
+            19 => FetchMany,
             _ => return None,
         })
     }
@@ -335,6 +340,10 @@ pub enum Request {
     ListGroups,
     Receive(Receive),
     Ack(Ack),
+    /// Batches for many queues in one request (`many.rs`).
+    ProduceMany(Vec<ProduceEntry>),
+    /// A long poll over many queues (`many.rs`).
+    FetchMany(FetchMany),
 }
 
 /// A successful reply.
@@ -369,6 +378,10 @@ pub enum Reply {
     },
     /// How many of the acknowledged offsets were still outstanding.
     Settled(u32),
+    /// One result per ProduceMany entry, in request order.
+    ProduceMany(Vec<ProduceResult>),
+    /// The FetchMany queues with data or an error, in request order.
+    FetchMany(Vec<FetchPart>),
 }
 
 /// A failed reply. `offsets` is set for OFFSET_OUT_OF_RANGE: (log start, next offset).
@@ -433,10 +446,18 @@ pub enum DecodeError {
     Archive(String),
     #[error("{0} trailing bytes after the body")]
     Trailing(usize),
+    /// A well-framed request listing more entries than allowed: refused
+    /// with `INVALID_REQUEST`, the connection stays open.
+    #[error("{count} {what} are over the limit of {max} per request")]
+    TooManyEntries {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
 }
 
-struct Reader {
-    buf: Bytes,
+pub(crate) struct Reader {
+    pub(crate) buf: Bytes,
 }
 
 impl Reader {
@@ -447,23 +468,23 @@ impl Reader {
             Ok(())
         }
     }
-    fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
         self.need(2, what)?;
         Ok(self.buf.get_u16())
     }
-    fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
         self.need(4, what)?;
         Ok(self.buf.get_u32())
     }
-    fn i64(&mut self, what: &'static str) -> Result<i64, DecodeError> {
+    pub(crate) fn i64(&mut self, what: &'static str) -> Result<i64, DecodeError> {
         self.need(8, what)?;
         Ok(self.buf.get_i64())
     }
-    fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8, DecodeError> {
         self.need(1, what)?;
         Ok(self.buf.get_u8())
     }
-    fn string(&mut self, what: &'static str, max: usize) -> Result<String, DecodeError> {
+    pub(crate) fn string(&mut self, what: &'static str, max: usize) -> Result<String, DecodeError> {
         let len = self.u16(what)? as usize;
         if len > max {
             return Err(DecodeError::TooLong { what, len, max });
@@ -484,7 +505,7 @@ impl Reader {
     }
 }
 
-fn put_string(out: &mut BytesMut, s: &str) {
+pub(crate) fn put_string(out: &mut BytesMut, s: &str) {
     out.put_u16(s.len() as u16);
     out.put_slice(s.as_bytes());
 }
@@ -537,6 +558,8 @@ impl Request {
             Request::ListGroups => ApiKey::ListGroups,
             Request::Receive(_) => ApiKey::Receive,
             Request::Ack(_) => ApiKey::Ack,
+            Request::ProduceMany(_) => ApiKey::ProduceMany,
+            Request::FetchMany(_) => ApiKey::FetchMany,
         }
     }
 
@@ -618,6 +641,8 @@ impl Request {
             Request::DescribeGroup { group } => put_string(out, group),
             Request::Receive(r) => out.put_slice(&archive(r)),
             Request::Ack(a) => out.put_slice(&archive(a)),
+            Request::ProduceMany(entries) => many::encode_produce_many(entries, out),
+            Request::FetchMany(f) => many::encode_fetch_many(f, out),
             Request::CommitOffset {
                 group,
                 topic,
@@ -696,6 +721,8 @@ impl Request {
                 topic: r.string("topic", TOPIC_NAME_BYTES_MAX)?,
                 queue: r.u32("queue")?,
             },
+            ApiKey::ProduceMany => Request::ProduceMany(many::decode_produce_many(&mut r)?),
+            ApiKey::FetchMany => Request::FetchMany(many::decode_fetch_many(&mut r)?),
         };
         r.finish()?;
         Ok(req)
@@ -764,6 +791,11 @@ pub fn encode_reply(reply: &Reply, out: &mut BytesMut) -> Vec<Bytes> {
             out.put_u32(*n);
             Vec::new()
         }
+        Reply::ProduceMany(results) => {
+            many::encode_produce_results(results, out);
+            Vec::new()
+        }
+        Reply::FetchMany(parts) => many::encode_fetch_parts(parts, out),
     }
 }
 
@@ -832,6 +864,8 @@ pub fn decode_response(api: ApiKey, code: u16, body: Bytes) -> Result<Response, 
         ApiKey::Ack => Reply::Settled(r.u32("settled")?),
         ApiKey::DeleteTopic | ApiKey::CommitOffset | ApiKey::LeaveGroup => Reply::Done,
         ApiKey::FetchOffset => Reply::Offset(r.i64("offset")?),
+        ApiKey::ProduceMany => Reply::ProduceMany(many::decode_produce_results(&mut r)?),
+        ApiKey::FetchMany => Reply::FetchMany(many::decode_fetch_parts(&mut r)?),
     };
     r.finish()?;
     Ok(Ok(reply))

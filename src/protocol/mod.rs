@@ -4,10 +4,15 @@
 
 pub mod error_code;
 pub mod frame;
+pub mod many;
 pub mod messages;
 
 pub use error_code::ErrorCode;
 pub use frame::{FrameError, RequestHeader, API_VERSION, FRAME_BYTES_MAX_DEFAULT};
+pub use many::{
+    FetchEntry, FetchMany, FetchPart, FetchedQueue, ProduceAck, ProduceEntry, ProduceResult,
+    FETCH_MANY_QUEUES_MAX, PRODUCE_MANY_ENTRIES_MAX,
+};
 pub use messages::{
     Ack, AlterTopic, ApiKey, Assignment, DecodeError, ErrorReply, Flush, GroupInfo, GroupOffset,
     JoinGroup, MemberInfo, MemberRef, NodeInfo, QueueInfo, Receive, Reply, Request, Response,

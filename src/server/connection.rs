@@ -155,6 +155,16 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
                     refuse(&tx, header.request_id, ErrorCode::UnsupportedVersion, msg);
                     continue;
                 }
+                // Whole and well framed, only too long a list: refuse it, keep the connection.
+                Err(e @ DecodeError::TooManyEntries { .. }) => {
+                    refuse(
+                        &tx,
+                        header.request_id,
+                        ErrorCode::InvalidRequest,
+                        e.to_string(),
+                    );
+                    continue;
+                }
                 Err(e) => {
                     refuse(&tx, header.request_id, ErrorCode::Malformed, e.to_string());
                     break 'conn;

@@ -12,6 +12,7 @@
 pub mod connection;
 pub mod dead_letters;
 pub mod groups;
+pub mod many;
 pub mod router;
 pub mod shard_context;
 

@@ -23,6 +23,14 @@ pub enum ShardMsg {
         req: Request,
         reply: oneshot::Sender<Response>,
     },
+    /// A FetchMany's share for the receiving shard, from a gatherer that
+    /// also waits on other shards: `hurry` fires (or is dropped) when it
+    /// has data from elsewhere, and this shard then answers at once.
+    FetchMany {
+        req: crate::protocol::FetchMany,
+        hurry: oneshot::Receiver<()>,
+        reply: oneshot::Sender<Response>,
+    },
     /// Runs on the receiving shard with its context: control-plane
     /// questions (queue offsets, group listings) whose answer the closure
     /// sends back on a channel of its own.

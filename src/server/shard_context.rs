@@ -75,12 +75,12 @@ pub fn shard_error(e: ShardError) -> ErrorReply {
     reply
 }
 
-fn shutting_down() -> ErrorReply {
+pub(super) fn shutting_down() -> ErrorReply {
     ErrorReply::new(ErrorCode::ShuttingDown, "the broker is shutting down")
 }
 
 /// The queue a request addresses, checked against the metadata.
-fn queue_of(
+pub(super) fn queue_of(
     meta: &Metadata,
     topic: &str,
     queue: u32,
@@ -130,6 +130,9 @@ impl ShardCtx {
                 }
                 Some(super::groups::coordinator_of(group, self.config.shards))
             }
+            Request::ProduceMany(_) | Request::FetchMany(_) => {
+                return self.dispatch_many(req).await;
+            }
             _ => None,
         };
         match target {
@@ -139,7 +142,11 @@ impl ShardCtx {
         }
     }
 
-    async fn forward(&self, owner: u32, req: Request) -> LocalBoxFuture<'static, Response> {
+    pub(super) async fn forward(
+        &self,
+        owner: u32,
+        req: Request,
+    ) -> LocalBoxFuture<'static, Response> {
         let Some(Some(peer)) = self.peers.get(owner as usize) else {
             return ready(Err(ErrorReply::new(
                 ErrorCode::Internal,
@@ -163,6 +170,13 @@ impl ShardCtx {
         match msg {
             ShardMsg::Request { req, reply } => {
                 let fut = self.handle_local(req);
+                glommio::spawn_local(async move {
+                    let _ = reply.send(fut.await);
+                })
+                .detach();
+            }
+            ShardMsg::FetchMany { req, hurry, reply } => {
+                let fut = self.fetch_many_local(req, hurry.map(|_| ()));
                 glommio::spawn_local(async move {
                     let _ = reply.send(fut.await);
                 })
@@ -312,6 +326,8 @@ impl ShardCtx {
                 }
                 .boxed_local()
             }
+            Request::ProduceMany(entries) => self.produce_many_local(entries),
+            Request::FetchMany(req) => self.fetch_many_local(req, futures::future::pending()),
             Request::JoinGroup(j) => ready(self.join_group(&meta, j)).boxed_local(),
             Request::Heartbeat(m) => ready(self.heartbeat(&meta, m)).boxed_local(),
             Request::LeaveGroup(m) => ready(self.leave_group(m)).boxed_local(),

@@ -18,6 +18,14 @@
 //! share of [`FETCH_BUDGET_BYTES`] (between [`FETCH_BYTES_MIN`] and
 //! [`FETCH_BYTES_MAX`]), grown when one batch does not fit.
 //!
+//! A fetcher of more than one cursor (many topics) instead polls its
+//! cursors with FetchMany: they are cut into groups of the protocol's
+//! `FETCH_MANY_QUEUES_MAX`, each group with one FetchMany in flight that
+//! returns as soon as any of its queues has data, asking for
+//! [`FETCH_MANY_BYTES_MAX`] in all. A reply moves the cursors it carries
+//! data for, and the group goes out again at once (after
+//! [`EMPTY_FETCH_PAUSE`] if it came back early and empty).
+//!
 //! Records are decoded (and decompressed) with the client library's
 //! `records_from_fetch`; for every record the thread reads the intended
 //! send time from the first [`TIMESTAMP_BYTES`] of the payload and records
@@ -32,8 +40,9 @@ use std::thread;
 use std::time::Duration;
 
 use coremq::client::consumer::records_from_fetch;
+use coremq::client::fetch_many_requests;
 use coremq::client::{ClientError, Completion, Connection, Timeouts};
-use coremq::protocol::{Reply, Request};
+use coremq::protocol::{FetchEntry, FetchMany, FetchPart, Reply, Request};
 
 use crate::producer::payload_timestamp;
 use crate::run::to_ns;
@@ -54,6 +63,8 @@ pub const FETCH_BUDGET_BYTES: usize = 256 << 20;
 /// Bounds of what one fetch asks for.
 pub const FETCH_BYTES_MIN: u32 = 64 << 10;
 pub const FETCH_BYTES_MAX: u32 = 1 << 20;
+/// Batch bytes one FetchMany asks for over all its queues.
+pub const FETCH_MANY_BYTES_MAX: u32 = 4 << 20;
 /// Largest a fetch grows to so that one batch fits.
 pub const FETCH_BYTES_GROWN_MAX: u32 = 32 << 20;
 /// Pause before refetching a queue whose fetch came back empty before the
@@ -169,7 +180,8 @@ pub fn connections_for(cursors: usize) -> usize {
     cursors.div_ceil(FETCHES_PER_CONNECTION_MAX).max(1)
 }
 
-/// A reply, tagged with its cursor and fetch.
+/// A reply, tagged with its cursor (a group of cursors in FetchMany
+/// mode) and fetch.
 struct Event {
     cursor: usize,
     token: u64,
@@ -190,6 +202,35 @@ pub struct Fetcher {
     next_token: u64,
     tx: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
+    /// FetchMany mode: groups of cursor indices, each polled by one
+    /// FetchMany (`ready` and `paused` then hold group indices).
+    groups: Option<Vec<FetchGroup>>,
+}
+
+/// Cursors polled together by one FetchMany.
+#[derive(Debug)]
+struct FetchGroup {
+    cursors: Vec<usize>,
+    conn: usize,
+    token: u64,
+    sent_ns: u64,
+}
+
+/// Groups cursor indices `0..cursors` for FetchMany (what
+/// `fetch_many_requests` cuts a list into).
+pub fn fetch_groups(cursors: usize) -> Vec<Vec<usize>> {
+    let all: Vec<FetchEntry> = (0..cursors)
+        .map(|i| FetchEntry {
+            topic: String::new(),
+            queue: i as u32,
+            offset: 0,
+            max_bytes: 0,
+        })
+        .collect();
+    fetch_many_requests(all, 0, 0)
+        .into_iter()
+        .map(|r| r.entries.iter().map(|e| e.queue as usize).collect())
+        .collect()
 }
 
 impl Fetcher {
@@ -200,8 +241,11 @@ impl Fetcher {
         clock: Clock,
         shared: Arc<ConsumerShared>,
         stop: Arc<AtomicBool>,
+        fetch_many: bool,
     ) -> Result<Fetcher, ClientError> {
-        let n = connections_for(specs.len());
+        let groups = (fetch_many && specs.len() > 1).then(|| fetch_groups(specs.len()));
+        let requests = groups.as_ref().map_or(specs.len(), Vec::len);
+        let n = connections_for(requests);
         let conns = (0..n)
             .map(|_| Connection::connect(addr, Timeouts::default()))
             .collect::<Result<Vec<_>, _>>()?;
@@ -218,8 +262,20 @@ impl Fetcher {
             })
             .collect();
         let (tx, rx) = mpsc::channel();
+        let groups = groups.map(|g| {
+            g.into_iter()
+                .enumerate()
+                .map(|(i, cursors)| FetchGroup {
+                    cursors,
+                    conn: i % n,
+                    token: 0,
+                    sent_ns: 0,
+                })
+                .collect::<Vec<_>>()
+        });
         Ok(Fetcher {
-            ready: (0..cursors.len()).collect(),
+            ready: (0..requests).collect(),
+            groups,
             cursors,
             conns,
             clock,
@@ -269,8 +325,11 @@ impl Fetcher {
         self.paused.push_back((self.clock.now_ns() + to_ns(d), c));
     }
 
-    /// Sends cursor `c`'s next fetch.
+    /// Sends cursor `c`'s next fetch (group `c`'s in FetchMany mode).
     fn send(&mut self, c: usize) {
+        if self.groups.is_some() {
+            return self.send_many(c);
+        }
         let token = self.next_token;
         self.next_token += 1;
         let cur = &mut self.cursors[c];
@@ -300,9 +359,146 @@ impl Fetcher {
         }
     }
 
+    /// Sends group `g`'s FetchMany.
+    fn send_many(&mut self, g: usize) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let Some(groups) = self.groups.as_mut() else {
+            return;
+        };
+        let group = &mut groups[g];
+        group.token = token;
+        group.sent_ns = self.clock.now_ns();
+        let entries = group
+            .cursors
+            .iter()
+            .map(|&c| {
+                let cur = &self.cursors[c];
+                FetchEntry {
+                    topic: cur.spec.topic.clone(),
+                    queue: cur.spec.queue,
+                    offset: cur.spec.position,
+                    max_bytes: cur.max_bytes,
+                }
+            })
+            .collect();
+        let req = Request::FetchMany(FetchMany {
+            max_wait_ms: MAX_WAIT_MS,
+            max_bytes: FETCH_MANY_BYTES_MAX,
+            entries,
+        });
+        let tx = self.tx.clone();
+        let conn = group.conn;
+        let sent = self.conns[conn].send_with(&req, move |completion| {
+            let _ = tx.send(Event {
+                cursor: g,
+                token,
+                completion,
+            });
+        });
+        if let Err(e) = sent {
+            self.shared.tally.fail(1, format!("fetch failed: {e}"));
+            self.reconnect(conn);
+            self.pause(g, ERROR_PAUSE);
+        }
+    }
+
+    /// Applies one FetchMany reply to its group's cursors.
+    fn handle_many(&mut self, e: Event, now: u64) {
+        let Some(group) = self.groups.as_ref().and_then(|gs| gs.get(e.cursor)) else {
+            return;
+        };
+        if group.token != e.token {
+            return;
+        }
+        let (conn, sent_ns) = (group.conn, group.sent_ns);
+        let members = group.cursors.clone();
+        match e.completion.into_reply() {
+            Ok(Reply::FetchMany(parts)) => {
+                let early = now.saturating_sub(sent_ns) < u64::from(MAX_WAIT_MS) * 1_000_000;
+                let empty = parts.is_empty();
+                let mut failed = false;
+                for part in parts {
+                    match members.get(part.index as usize) {
+                        Some(&c) => failed |= !self.apply_part(c, part, now),
+                        None => failed = true,
+                    }
+                }
+                if failed {
+                    self.pause(e.cursor, ERROR_PAUSE);
+                } else if empty && early {
+                    self.pause(e.cursor, EMPTY_FETCH_PAUSE);
+                } else {
+                    self.ready.push_back(e.cursor);
+                }
+            }
+            Ok(other) => {
+                self.shared
+                    .tally
+                    .fail(1, format!("unexpected reply to a FetchMany: {other:?}"));
+                self.pause(e.cursor, ERROR_PAUSE);
+            }
+            Err(err) => {
+                if !self.stop.load(Ordering::Relaxed) {
+                    self.shared.tally.fail(1, format!("fetch failed: {err}"));
+                }
+                if matches!(err, ClientError::Disconnected | ClientError::Io(_)) {
+                    self.reconnect(conn);
+                }
+                self.pause(e.cursor, ERROR_PAUSE);
+            }
+        }
+    }
+
+    /// Applies one queue's part of a FetchMany reply to cursor `c`; false
+    /// when it is an error (counted).
+    fn apply_part(&mut self, c: usize, part: FetchPart, now: u64) -> bool {
+        let cur = &mut self.cursors[c];
+        let fetched = match part.result {
+            Ok(f) => f,
+            Err(err) => {
+                self.shared.tally.fail(
+                    1,
+                    format!(
+                        "fetch of {}/{} failed: {err}",
+                        cur.spec.topic, cur.spec.queue
+                    ),
+                );
+                return false;
+            }
+        };
+        match records_from_fetch(cur.spec.queue, cur.spec.position, &fetched.batches) {
+            Ok(o) => {
+                if let Some(needed) = o.needed_bytes {
+                    let grown = (needed as u64).max(u64::from(cur.max_bytes) * 2);
+                    cur.max_bytes = grown.min(u64::from(FETCH_BYTES_GROWN_MAX)) as u32;
+                }
+                cur.spec.position = o.position;
+                let slot = cur.spec.slot;
+                if !o.records.is_empty() {
+                    self.shared.record_slot(
+                        slot,
+                        o.records.iter().map(|r| r.value.as_deref().unwrap_or(&[])),
+                        now,
+                    );
+                }
+                true
+            }
+            Err(err) => {
+                self.shared
+                    .tally
+                    .fail(1, format!("bad batch in a fetch reply: {err}"));
+                false
+            }
+        }
+    }
+
     /// Applies one reply.
     fn handle(&mut self, e: Event) {
         let now = self.clock.now_ns();
+        if self.groups.is_some() {
+            return self.handle_many(e, now);
+        }
         let cur = &mut self.cursors[e.cursor];
         if cur.token != e.token {
             return; // not the fetch in flight (cannot happen: one at a time)
@@ -410,6 +606,20 @@ mod tests {
         assert_eq!(fetch_bytes(1024), 256 << 10);
         assert_eq!(fetch_bytes(10_000), FETCH_BYTES_MIN);
         assert_eq!(fetch_bytes(0), FETCH_BYTES_MAX);
+    }
+
+    #[test]
+    fn fetch_many_groups_cover_every_cursor_once() {
+        use coremq::protocol::FETCH_MANY_QUEUES_MAX;
+        assert!(fetch_groups(0).is_empty());
+        assert_eq!(fetch_groups(3), [vec![0, 1, 2]]);
+        let g = fetch_groups(2 * FETCH_MANY_QUEUES_MAX + 5);
+        assert_eq!(
+            g.iter().map(Vec::len).collect::<Vec<_>>(),
+            [FETCH_MANY_QUEUES_MAX, FETCH_MANY_QUEUES_MAX, 5]
+        );
+        let all: Vec<usize> = g.into_iter().flatten().collect();
+        assert_eq!(all, (0..2 * FETCH_MANY_QUEUES_MAX + 5).collect::<Vec<_>>());
     }
 
     #[test]

@@ -132,6 +132,9 @@ struct RunArgs {
     /// Send everything through the shared port instead of each queue's shard port
     #[arg(long)]
     no_shard_direct: bool,
+    /// coremq: one Produce / Fetch per queue, never ProduceMany / FetchMany (for A/B runs)
+    #[arg(long)]
+    single_queue_requests: bool,
     /// coremq: most producer threads; the producers (topics x producers per topic) are spread over them [default: one per producer, at most 2 per CPU]
     #[arg(long, value_name = "N")]
     producer_threads: Option<usize>,
@@ -203,6 +206,7 @@ impl RunArgs {
             drain: Duration::from_secs_f64(self.drain_s),
             window: self.window,
             shard_direct: !self.no_shard_direct,
+            single_queue_requests: self.single_queue_requests,
             producer_threads: self.producer_threads,
         })
     }

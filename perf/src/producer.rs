@@ -27,6 +27,16 @@
 //! builder estimates them); the stored size of every acked batch is
 //! counted, for the compression ratio.
 //!
+//! Many queues per connection (many topics on a thread): sealed batches
+//! bound for the same connection are gathered into one ProduceMany
+//! ([`ProduceManyBuilder`], at most [`PRODUCE_MANY_BYTES_MAX`] and the
+//! protocol's entry limit) and sent when it is full, when the thread is
+//! about to wait (sleep or a full window), or [`PRODUCE_MANY_GATHER`]
+//! after its first batch. Each entry's result is applied to that batch
+//! alone, with the same per-message latency accounting (intended send time
+//! to the reply). With one queue per connection a batch goes out as a
+//! single Produce at once, as before (`multi_queue` false).
+//!
 //! In-flight limits, per thread: in open loop only a large safety cap on
 //! unacknowledged bytes (hitting it delays sends, which the schedule-based
 //! latency shows); in closed loop a window of unacknowledged batches (the
@@ -42,11 +52,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use coremq::client::{ClientError, Connection, Timeouts};
-use coremq::protocol::{Reply, Request};
+use coremq::client::{ClientError, Connection, ProduceManyBuilder, Timeouts};
+use coremq::protocol::messages::ProduceOptions;
+use coremq::protocol::{ProduceEntry, Reply, Request};
 use coremq_shards::batch::{BatchBuilder, Compression, RECORDS_PER_BATCH_MAX};
 
 use crate::payload::Payloads;
+use crate::run::to_ns;
 use crate::schedule::{Clock, EndTime, Pacing};
 use crate::stats::{lock, SharedTally};
 use crate::workload::TIMESTAMP_BYTES;
@@ -63,6 +75,10 @@ pub const CLOSED_LOOP_WINDOW_DEFAULT: usize = 16;
 pub const ACK_WAIT_MAX: Duration = Duration::from_secs(30);
 /// Pause after a failed reconnect before the next attempt.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(100);
+/// Wire bytes of one gathered ProduceMany, at most.
+pub const PRODUCE_MANY_BYTES_MAX: usize = 1 << 20;
+/// Longest a sealed batch waits for others to share its ProduceMany.
+pub const PRODUCE_MANY_GATHER: Duration = Duration::from_millis(1);
 /// Nanoseconds per millisecond (record timestamps are in ms).
 const NANOS_PER_MILLI: u64 = 1_000_000;
 
@@ -130,6 +146,15 @@ impl ProducerShared {
     /// Batches sent and not yet answered.
     pub fn in_flight(&self) -> usize {
         lock(&self.flight).batches
+    }
+
+    /// Whether a batch of `bytes` fits the window now.
+    pub(crate) fn has_room(&self, window: Window, bytes: usize) -> bool {
+        let f = lock(&self.flight);
+        match window {
+            Window::Batches(n) => f.batches < n.max(1),
+            Window::Bytes(max) => f.batches == 0 || f.bytes + bytes <= max,
+        }
     }
 
     /// Blocks until a batch of `bytes` fits the window, then counts it in.
@@ -242,6 +267,40 @@ impl ProducerShared {
         }
     }
 
+    /// Applies a ProduceMany's reply: entry i's result to `sent[i]`, or the
+    /// request's failure to every one of them.
+    fn complete_many(&self, outcome: Result<Reply, ClientError>, sent: &[SentBatch], ack_ns: u64) {
+        let results = match outcome {
+            Ok(Reply::ProduceMany(results)) if results.len() == sent.len() => results,
+            other => {
+                let why = match other {
+                    Err(e) => format!("produce failed: {e}"),
+                    Ok(r) => format!("unexpected reply to a ProduceMany: {r:?}"),
+                };
+                for b in sent {
+                    self.failed(b.intended.len() as u64, b.batch_bytes, &why);
+                }
+                return;
+            }
+        };
+        for (b, r) in sent.iter().zip(results) {
+            let outcome = r
+                .map(|a| Reply::Produce {
+                    base_offset: a.base_offset,
+                    duplicate: a.duplicate,
+                })
+                .map_err(ClientError::Broker);
+            self.complete(
+                b.slot,
+                outcome,
+                &b.intended,
+                ack_ns,
+                b.payload_bytes,
+                b.batch_bytes,
+            );
+        }
+    }
+
     /// Waits up to `timeout` for every sent batch to be answered.
     pub(crate) fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -316,6 +375,32 @@ pub struct ProducerSpec {
     pub clock: Clock,
     /// Set by the main thread to end the run early.
     pub abort: Arc<AtomicBool>,
+    /// Gather sealed batches into ProduceMany requests per connection.
+    pub multi_queue: bool,
+}
+
+/// Whether a thread with these routes and connections gathers its batches
+/// into ProduceMany requests: only when some connection carries more than
+/// one queue (one queue per connection gains nothing from it).
+pub fn use_produce_many(routes: usize, conns: usize) -> bool {
+    routes > conns
+}
+
+/// A batch inside a gathered ProduceMany, for its reply.
+#[derive(Debug)]
+struct SentBatch {
+    slot: usize,
+    intended: Vec<u64>,
+    payload_bytes: u64,
+    batch_bytes: usize,
+}
+
+/// A ProduceMany being gathered for one connection.
+struct Gathering {
+    builder: ProduceManyBuilder,
+    sent: Vec<SentBatch>,
+    /// When its first batch came (ns); it goes out `PRODUCE_MANY_GATHER` later at most.
+    since_ns: u64,
 }
 
 struct OpenBatch {
@@ -338,6 +423,8 @@ pub struct Producer {
     next_serial: u64,
     next_route: usize,
     linger_ns: u64,
+    /// Per connection (multi-queue mode).
+    gathering: Vec<Gathering>,
 }
 
 /// The intended send time stamped at the start of a payload.
@@ -350,7 +437,17 @@ impl Producer {
     pub fn new(spec: ProducerSpec, shared: Arc<ProducerShared>) -> Producer {
         let open = spec.routes.iter().map(|_| None).collect();
         let linger_ns = u64::try_from(spec.linger.as_nanos()).unwrap_or(u64::MAX);
+        let gathering = spec
+            .conns
+            .iter()
+            .map(|_| Gathering {
+                builder: ProduceManyBuilder::new(PRODUCE_MANY_BYTES_MAX),
+                sent: Vec::new(),
+                since_ns: 0,
+            })
+            .collect();
         Producer {
+            gathering,
             spec,
             shared,
             open,
@@ -373,16 +470,19 @@ impl Producer {
                 break;
             }
             if due > now {
+                self.send_gathered();
                 let wake = self.linger_deadline().map_or(due, |d| d.min(due));
                 clock.sleep_until(wake);
                 continue;
             }
             let intended = self.spec.pacing.take(now);
             self.append(intended, now);
+            self.send_gathered_older_than(now.saturating_sub(to_ns(PRODUCE_MANY_GATHER)));
         }
         for q in 0..self.open.len() {
             self.seal(q);
         }
+        self.send_gathered();
         if !self.shared.wait_idle(ACK_WAIT_MAX) {
             self.shared.tally.note_error(format!(
                 "{} batches unanswered {ACK_WAIT_MAX:?} after the last send",
@@ -477,8 +577,16 @@ impl Producer {
         }
         let batch = b.builder.build();
         let batch_bytes = batch.len();
+        if !self.shared.has_room(self.spec.window, batch_bytes) {
+            // About to wait for acks: what is gathered must be out first.
+            self.send_gathered();
+        }
         self.shared.acquire(self.spec.window, batch_bytes);
         let route = self.spec.routes[q];
+        if self.spec.multi_queue {
+            self.gather(route, batch, b.intended);
+            return;
+        }
         let req = Request::Produce {
             topic: self.spec.topics[route.topic].clone(),
             queue: route.queue,
@@ -506,6 +614,76 @@ impl Producer {
             self.shared
                 .failed(n, batch_bytes, format!("send failed: {e}"));
             self.reconnect(route.conn);
+        }
+    }
+
+    /// Adds a sealed (and window-counted) batch to its connection's ProduceMany.
+    fn gather(&mut self, route: Route, batch: bytes::Bytes, intended: Vec<u64>) {
+        let topic = self.spec.topics[route.topic].clone();
+        if !self.gathering[route.conn].builder.fits(&topic, batch.len()) {
+            self.send_gathering(route.conn);
+        }
+        let n = intended.len() as u64;
+        let g = &mut self.gathering[route.conn];
+        if g.builder.is_empty() {
+            g.since_ns = self.spec.clock.now_ns();
+        }
+        g.sent.push(SentBatch {
+            slot: route.topic,
+            intended,
+            payload_bytes: n * self.spec.message_size as u64,
+            batch_bytes: batch.len(),
+        });
+        g.builder.push(ProduceEntry {
+            topic,
+            queue: route.queue,
+            options: ProduceOptions::default(),
+            batch,
+        });
+    }
+
+    /// Sends every gathered ProduceMany.
+    fn send_gathered(&mut self) {
+        self.send_gathered_older_than(u64::MAX);
+    }
+
+    /// Sends the gathered ProduceManys whose first batch came at or before `ns`.
+    fn send_gathered_older_than(&mut self, ns: u64) {
+        for c in 0..self.gathering.len() {
+            let g = &self.gathering[c];
+            if !g.builder.is_empty() && g.since_ns <= ns {
+                self.send_gathering(c);
+            }
+        }
+    }
+
+    /// Sends connection `c`'s gathered ProduceMany.
+    fn send_gathering(&mut self, c: usize) {
+        let g = &mut self.gathering[c];
+        if g.builder.is_empty() {
+            return;
+        }
+        let req = g.builder.take();
+        let sent = std::mem::take(&mut g.sent);
+        let messages: u64 = sent.iter().map(|b| b.intended.len() as u64).sum();
+        let shared = Arc::clone(&self.shared);
+        let clock = self.spec.clock;
+        self.shared.count_sent(messages);
+        let sent = Arc::new(sent);
+        let for_reply = Arc::clone(&sent);
+        let result = self.spec.conns[c].send_with(&req, move |completion| {
+            let ack_ns = clock.now_ns();
+            shared.complete_many(completion.into_reply(), &for_reply, ack_ns);
+        });
+        if let Err(e) = result {
+            // The callback will never run: undo and count the failures here.
+            self.shared.uncount_sent(messages);
+            let why = format!("send failed: {e}");
+            for b in sent.iter() {
+                self.shared
+                    .failed(b.intended.len() as u64, b.batch_bytes, &why);
+            }
+            self.reconnect(c);
         }
     }
 
@@ -593,6 +771,67 @@ mod tests {
             .enumerate()
             .all(|(i, r)| r.topic == i && r.queue == 0));
         assert!(interleave_routes(&[]).is_empty());
+    }
+
+    #[test]
+    fn produce_many_results_apply_to_their_own_batches() {
+        use coremq::protocol::{ErrorCode, ErrorReply, ProduceAck};
+        let s = ProducerShared::for_topics(vec![7, 3]);
+        let ms = NANOS_PER_MILLI;
+        let sent = [
+            SentBatch {
+                slot: 0,
+                intended: vec![ms, 2 * ms],
+                payload_bytes: 2048,
+                batch_bytes: 100,
+            },
+            SentBatch {
+                slot: 1,
+                intended: vec![3 * ms],
+                payload_bytes: 1024,
+                batch_bytes: 60,
+            },
+            SentBatch {
+                slot: 1,
+                intended: vec![4 * ms],
+                payload_bytes: 1024,
+                batch_bytes: 60,
+            },
+        ];
+        for b in &sent {
+            s.acquire(Window::Batches(8), b.batch_bytes);
+        }
+        let ack = ProduceAck {
+            base_offset: 0,
+            duplicate: false,
+        };
+        let reply = Reply::ProduceMany(vec![
+            Ok(ack),
+            Err(ErrorReply::new(ErrorCode::UnknownTopic, "gone")),
+            Ok(ack),
+        ]);
+        s.complete_many(Ok(reply), &sent, 5 * ms);
+        let t = s.tally.snapshot();
+        // The bad entry fails alone; latencies from each message's own time.
+        assert_eq!((t.messages, t.errors, t.stored_bytes), (3, 1, 160));
+        assert!(t.latency.summary().max.abs_diff(4_000) <= 4);
+        assert!(t.latency.quantile(0.0).abs_diff(1_000) <= 1);
+        assert_eq!(s.acked_by_topic().collect::<Vec<_>>(), [(7, 2), (3, 1)]);
+        assert_eq!(s.in_flight(), 0);
+        // A failed request fails every batch in it.
+        for b in &sent {
+            s.acquire(Window::Batches(8), b.batch_bytes);
+        }
+        s.complete_many(Err(ClientError::Disconnected), &sent, 6 * ms);
+        assert_eq!(s.tally.snapshot().errors, 1 + 4);
+        assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn produce_many_only_when_a_connection_carries_many_queues() {
+        assert!(!use_produce_many(2, 2));
+        assert!(!use_produce_many(1, 1));
+        assert!(use_produce_many(2500, 2));
     }
 
     #[test]

@@ -49,7 +49,7 @@ use crate::drivers::{self, Driver};
 use crate::error::PerfError;
 use crate::payload::Payloads;
 use crate::producer::{
-    interleave_routes, Producer, ProducerShared, ProducerSpec, Window,
+    interleave_routes, use_produce_many, Producer, ProducerShared, ProducerSpec, Window,
     OPEN_LOOP_IN_FLIGHT_BYTES_MAX, RECORD_OVERHEAD_BYTES,
 };
 use crate::rss::RssSampler;
@@ -88,6 +88,9 @@ pub struct RunOptions {
     pub window: usize,
     /// Connect to each queue's shard port rather than the shared one.
     pub shard_direct: bool,
+    /// One Produce / Fetch per queue even when a connection carries many
+    /// queues (else ProduceMany / FetchMany there).
+    pub single_queue_requests: bool,
     /// coremq: most producer threads (`None`: [`producer_threads_default`]).
     pub producer_threads: Option<usize>,
 }
@@ -646,6 +649,7 @@ fn run_on_topics(
             clock,
             Arc::clone(&shared),
             Arc::clone(&threads.stop_consumers),
+            !opts.single_queue_requests,
         )
         .map_err(|e| PerfError::client(format!("consumer cannot connect to {addr}"), e))?;
         consumers.push(shared);
@@ -690,7 +694,10 @@ fn run_on_topics(
             Window::Batches(opts.window.saturating_mul(pt.producers))
         };
         let shared = Arc::new(ProducerShared::for_topics(pt.topics));
+        let multi_queue =
+            !opts.single_queue_requests && use_produce_many(pt.routes.len(), pt.conns.len());
         let spec = ProducerSpec {
+            multi_queue,
             topics: pt.names,
             routes: pt.routes,
             conns: pt.conns,
@@ -1108,6 +1115,7 @@ mod tests {
             drain: Duration::from_secs(1),
             window: 16,
             shard_direct: true,
+            single_queue_requests: false,
             producer_threads: None,
         }
     }
@@ -1234,6 +1242,7 @@ mod tests {
         // Through the shared port: the same split, one address.
         let shared = RunOptions {
             shard_direct: false,
+            single_queue_requests: false,
             ..o
         };
         let by_shard = cursors_by_shard(&shared, &infos);

@@ -3,9 +3,10 @@
 //! The log is written with O_DIRECT, so what a lagging consumer reads
 //! through a segment's map is on disk, not in the page cache; left alone,
 //! each page fault waits for the disk on the shard's thread, one read at a
-//! time. Each segment keeps a `Window` that tracks its reader, and asks for
-//! `READ_AHEAD_BYTES` beyond it (`MADV_WILLNEED`, several disk reads in
-//! flight, like fio's queue depth). The advice itself allocates and queues
+//! time. Each segment keeps a `Window`, the frontier of what its readers
+//! asked for, and asks for `READ_AHEAD_BYTES` beyond the leading reader
+//! (`MADV_WILLNEED`, several disk reads in flight, like fio's queue
+//! depth). The advice itself allocates and queues
 //! thousands of pages, milliseconds of work, so a `ReadAhead` thread per
 //! log, free to run on any core, gives it rather than the shard's reactor.
 
@@ -22,26 +23,30 @@ const CHUNK_BYTES_DEFAULT: usize = 128 << 10;
 /// madvise's granularity (x86-64 and aarch64 base pages).
 pub const PAGE_BYTES: usize = 4096;
 
-/// One segment's read-ahead position: the relative range `[from, to)`
-/// already asked for.
+/// One segment's read-ahead frontier: the end of what was already asked
+/// for. One per segment, not per reader: every queue of the shard shares
+/// the log, so readers of many queues move through it together, and
+/// asking again for pages already asked for would cost a page-cache
+/// lookup per page (seen: 10,000 queues' readers kept a core busy).
 #[derive(Default)]
-pub struct Window(Cell<(usize, usize)>);
+pub struct Window(Cell<usize>);
 
 impl Window {
     /// A reader reads `[start, end)`; returns the range to ask for next, if
-    /// any: more once the reader is half-way through the window, a new
-    /// window when it jumps elsewhere, never at or past `stable` (the block
-    /// the writer rewrites must not be cached).
+    /// any: `READ_AHEAD_BYTES` beyond it once it comes within half of that
+    /// of the frontier, from the frontier on (or from `start` when it is
+    /// ahead of it), never at or past `stable` (the block the writer
+    /// rewrites must not be cached). A reader far behind the frontier gets
+    /// none: what it reads was asked for before (or evicted since, and the
+    /// kernel's own fault read-ahead serves it).
     pub fn next(&self, start: usize, end: usize, stable: usize) -> Option<(usize, usize)> {
-        let (from, to) = self.0.get();
-        let inside = from <= start && start <= to;
-        if inside && end + READ_AHEAD_BYTES / 2 <= to {
+        let to = self.0.get();
+        if end + READ_AHEAD_BYTES / 2 <= to {
             return None;
         }
-        let ask_from = (if inside { to } else { start }) & !(PAGE_BYTES - 1);
+        let ask_from = to.max(start) & !(PAGE_BYTES - 1);
         let ask_to = (end + READ_AHEAD_BYTES).min(stable);
-        self.0
-            .set((if inside { from } else { start }, ask_to.max(end)));
+        self.0.set(to.max(ask_to));
         (ask_to > ask_from).then_some((ask_from, ask_to))
     }
 }
@@ -139,7 +144,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     #[test]
-    fn the_window_follows_its_reader() {
+    fn the_window_follows_its_readers() {
         let w = Window::default();
         let mib = 1 << 20;
         let stable = 1 << 30;
@@ -152,7 +157,9 @@ mod tests {
             w.next(end - mib, end, stable),
             Some((mib + READ_AHEAD_BYTES, end + READ_AHEAD_BYTES))
         );
-        // A jump elsewhere starts a new window at a page boundary.
+        // Another reader behind the frontier asks for nothing again.
+        assert_eq!(w.next(10, 100, stable), None);
+        // A reader ahead of the frontier starts from itself, at a page boundary.
         let far = 100 * mib + 10;
         assert_eq!(
             w.next(far, far + 100, stable),

@@ -105,6 +105,7 @@ fn produce_many_fails_a_bad_entry_alone_and_fetch_many_reads_them_back() {
 
     let req = FetchMany {
         max_wait_ms: 0,
+        min_bytes: 0,
         max_bytes: 1 << 20,
         entries: vec![want("a", 0), want("b", 0), want("c", 0), want("b", 99)],
     };
@@ -144,6 +145,7 @@ fn fetch_many_wakes_when_one_of_many_queues_gets_data() {
     for hot in [1usize, 4, 2] {
         let req = FetchMany {
             max_wait_ms: 20_000,
+            min_bytes: 0,
             max_bytes: 1 << 20,
             entries: topics.iter().zip(&next).map(|(t, &o)| want(t, o)).collect(),
         };
@@ -165,10 +167,46 @@ fn fetch_many_wakes_when_one_of_many_queues_gets_data() {
     // Nothing new anywhere: the poll ends empty after its wait.
     let idle = FetchMany {
         max_wait_ms: 50,
+        min_bytes: 0,
         max_bytes: 1 << 20,
         entries: vec![want("t0", 0), want("t3", 0)],
     };
     assert!(conn.fetch_many(&idle).unwrap().is_empty());
+}
+
+#[test]
+fn fetch_many_gathers_min_bytes_before_it_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path(), &["--shards", "1"]);
+    b.create_topic("a", 1, Flush::Async);
+    b.create_topic("b", 1, Flush::Async);
+    let conn = Connection::connect(&b.addr, Timeouts::default()).unwrap();
+    let (first, second) = (batch("first"), batch("second"));
+    let both = (first.len() + second.len()) as u32;
+    assert!(conn.produce_many(vec![entry("a", 0, first)]).unwrap()[0].is_ok());
+    // "a" has data, but less than min_bytes: the poll waits for "b" too.
+    let req = FetchMany {
+        max_wait_ms: 20_000,
+        min_bytes: both,
+        max_bytes: 1 << 20,
+        entries: vec![want("a", 0), want("b", 0)],
+    };
+    let parked = conn.send(&Request::FetchMany(req)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(conn.produce_many(vec![entry("b", 0, second)]).unwrap()[0].is_ok());
+    let parts =
+        coremq::client::many::fetch_parts(parked.wait(Duration::from_secs(60)).unwrap()).unwrap();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert_eq!(values(&parts[0]), ["first"]);
+    assert_eq!(values(&parts[1]), ["second"]);
+    // More than there will ever be: after max_wait it answers with what there is.
+    let req = FetchMany {
+        max_wait_ms: 100,
+        min_bytes: 1 << 20,
+        max_bytes: 1 << 20,
+        entries: vec![want("a", 0), want("b", 0)],
+    };
+    assert_eq!(conn.fetch_many(&req).unwrap().len(), 2);
 }
 
 #[test]
@@ -185,6 +223,7 @@ fn oversized_and_empty_lists_are_refused_and_the_connection_stays() {
     }
     let too_many = FetchMany {
         max_wait_ms: 0,
+        min_bytes: 0,
         max_bytes: 1 << 20,
         entries: (0..=FETCH_MANY_QUEUES_MAX).map(|_| want("t", 0)).collect(),
     };
@@ -194,6 +233,7 @@ fn oversized_and_empty_lists_are_refused_and_the_connection_stays() {
     );
     let empty = FetchMany {
         max_wait_ms: 0,
+        min_bytes: 0,
         max_bytes: 1 << 20,
         entries: vec![],
     };

@@ -205,6 +205,8 @@ pub struct Fetcher {
     /// FetchMany mode: groups of cursor indices, each polled by one
     /// FetchMany (`ready` and `paused` then hold group indices).
     groups: Option<Vec<FetchGroup>>,
+    /// What each FetchMany waits to gather (`--fetch-min-bytes`).
+    fetch_min_bytes: u32,
 }
 
 /// Cursors polled together by one FetchMany.
@@ -227,7 +229,7 @@ pub fn fetch_groups(cursors: usize) -> Vec<Vec<usize>> {
             max_bytes: 0,
         })
         .collect();
-    fetch_many_requests(all, 0, 0)
+    fetch_many_requests(all, 0, 0, 0)
         .into_iter()
         .map(|r| r.entries.iter().map(|e| e.queue as usize).collect())
         .collect()
@@ -241,9 +243,11 @@ impl Fetcher {
         clock: Clock,
         shared: Arc<ConsumerShared>,
         stop: Arc<AtomicBool>,
-        fetch_many: bool,
+        fetch_many_min_bytes: Option<u32>,
     ) -> Result<Fetcher, ClientError> {
-        let groups = (fetch_many && specs.len() > 1).then(|| fetch_groups(specs.len()));
+        let groups = fetch_many_min_bytes
+            .filter(|_| specs.len() > 1)
+            .map(|_| fetch_groups(specs.len()));
         let requests = groups.as_ref().map_or(specs.len(), Vec::len);
         let n = connections_for(requests);
         let conns = (0..n)
@@ -276,6 +280,7 @@ impl Fetcher {
         Ok(Fetcher {
             ready: (0..requests).collect(),
             groups,
+            fetch_min_bytes: fetch_many_min_bytes.unwrap_or(0),
             cursors,
             conns,
             clock,
@@ -384,6 +389,7 @@ impl Fetcher {
             .collect();
         let req = Request::FetchMany(FetchMany {
             max_wait_ms: MAX_WAIT_MS,
+            min_bytes: self.fetch_min_bytes,
             max_bytes: FETCH_MANY_BYTES_MAX,
             entries,
         });

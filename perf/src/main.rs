@@ -135,6 +135,9 @@ struct RunArgs {
     /// coremq: one Produce / Fetch per queue, never ProduceMany / FetchMany (for A/B runs)
     #[arg(long)]
     single_queue_requests: bool,
+    /// coremq: batch bytes a FetchMany waits to gather before it answers (Kafka's fetch.min.bytes; it still answers after 500 ms). Higher: fewer, fuller polls of many queues, at the cost of latency
+    #[arg(long, value_name = "BYTES", default_value_t = 1)]
+    fetch_min_bytes: u32,
     /// coremq: most producer threads; the producers (topics x producers per topic) are spread over them [default: one per producer, at most 2 per CPU]
     #[arg(long, value_name = "N")]
     producer_threads: Option<usize>,
@@ -207,6 +210,7 @@ impl RunArgs {
             window: self.window,
             shard_direct: !self.no_shard_direct,
             single_queue_requests: self.single_queue_requests,
+            fetch_min_bytes: self.fetch_min_bytes,
             producer_threads: self.producer_threads,
         })
     }

@@ -91,6 +91,8 @@ pub struct RunOptions {
     /// One Produce / Fetch per queue even when a connection carries many
     /// queues (else ProduceMany / FetchMany there).
     pub single_queue_requests: bool,
+    /// Batch bytes a FetchMany gathers before it answers.
+    pub fetch_min_bytes: u32,
     /// coremq: most producer threads (`None`: [`producer_threads_default`]).
     pub producer_threads: Option<usize>,
 }
@@ -649,7 +651,7 @@ fn run_on_topics(
             clock,
             Arc::clone(&shared),
             Arc::clone(&threads.stop_consumers),
-            !opts.single_queue_requests,
+            (!opts.single_queue_requests).then_some(opts.fetch_min_bytes),
         )
         .map_err(|e| PerfError::client(format!("consumer cannot connect to {addr}"), e))?;
         consumers.push(shared);
@@ -1116,6 +1118,7 @@ mod tests {
             window: 16,
             shard_direct: true,
             single_queue_requests: false,
+            fetch_min_bytes: 1,
             producer_threads: None,
         }
     }

@@ -13,6 +13,9 @@ use std::pin::pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+/// How often a fetch that holds less than its `min_bytes` looks again.
+pub const MIN_BYTES_RECHECK: Duration = Duration::from_millis(2);
+
 /// One queue of a fetch over many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchWant {
@@ -31,11 +34,14 @@ impl Shard {
     /// error, as (index in `wants`, result). Batches are added in `wants`
     /// order while the total stays ≤ `max_bytes` (the reply's first batch
     /// is always whole). With nothing to return it waits until any of the
-    /// queues gets a batch, `max_wait` passes or `hurry` completes (a
+    /// queues gets a batch; with less than `min_bytes` it looks again every
+    /// `MIN_BYTES_RECHECK` — until `max_wait` passes or `hurry` completes (a
     /// gatherer that has data from another shard), then passes once more.
+    /// An error answers at once.
     pub async fn fetch_many(
         &self,
         wants: &[FetchWant],
+        min_bytes: usize,
         max_bytes: usize,
         max_wait: Duration,
         hurry: impl Future<Output = ()>,
@@ -46,16 +52,37 @@ impl Shard {
         loop {
             let (found, signals) = self.fetch_pass(wants, max_bytes);
             let now = Instant::now();
-            if !found.is_empty() || last_pass || now >= deadline {
+            let failed = found.iter().any(|(_, r)| r.is_err());
+            let bytes: usize = found
+                .iter()
+                .filter_map(|(_, r)| r.as_ref().ok())
+                .flat_map(|f| &f.batches)
+                .map(|b| b.len())
+                .sum();
+            let enough = failed || (!found.is_empty() && bytes >= min_bytes);
+            if enough || last_pass || now >= deadline {
                 return found;
             }
-            // No await since the pass: no append can slip between it and the wait.
-            let any = AnyNotified::new(&signals);
-            let timer = glommio::timer::sleep(deadline - now);
-            match select(pin!(any), select(pin!(timer), hurry.as_mut())).await {
-                Either::Left(_) => {}
-                Either::Right(_) => last_pass = true,
-            }
+            let done = if found.is_empty() {
+                // No await since the pass: no append can slip between it and the wait.
+                let any = AnyNotified::new(&signals);
+                let timer = glommio::timer::sleep(deadline - now);
+                matches!(
+                    select(pin!(any), select(pin!(timer), hurry.as_mut())).await,
+                    Either::Right(_)
+                )
+            } else {
+                // Some data but not enough: let more gather. A timer, not
+                // the queues' signals, so busy queues cost one pass per
+                // recheck instead of one per append.
+                let recheck = MIN_BYTES_RECHECK.min(deadline - now);
+                let timer = glommio::timer::sleep(recheck);
+                match select(pin!(timer), hurry.as_mut()).await {
+                    Either::Left(_) => now + recheck >= deadline,
+                    Either::Right(_) => true,
+                }
+            };
+            last_pass = done;
         }
     }
 

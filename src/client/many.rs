@@ -78,6 +78,7 @@ impl ProduceManyBuilder {
 pub fn fetch_many_requests(
     entries: Vec<FetchEntry>,
     max_wait_ms: u32,
+    min_bytes: u32,
     max_bytes: u32,
 ) -> Vec<FetchMany> {
     let mut out = Vec::with_capacity(entries.len().div_ceil(FETCH_MANY_QUEUES_MAX));
@@ -85,6 +86,7 @@ pub fn fetch_many_requests(
     while rest.peek().is_some() {
         out.push(FetchMany {
             max_wait_ms,
+            min_bytes,
             max_bytes,
             entries: rest.by_ref().take(FETCH_MANY_QUEUES_MAX).collect(),
         });

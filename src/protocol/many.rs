@@ -54,6 +54,9 @@ pub struct FetchEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchMany {
     pub max_wait_ms: u32,
+    /// Batch bytes to gather before answering (Kafka's `fetch.min.bytes`):
+    /// the reply waits for this much, or `max_wait_ms`. 0 or 1 = any data.
+    pub min_bytes: u32,
     /// Batch bytes of the whole reply (the first batch is always whole).
     pub max_bytes: u32,
     pub entries: Vec<FetchEntry>,
@@ -133,6 +136,7 @@ pub(crate) fn decode_produce_many(r: &mut Reader) -> Result<Vec<ProduceEntry>, D
 
 pub(crate) fn encode_fetch_many(req: &FetchMany, out: &mut BytesMut) {
     out.put_u32(req.max_wait_ms);
+    out.put_u32(req.min_bytes);
     out.put_u32(req.max_bytes);
     out.put_u32(req.entries.len() as u32);
     for e in &req.entries {
@@ -145,6 +149,7 @@ pub(crate) fn encode_fetch_many(req: &FetchMany, out: &mut BytesMut) {
 
 pub(crate) fn decode_fetch_many(r: &mut Reader) -> Result<FetchMany, DecodeError> {
     let max_wait_ms = r.u32("max_wait_ms")?;
+    let min_bytes = r.u32("min_bytes")?;
     let max_bytes = r.u32("max_bytes")?;
     let n = count(r, "fetch entries", FETCH_MANY_QUEUES_MAX)?;
     let mut entries = Vec::with_capacity(n);
@@ -158,6 +163,7 @@ pub(crate) fn decode_fetch_many(r: &mut Reader) -> Result<FetchMany, DecodeError
     }
     Ok(FetchMany {
         max_wait_ms,
+        min_bytes,
         max_bytes,
         entries,
     })
@@ -310,6 +316,7 @@ mod tests {
     fn fetch_many(n: usize) -> Request {
         Request::FetchMany(FetchMany {
             max_wait_ms: 500,
+            min_bytes: 64 << 10,
             max_bytes: 1 << 20,
             entries: (0..n)
                 .map(|i| FetchEntry {
@@ -364,8 +371,9 @@ mod tests {
             })
         );
         let mut over = BytesMut::new();
-        over.put_u32(500);
-        over.put_u32(1 << 20);
+        over.put_u32(500); // max_wait_ms
+        over.put_u32(0); // min_bytes
+        over.put_u32(1 << 20); // max_bytes
         over.put_u32(u32::MAX);
         assert!(matches!(
             Request::decode(ApiKey::FetchMany as u16, over.freeze()),

@@ -201,6 +201,7 @@ impl ShardCtx {
         for (owner, (positions, entries)) in shares {
             let share = FetchMany {
                 max_wait_ms,
+                min_bytes: req.min_bytes,
                 max_bytes: req.max_bytes,
                 entries,
             };
@@ -317,7 +318,11 @@ impl ShardCtx {
             } else {
                 Duration::ZERO
             };
-            for (k, r) in shard.fetch_many(&wants, max_bytes, wait, hurry).await {
+            let min_bytes = (req.min_bytes as usize).min(max_bytes);
+            for (k, r) in shard
+                .fetch_many(&wants, min_bytes, max_bytes, wait, hurry)
+                .await
+            {
                 parts.push(FetchPart {
                     index: positions[k] as u32,
                     result: r

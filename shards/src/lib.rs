@@ -6,7 +6,8 @@
 //! table of each queue (`producer_state`) and the consumer groups' committed
 //! offsets for its queues (`group_offsets`). `shard::Shard` ties them
 //! together behind the operations the network layer calls. Nothing here is
-//! `Send`: data crosses cores only as explicit messages from `src/`.
+//! `Send`: data crosses cores only as explicit messages from `src/` (and
+//! to the log's read-ahead thread, which only gives the kernel advice).
 
 pub mod assignment;
 pub mod batch;

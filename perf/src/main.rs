@@ -138,6 +138,9 @@ struct RunArgs {
     /// coremq: batch bytes a FetchMany waits to gather before it answers (Kafka's fetch.min.bytes; it still answers after 500 ms). Higher: fewer, fuller polls of many queues, at the cost of latency
     #[arg(long, value_name = "BYTES", default_value_t = 1)]
     fetch_min_bytes: u32,
+    /// coremq: retention of the run's topics, bytes per queue (0 = keep everything); lets a long max-rate run fit the disk (retention deletes whole log segments, so somewhat more is kept)
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    retention_bytes: u64,
     /// coremq: most producer threads; the producers (topics x producers per topic) are spread over them [default: one per producer, at most 2 per CPU]
     #[arg(long, value_name = "N")]
     producer_threads: Option<usize>,
@@ -211,6 +214,7 @@ impl RunArgs {
             shard_direct: !self.no_shard_direct,
             single_queue_requests: self.single_queue_requests,
             fetch_min_bytes: self.fetch_min_bytes,
+            retention_bytes: self.retention_bytes,
             producer_threads: self.producer_threads,
         })
     }
@@ -280,6 +284,10 @@ mod tests {
             "--duration-s",
             "2.5",
             "--no-shard-direct",
+            "--retention-bytes",
+            "1048576",
+            "--fetch-min-bytes",
+            "65536",
         ]);
         let o = a.options().unwrap();
         assert_eq!(o.workload.flush, FlushMode::Sync);
@@ -292,6 +300,8 @@ mod tests {
         assert_eq!(o.driver, Driver::Coremq);
         assert_eq!(o.broker, "127.0.0.1:9700");
         assert!(!o.shard_direct);
+        assert_eq!(o.retention_bytes, 1 << 20);
+        assert_eq!(o.fetch_min_bytes, 65536);
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub struct RunOptions {
     pub single_queue_requests: bool,
     /// Batch bytes a FetchMany gathers before it answers.
     pub fetch_min_bytes: u32,
+    /// Retention of the run's topics, bytes per queue (0 = keep all).
+    pub retention_bytes: u64,
     /// coremq: most producer threads (`None`: [`producer_threads_default`]).
     pub producer_threads: Option<usize>,
 }
@@ -249,7 +251,7 @@ impl<'a> Topics<'a> {
                 flush: w.flush.into(),
                 segment_bytes: 0,
                 retention_ms: 0,
-                retention_bytes: 0,
+                retention_bytes: opts.retention_bytes,
             };
             (name, Request::CreateTopic(spec))
         });
@@ -1119,6 +1121,7 @@ mod tests {
             shard_direct: true,
             single_queue_requests: false,
             fetch_min_bytes: 1,
+            retention_bytes: 0,
             producer_threads: None,
         }
     }

@@ -347,21 +347,8 @@ impl Fetcher {
             max_bytes: cur.max_bytes,
             max_wait_ms: MAX_WAIT_MS,
         };
-        let tx = self.tx.clone();
         let conn = cur.conn;
-        let sent = self.conns[conn].send_with(&req, move |completion| {
-            // The fetcher may be gone (stopped): nothing to do then.
-            let _ = tx.send(Event {
-                cursor: c,
-                token,
-                completion,
-            });
-        });
-        if let Err(e) = sent {
-            self.shared.tally.fail(1, format!("fetch failed: {e}"));
-            self.reconnect(conn);
-            self.pause(c, ERROR_PAUSE);
-        }
+        self.send_tagged(conn, &req, c, token);
     }
 
     /// Sends group `g`'s FetchMany.
@@ -393,11 +380,19 @@ impl Fetcher {
             max_bytes: FETCH_MANY_BYTES_MAX,
             entries,
         });
-        let tx = self.tx.clone();
         let conn = group.conn;
-        let sent = self.conns[conn].send_with(&req, move |completion| {
+        self.send_tagged(conn, &req, g, token);
+    }
+
+    /// Sends `req` on connection `conn`; its reply comes back as an `Event`
+    /// for `cursor` (a cursor, or a group in FetchMany mode) and `token`. A
+    /// failed send reconnects and pauses that cursor.
+    fn send_tagged(&mut self, conn: usize, req: &Request, cursor: usize, token: u64) {
+        let tx = self.tx.clone();
+        let sent = self.conns[conn].send_with(req, move |completion| {
+            // The fetcher may be gone (stopped): nothing to do then.
             let _ = tx.send(Event {
-                cursor: g,
+                cursor,
                 token,
                 completion,
             });
@@ -405,7 +400,7 @@ impl Fetcher {
         if let Err(e) = sent {
             self.shared.tally.fail(1, format!("fetch failed: {e}"));
             self.reconnect(conn);
-            self.pause(g, ERROR_PAUSE);
+            self.pause(cursor, ERROR_PAUSE);
         }
     }
 

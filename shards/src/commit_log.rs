@@ -603,10 +603,19 @@ impl CommitLog {
         let mut i = 0;
         while i < pending.len() {
             let seg_base = pending[i].seg_base;
-            let j = i + pending[i..]
-                .iter()
-                .take_while(|p| p.seg_base == seg_base)
-                .count();
+            // At most WRITE_BYTES_MAX per write (one entry at least), so the
+            // buffer comes from glommio's registered I/O memory rather than
+            // from fresh pages the kernel must zero for each write.
+            let mut j = i;
+            let mut bytes = BLOCK_BYTES as usize; // room for the rewritten block
+            while let Some(p) = pending.get(j).filter(|p| p.seg_base == seg_base) {
+                let entry = p.header.len() + p.batch.len();
+                if j > i && bytes + entry > WRITE_BYTES_MAX {
+                    break;
+                }
+                bytes += entry;
+                j += 1;
+            }
             let file = self.file_for(seg_base).await?;
             // One copy: the rewritten partial block, then each entry, straight
             // into the aligned DMA buffer.
@@ -738,6 +747,12 @@ impl CommitLog {
     }
 }
 
+/// Largest O_DIRECT write: its buffer fits glommio's registered I/O memory
+/// (10 MiB per executor, a buddy allocator), so writes neither fall back
+/// to the system allocator (a fresh mmap, zeroed page by page, seen as
+/// 23% of the broker's CPU with 10,000 topics) nor starve each other.
+const WRITE_BYTES_MAX: usize = 1 << 20;
+
 /// Async appends gather up to this many bytes before the writer writes them...
 const WRITE_COALESCE_BYTES: usize = 256 << 10;
 /// ...or until the oldest has waited this long (a sync-flush producer or a
@@ -842,6 +857,55 @@ mod tests {
                 assert!(log.synced() >= 64 << 10, "synced {}", log.synced());
                 log.stop().await;
                 assert_eq!(log.synced(), log.end(), "stop syncs everything");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// A backlog larger than one write goes out in writes of at most
+    /// `WRITE_BYTES_MAX`, and reads back whole.
+    #[test]
+    fn a_large_backlog_is_written_in_bounded_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let hour = Duration::from_secs(3600);
+                let mut cfg = log_config(&d, hour, 1 << 30);
+                cfg.segment_bytes = 64 << 20;
+                let (log, _) = CommitLog::open(cfg).await.unwrap();
+                // Queued before the writer runs: one backlog of 4 MiB.
+                let b = batch(64 << 10);
+                let positions: Vec<u64> = (0..64)
+                    .map(|_| {
+                        log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                            .unwrap()
+                    })
+                    .collect();
+                let before = glommio::executor().io_stats();
+                let writes_before =
+                    before.main_ring.file_writes().0 + before.poll_ring.file_writes().0;
+                glommio::spawn_local(log.clone().run_writer()).detach();
+                log.wait_written(log.end()).await.unwrap();
+                let after = glommio::executor().io_stats();
+                let writes = after.main_ring.file_writes().0 + after.poll_ring.file_writes().0
+                    - writes_before;
+                // 4 MiB and a little more in pieces of at most 1 MiB.
+                assert_eq!(WRITE_BYTES_MAX, 1 << 20);
+                assert!(
+                    writes > log.end() >> 20,
+                    "{writes} writes for {} bytes",
+                    log.end()
+                );
+                log.stop().await;
+                let (log, rec) = CommitLog::open(log_config(&d, hour, 1 << 30))
+                    .await
+                    .unwrap();
+                assert_eq!(rec.entries.len(), positions.len());
+                for p in positions {
+                    assert_eq!(log.read(p, b.len()).unwrap(), b);
+                }
             })
             .unwrap()
             .join()

@@ -22,8 +22,10 @@ use std::rc::Rc;
 
 /// Requests one connection may have in progress; reading pauses beyond it.
 pub const IN_FLIGHT_PER_CONNECTION_MAX: u64 = 1024;
-/// Request bytes one connection may have in progress (at least one frame).
-pub const IN_FLIGHT_BYTES_PER_CONNECTION_MIN: u64 = 64 << 20;
+/// Request bytes one connection may have in progress (at least one frame):
+/// bounds what a saturated broker holds per client (a producer with 16
+/// unacknowledged 64 KiB batches holds 1 MiB).
+pub const IN_FLIGHT_BYTES_PER_CONNECTION_MIN: u64 = 16 << 20;
 /// Reply bytes gathered before they are sent (replies ready at once share one send).
 const REPLY_COALESCE_BYTES_MAX: usize = 64 << 10;
 /// Bytes read from the socket per read call (more when a frame needs it).

@@ -914,8 +914,12 @@ mod tests {
                     .unwrap();
                 shard.durable(&p).await.unwrap();
             }
+            let files = || std::fs::read_dir(d.join("log")).unwrap().count();
+            let files_before = files();
             let r = shard.enforce_retention(0, |_| Some(policy)).await.unwrap();
             assert!(r.segments_deleted > 5, "{r:?}");
+            // The files are gone once retention returns.
+            assert_eq!(files(), files_before - r.segments_deleted as usize);
             let (start, next) = shard.queue_offsets(K);
             assert!(start > 50, "start {start}");
             assert_eq!(next, 100);

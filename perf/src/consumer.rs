@@ -439,16 +439,20 @@ impl Fetcher {
                     .fail(1, format!("unexpected reply to a FetchMany: {other:?}"));
                 self.pause(e.cursor, ERROR_PAUSE);
             }
-            Err(err) => {
-                if !self.stop.load(Ordering::Relaxed) {
-                    self.shared.tally.fail(1, format!("fetch failed: {err}"));
-                }
-                if matches!(err, ClientError::Disconnected | ClientError::Io(_)) {
-                    self.reconnect(conn);
-                }
-                self.pause(e.cursor, ERROR_PAUSE);
-            }
+            Err(err) => self.fetch_failed(e.cursor, conn, &err),
         }
+    }
+
+    /// A fetch (or FetchMany) for `cursor` on `conn` failed: count it
+    /// (unless stopping), reconnect a lost connection, retry later.
+    fn fetch_failed(&mut self, cursor: usize, conn: usize, err: &ClientError) {
+        if !self.stop.load(Ordering::Relaxed) {
+            self.shared.tally.fail(1, format!("fetch failed: {err}"));
+        }
+        if matches!(err, ClientError::Disconnected | ClientError::Io(_)) {
+            self.reconnect(conn);
+        }
+        self.pause(cursor, ERROR_PAUSE);
     }
 
     /// Applies one queue's part of a FetchMany reply to cursor `c`; false
@@ -546,13 +550,7 @@ impl Fetcher {
             }
             Err(err) => {
                 let conn = cur.conn;
-                if !self.stop.load(Ordering::Relaxed) {
-                    self.shared.tally.fail(1, format!("fetch failed: {err}"));
-                }
-                if matches!(err, ClientError::Disconnected | ClientError::Io(_)) {
-                    self.reconnect(conn);
-                }
-                self.pause(e.cursor, ERROR_PAUSE);
+                self.fetch_failed(e.cursor, conn, &err);
             }
         }
     }

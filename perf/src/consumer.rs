@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use bytes::Bytes;
 use coremq::client::consumer::records_from_fetch;
 use coremq::client::fetch_many_requests;
 use coremq::client::{ClientError, Completion, Connection, Timeouts};
@@ -455,6 +456,41 @@ impl Fetcher {
         self.pause(cursor, ERROR_PAUSE);
     }
 
+    /// Reads `batches` for cursor `c` from its position: grows its fetch
+    /// size when a batch did not fit, moves it on and records what it got.
+    /// Returns whether the answer was empty (nothing read, nothing waiting
+    /// on a larger fetch), or `None` for a bad batch (counted).
+    fn apply_batches(&mut self, c: usize, batches: &[Bytes], now: u64) -> Option<bool> {
+        let cur = &mut self.cursors[c];
+        match records_from_fetch(cur.spec.queue, cur.spec.position, batches) {
+            Ok(o) => {
+                if let Some(needed) = o.needed_bytes {
+                    let grown = (needed as u64).max(u64::from(cur.max_bytes) * 2);
+                    cur.max_bytes = grown.min(u64::from(FETCH_BYTES_GROWN_MAX)) as u32;
+                }
+                let empty = o.records.is_empty()
+                    && o.position == cur.spec.position
+                    && o.needed_bytes.is_none();
+                cur.spec.position = o.position;
+                let slot = cur.spec.slot;
+                if !o.records.is_empty() {
+                    self.shared.record_slot(
+                        slot,
+                        o.records.iter().map(|r| r.value.as_deref().unwrap_or(&[])),
+                        now,
+                    );
+                }
+                Some(empty)
+            }
+            Err(err) => {
+                self.shared
+                    .tally
+                    .fail(1, format!("bad batch in a fetch reply: {err}"));
+                None
+            }
+        }
+    }
+
     /// Applies one queue's part of a FetchMany reply to cursor `c`; false
     /// when it is an error (counted).
     fn apply_part(&mut self, c: usize, part: FetchPart, now: u64) -> bool {
@@ -472,30 +508,7 @@ impl Fetcher {
                 return false;
             }
         };
-        match records_from_fetch(cur.spec.queue, cur.spec.position, &fetched.batches) {
-            Ok(o) => {
-                if let Some(needed) = o.needed_bytes {
-                    let grown = (needed as u64).max(u64::from(cur.max_bytes) * 2);
-                    cur.max_bytes = grown.min(u64::from(FETCH_BYTES_GROWN_MAX)) as u32;
-                }
-                cur.spec.position = o.position;
-                let slot = cur.spec.slot;
-                if !o.records.is_empty() {
-                    self.shared.record_slot(
-                        slot,
-                        o.records.iter().map(|r| r.value.as_deref().unwrap_or(&[])),
-                        now,
-                    );
-                }
-                true
-            }
-            Err(err) => {
-                self.shared
-                    .tally
-                    .fail(1, format!("bad batch in a fetch reply: {err}"));
-                false
-            }
-        }
+        self.apply_batches(c, &fetched.batches, now).is_some()
     }
 
     /// Applies one reply.
@@ -510,36 +523,11 @@ impl Fetcher {
         }
         match e.completion.into_reply() {
             Ok(Reply::Fetch { batches, .. }) => {
-                match records_from_fetch(cur.spec.queue, cur.spec.position, &batches) {
-                    Ok(o) => {
-                        if let Some(needed) = o.needed_bytes {
-                            let grown = (needed as u64).max(u64::from(cur.max_bytes) * 2);
-                            cur.max_bytes = grown.min(u64::from(FETCH_BYTES_GROWN_MAX)) as u32;
-                        }
-                        let early =
-                            now.saturating_sub(cur.sent_ns) < u64::from(MAX_WAIT_MS) * 1_000_000;
-                        let empty = o.records.is_empty() && o.position == cur.spec.position;
-                        cur.spec.position = o.position;
-                        let slot = cur.spec.slot;
-                        if !o.records.is_empty() {
-                            self.shared.record_slot(
-                                slot,
-                                o.records.iter().map(|r| r.value.as_deref().unwrap_or(&[])),
-                                now,
-                            );
-                        }
-                        if empty && early && o.needed_bytes.is_none() {
-                            self.pause(e.cursor, EMPTY_FETCH_PAUSE);
-                        } else {
-                            self.ready.push_back(e.cursor);
-                        }
-                    }
-                    Err(err) => {
-                        self.shared
-                            .tally
-                            .fail(1, format!("bad batch in a fetch reply: {err}"));
-                        self.pause(e.cursor, ERROR_PAUSE);
-                    }
+                let early = now.saturating_sub(cur.sent_ns) < u64::from(MAX_WAIT_MS) * 1_000_000;
+                match self.apply_batches(e.cursor, &batches, now) {
+                    Some(true) if early => self.pause(e.cursor, EMPTY_FETCH_PAUSE),
+                    Some(_) => self.ready.push_back(e.cursor),
+                    None => self.pause(e.cursor, ERROR_PAUSE),
                 }
             }
             Ok(other) => {

@@ -411,22 +411,6 @@ mod tests {
         for cut in 0..whole.len() {
             assert!(Request::decode(ApiKey::ProduceMany as u16, whole.slice(..cut)).is_err());
         }
-        // Deterministic garbage never panics.
-        let mut x: u64 = 0x2545f4914f6cdd1d;
-        for i in 0..20_000u32 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let len = (x % 96) as usize;
-            let bytes: Vec<u8> = (0..len).map(|j| (x >> (j % 8 * 8)) as u8).collect();
-            let api = if i % 2 == 0 {
-                ApiKey::ProduceMany
-            } else {
-                ApiKey::FetchMany
-            };
-            let _ = Request::decode(api as u16, Bytes::from(bytes.clone()));
-            let _ = decode_response(api, 0, Bytes::from(bytes));
-        }
     }
 
     #[test]

@@ -995,15 +995,25 @@ mod tests {
             Request::decode(ApiKey::ListTopics as u16, Bytes::from_static(&[0])),
             Err(DecodeError::Trailing(1))
         );
-        // Deterministic garbage through every api never panics.
+        // Deterministic garbage through every api, request and reply, never panics.
+        let apis: Vec<ApiKey> = (0..=u16::MAX)
+            .map_while(|v| ApiKey::from_u16(v + 1))
+            .collect();
+        assert_eq!(
+            apis.len(),
+            ApiKey::FetchMany as usize,
+            "every api, 1 to the last"
+        );
         let mut x: u64 = 0x9e3779b97f4a7c15;
-        for i in 0..20_000u32 {
+        for i in 0..40_000usize {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let len = (x % 64) as usize;
+            let len = (x % 96) as usize;
             let bytes: Vec<u8> = (0..len).map(|j| (x >> (j % 8 * 8)) as u8).collect();
-            let _ = Request::decode(1 + (i % 10) as u16, Bytes::from(bytes));
+            let api = apis[i % apis.len()];
+            let _ = Request::decode(api as u16, Bytes::from(bytes.clone()));
+            let _ = decode_response(api, 0, Bytes::from(bytes));
         }
     }
 

@@ -18,6 +18,7 @@ pub mod delivery;
 pub mod durable_file;
 pub mod error;
 pub mod fetch_many;
+pub mod file_map;
 pub mod group_coordinator;
 pub mod group_offsets;
 pub mod io_poll;

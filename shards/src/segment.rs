@@ -21,9 +21,11 @@
 //!
 //! Reads go through a read-only `memmap2` map of the whole file, handed out
 //! as `Bytes` slices that keep the map alive: no copy into a per-request
-//! buffer (read-ahead for readers behind the tail cache: `read_ahead`).
+//! buffer (read-ahead for readers behind the tail cache: `read_ahead`; the
+//! way from a slice back to its file, for `sendfile`: `file_map`).
 
 use crate::batch;
+use crate::file_map;
 use crate::read_ahead::Window;
 use crate::QueueKey;
 use bytes::Bytes;
@@ -260,17 +262,11 @@ impl Segment {
     /// Maps `path` read-only, `len` bytes (may exceed the file size for the
     /// active segment: only bytes already written are ever read).
     pub fn map(base: u64, path: &Path, len: u64) -> std::io::Result<Segment> {
-        let file = std::fs::File::open(path)?;
         let len = len.max(BLOCK_BYTES) as usize;
-        // SAFETY: the file is only written by this shard's log, through
-        // O_DIRECT writes to blocks past every position handed to readers
-        // (the tail cache serves the block being rewritten); no one truncates
-        // a mapped region that is read.
-        let mmap = unsafe { memmap2::MmapOptions::new().len(len).map(&file)? };
         Ok(Segment {
             base,
             path: path.to_path_buf(),
-            map: Bytes::from_owner(mmap),
+            map: file_map::map(path, len)?,
             read_ahead: Window::default(),
         })
     }

@@ -14,6 +14,7 @@ pub mod dead_letters;
 pub mod groups;
 pub mod many;
 pub mod router;
+pub mod send_file;
 pub mod shard_context;
 
 use crate::config::Config;

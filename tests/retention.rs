@@ -10,8 +10,9 @@ use std::time::Duration;
 fn segments(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir)
         .unwrap()
-        .map(|s| std::fs::read_dir(s.unwrap().path().join("log")).map_or(0, |d| d.count()))
-        .sum()
+        .filter_map(|s| std::fs::read_dir(s.unwrap().path().join("log")).ok())
+        .flat_map(|d| d.filter(|f| f.as_ref().unwrap().path().extension() == Some("log".as_ref())))
+        .count()
 }
 
 #[test]

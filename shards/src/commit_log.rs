@@ -111,6 +111,10 @@ struct LogState {
     sync_target: u64,
     failed: Option<String>,
     last_sync: Instant,
+    /// The next segment's file, created and its space reserved while the
+    /// current one fills (RocketMQ's AllocateMappedFileService): a roll then
+    /// renames it instead of waiting for the file system (2–6 ms measured).
+    next_file: Option<glommio::Task<Result<DmaFile>>>,
 }
 
 pub struct CommitLog {
@@ -137,6 +141,11 @@ impl CommitLog {
         std::fs::create_dir_all(&cfg.dir)?;
         crate::io_poll::keep_off_polled_ring(&cfg.dir).await?;
         let read_ahead = ReadAhead::start(&cfg.dir, "log-read-ahead".into())?;
+        // A next segment prepared before a crash or stop was never used.
+        match std::fs::remove_file(cfg.dir.join(NEXT_SEGMENT_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         let mut bases: Vec<u64> = std::fs::read_dir(&cfg.dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| segment::parse_file_name(&e.file_name().to_string_lossy()))
@@ -246,6 +255,7 @@ impl CommitLog {
                 sync_target: end,
                 failed: None,
                 last_sync: Instant::now(),
+                next_file: None,
             }),
             cfg,
             read_ahead,
@@ -680,23 +690,30 @@ impl CommitLog {
             }
         }
         let path = self.cfg.dir.join(segment::file_name(seg_base));
-        // Read-write, not DmaFile::create's write-only: glommio probes the
-        // device for polled I/O with a read.
-        let f = glommio::io::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .dma_open(&path)
-            .await?;
-        // Reserve the extent now so appends do not allocate blocks one by one.
-        let _ = f.pre_allocate(self.cfg.segment_bytes, true).await;
+        let prepared = self.state.borrow_mut().next_file.take();
+        let f = match prepared {
+            Some(task) => match task.await {
+                Ok(f) => {
+                    std::fs::rename(self.cfg.dir.join(NEXT_SEGMENT_FILE), &path)?;
+                    f
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "preparing the next segment failed; creating it now");
+                    create_segment_file(path.clone(), self.cfg.segment_bytes).await?
+                }
+            },
+            None => create_segment_file(path.clone(), self.cfg.segment_bytes).await?,
+        };
         let dir = glommio::io::Directory::open(&self.cfg.dir).await?;
         dir.sync().await?;
         dir.close().await?;
         let seg = Segment::map(seg_base, &path, self.cfg.segment_bytes)?;
         let f = Rc::new(f);
         let mut st = self.state.borrow_mut();
+        st.next_file = Some(glommio::spawn_local(create_segment_file(
+            self.cfg.dir.join(NEXT_SEGMENT_FILE),
+            self.cfg.segment_bytes,
+        )));
         st.segments.insert(seg_base, seg);
         st.file = Some((seg_base, f.clone()));
         st.tail_block.clear();
@@ -761,6 +778,25 @@ const WRITE_COALESCE_DELAY: Duration = Duration::from_millis(1);
 
 /// An I/O slower than this is logged: the disk, not the broker, is the bottleneck then.
 const SLOW_IO_MS: u128 = 500;
+/// The next segment's file while it waits for its roll (its name is not a
+/// segment name, so a crash leaves nothing the log would read).
+const NEXT_SEGMENT_FILE: &str = "next-segment.tmp";
+
+/// Creates an empty segment file at `path` with `bytes` of space reserved,
+/// so appends do not allocate blocks one by one.
+async fn create_segment_file(path: PathBuf, bytes: u64) -> Result<DmaFile> {
+    // Read-write, not DmaFile::create's write-only: glommio probes the
+    // device for polled I/O with a read.
+    let f = glommio::io::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(&path)
+        .await?;
+    let _ = f.pre_allocate(bytes, true).await;
+    Ok(f)
+}
 
 fn slow_io(op: &str, started: Instant) {
     let ms = started.elapsed().as_millis();
@@ -903,6 +939,66 @@ mod tests {
                     .await
                     .unwrap();
                 assert_eq!(rec.entries.len(), positions.len());
+                for p in positions {
+                    assert_eq!(log.read(p, b.len()).unwrap(), b);
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// A roll takes the file prepared while the segment filled (the new
+    /// segment is that very file), and a restart removes an unused one.
+    #[test]
+    fn a_roll_uses_the_segment_prepared_ahead() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let hour = Duration::from_secs(3600);
+                let next = d.join(NEXT_SEGMENT_FILE);
+                let (log, _) = CommitLog::open(log_config(&d, hour, 1 << 30))
+                    .await
+                    .unwrap();
+                glommio::spawn_local(log.clone().run_writer()).detach();
+                let b = batch(64 << 10);
+                log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                    .unwrap();
+                log.wait_written(log.end()).await.unwrap();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !next.exists() && Instant::now() < deadline {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                let prepared = std::fs::metadata(&next).expect("prepared").ino();
+                // Fill the 1 MiB segment and roll into the next.
+                let mut positions = Vec::new();
+                while log.end() < (3 << 20) / 2 {
+                    positions.push(
+                        log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                            .unwrap(),
+                    );
+                }
+                log.wait_written(log.end()).await.unwrap();
+                let last = *positions.last().unwrap();
+                let (seg_base, _) = log.state.borrow().file.clone().unwrap();
+                assert!(seg_base > 0 && seg_base <= last, "rolled at {seg_base}");
+                let seg = d.join(segment::file_name(seg_base));
+                assert_eq!(std::fs::metadata(&seg).unwrap().ino(), prepared);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !next.exists() && Instant::now() < deadline {
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                }
+                assert!(next.exists(), "the one after is prepared too");
+                log.stop().await;
+                let (log, _) = CommitLog::open(log_config(&d, hour, 1 << 30))
+                    .await
+                    .unwrap();
+                assert!(
+                    !next.exists(),
+                    "an unused prepared file is removed at start"
+                );
                 for p in positions {
                     assert_eq!(log.read(p, b.len()).unwrap(), b);
                 }

@@ -750,6 +750,27 @@ fn read_checkpoint(path: &std::path::Path) -> Result<Vec<(QueueKey, i64, i64)>> 
 mod tests {
     use super::*;
     use crate::batch::{BatchBuilder, Compression};
+    use crate::segment;
+    use std::path::{Path, PathBuf};
+
+    /// The segment files in a log directory, oldest first.
+    fn segment_paths(dir: &Path) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| segment::parse_file_name(&n.to_string_lossy()))
+                    .is_some()
+            })
+            .collect();
+        paths.sort();
+        paths
+    }
+
+    fn segment_files(dir: &Path) -> usize {
+        segment_paths(dir).len()
+    }
 
     fn cfg(dir: &std::path::Path) -> ShardConfig {
         ShardConfig {
@@ -837,7 +858,7 @@ mod tests {
             assert_eq!(values(&shard, K, 0).await, expected);
             assert_eq!(values(&shard, K, 150).await, expected[150..]);
             shard.stop().await;
-            let segments = std::fs::read_dir(d.join("log")).unwrap().count();
+            let segments = segment_files(&d.join("log"));
             assert!(segments > 3, "{segments} segments");
 
             let shard = Shard::open(cfg(&d)).await.unwrap();
@@ -868,12 +889,7 @@ mod tests {
             shard.stop().await;
         });
         // Corrupt a byte inside the last entry.
-        let seg = std::fs::read_dir(d2.join("log"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let seg = segment_paths(&d2.join("log")).pop().unwrap();
         let mut data = std::fs::read(&seg).unwrap();
         let end = data.iter().rposition(|&b| b != 0).unwrap();
         data[end - 3] ^= 0xff;
@@ -914,7 +930,7 @@ mod tests {
                     .unwrap();
                 shard.durable(&p).await.unwrap();
             }
-            let files = || std::fs::read_dir(d.join("log")).unwrap().count();
+            let files = || segment_files(&d.join("log"));
             let files_before = files();
             let r = shard.enforce_retention(0, |_| Some(policy)).await.unwrap();
             assert!(r.segments_deleted > 5, "{r:?}");

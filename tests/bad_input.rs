@@ -192,3 +192,37 @@ fn bad_input_is_refused_and_the_broker_keeps_serving() {
         "{err}"
     );
 }
+
+/// Frames that arrive in pieces, with pauses between them, and frames that
+/// share one write: the broker assembles each exactly, whatever the split.
+#[test]
+fn frames_are_assembled_however_the_bytes_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path(), &[]);
+    b.create_topic("pieces", 1, Flush::Async);
+    let mut s = connect(&b);
+    s.set_nodelay(true).unwrap();
+    let big = frame(1, 1, 1, &produce_body("pieces", 0, &one_batch(100 << 10)));
+    let small = frame(1, 1, 2, &produce_body("pieces", 0, &one_batch(10)));
+    // The large frame in uneven pieces; the small one glued to its tail.
+    let mut bytes = big.clone();
+    bytes.extend_from_slice(&small);
+    for piece in [1, 3, 4, 500, 4096, 70_000].iter().scan(0, |at, n| {
+        let from = *at;
+        *at += n;
+        Some(from..*at)
+    }) {
+        s.write_all(&bytes[piece]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.write_all(&bytes[1 + 3 + 4 + 500 + 4096 + 70_000..]).unwrap();
+    for want in [1, 2] {
+        let (id, r) = read_reply(&mut s, ApiKey::Produce).unwrap();
+        assert_eq!(id, want);
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let got = consume_all(&b.addr, "pieces", "g", 2);
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].value.as_deref(), Some(&vec![b'v'; 100 << 10][..]));
+    assert_eq!(got[1].value.as_deref(), Some(&vec![b'v'; 10][..]));
+}

@@ -1,8 +1,8 @@
 //! A consumer far behind the log's tail reads batches from the segment
-//! files (sent with `sendfile`, not from memory). Through a client that
-//! reads slowly, so the broker's socket fills again and again in the middle
-//! of a batch, every byte must still arrive in place: each batch's CRC and
-//! every value are checked.
+//! files (sent with `sendfile`); one at the tail reads them from memory
+//! (gathered `writev`). Through a client that reads slowly, so the broker's
+//! socket fills again and again in the middle of a batch, every byte must
+//! still arrive in place: each batch's CRC and every value are checked.
 
 mod common;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -78,19 +78,13 @@ fn slow_fetch(addr: &str, topic: &str, offset: i64) -> Bytes {
     }
 }
 
-#[test]
-fn a_lagging_reader_gets_every_stored_byte_through_a_full_socket() {
+/// Produces the backlog, then reads it twice through a slow client (from
+/// the start and from the middle), checking every batch and value.
+fn backlog_reads_back_whole_through_a_full_socket(serve_flags: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    // A tail cache smaller than one batch: every read comes from the files.
-    let b = Broker::start(
-        dir.path(),
-        &[
-            "--tail-cache-bytes",
-            "4096",
-            "--max-frame-bytes",
-            "67108864",
-        ],
-    );
+    let mut flags = vec!["--max-frame-bytes", "67108864"];
+    flags.extend_from_slice(serve_flags);
+    let b = Broker::start(dir.path(), &flags);
     b.create_topic("backlog", 1, Flush::Async);
     let conn = Connection::connect(&b.addr, Timeouts::default()).unwrap();
     for i in 0..BATCHES {
@@ -106,7 +100,6 @@ fn a_lagging_reader_gets_every_stored_byte_through_a_full_socket() {
         assert!(reply.is_ok(), "{reply:?}");
     }
 
-    // From the start, and from the middle of the log.
     for from_batch in [0, BATCHES / 2] {
         let offset = (from_batch * RECORDS_PER_BATCH) as i64;
         let data = slow_fetch(&b.addr, "backlog", offset);
@@ -125,4 +118,18 @@ fn a_lagging_reader_gets_every_stored_byte_through_a_full_socket() {
             }
         }
     }
+}
+
+/// A tail cache smaller than one batch: every batch comes from the segment
+/// files, with `sendfile`.
+#[test]
+fn a_lagging_reader_gets_every_stored_byte_through_a_full_socket() {
+    backlog_reads_back_whole_through_a_full_socket(&["--tail-cache-bytes", "4096"]);
+}
+
+/// A tail cache holding the whole backlog: the batches come from memory,
+/// gathered into `writev` calls.
+#[test]
+fn a_reader_at_the_tail_gets_every_cached_byte_through_a_full_socket() {
+    backlog_reads_back_whole_through_a_full_socket(&["--tail-cache-bytes", "67108864"]);
 }

@@ -11,8 +11,8 @@
 //! A malformed frame gets an error reply and the connection is closed:
 //! after garbage, frame boundaries cannot be trusted.
 
-use super::send_file;
 use super::shard_context::ShardCtx;
+use super::socket_send;
 use crate::protocol::frame::{self, FrameError, FRAME_LEN_BYTES, REQUEST_HEADER_BYTES};
 use crate::protocol::messages::{encode_error, encode_reply};
 use crate::protocol::{DecodeError, ErrorCode, ErrorReply, Request, Response};
@@ -50,7 +50,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
     let sock = stream.as_raw_fd();
-    if let Err(e) = send_file::prepare(sock) {
+    if let Err(e) = socket_send::prepare(sock) {
         tracing::warn!(?peer, error = %e, "cannot make the socket non-blocking; closing it");
         return;
     }
@@ -72,11 +72,11 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
             while let Some(out) = next.take() {
                 let batches = encode(&out, &mut head);
                 if !batches.is_empty() {
-                    ok = ok && writer.write_all(&head).await.is_ok();
+                    ok = ok
+                        && socket_send::send_reply(&mut writer, sock, &head, &batches)
+                            .await
+                            .is_ok();
                     head.clear();
-                    for b in &batches {
-                        ok = ok && send_file::send_batch(&mut writer, sock, b).await.is_ok();
-                    }
                 }
                 if out.bytes > 0 {
                     writer_permits.signal(1);

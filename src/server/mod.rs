@@ -14,8 +14,8 @@ pub mod dead_letters;
 pub mod groups;
 pub mod many;
 pub mod router;
-pub mod send_file;
 pub mod shard_context;
+pub mod socket_send;
 
 use crate::config::Config;
 use crate::metadata::MetaStore;

@@ -215,7 +215,8 @@ fn frames_are_assembled_however_the_bytes_arrive() {
         s.write_all(&bytes[piece]).unwrap();
         std::thread::sleep(Duration::from_millis(20));
     }
-    s.write_all(&bytes[1 + 3 + 4 + 500 + 4096 + 70_000..]).unwrap();
+    s.write_all(&bytes[1 + 3 + 4 + 500 + 4096 + 70_000..])
+        .unwrap();
     for want in [1, 2] {
         let (id, r) = read_reply(&mut s, ApiKey::Produce).unwrap();
         assert_eq!(id, want);

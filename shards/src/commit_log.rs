@@ -111,9 +111,10 @@ struct LogState {
     sync_target: u64,
     failed: Option<String>,
     last_sync: Instant,
-    /// The next segment's file, created and its space reserved while the
-    /// current one fills (RocketMQ's AllocateMappedFileService): a roll then
-    /// renames it instead of waiting for the file system (2–6 ms measured).
+    /// The next segment's file, created and its space reserved once the
+    /// current one is half full (RocketMQ's AllocateMappedFileService): a
+    /// roll then renames it instead of waiting for the file system (2–6 ms
+    /// measured).
     next_file: Option<glommio::Task<Result<DmaFile>>>,
 }
 
@@ -608,62 +609,95 @@ impl CommitLog {
         }
     }
 
-    /// Writes queued entries, one O_DIRECT write per segment touched.
+    /// Writes queued entries: per segment touched, the rewritten partial
+    /// block and then the entries as one byte stream, cut into block-aligned
+    /// pieces of `WRITE_BYTES_MAX` written `WRITES_IN_FLIGHT_MAX` at a time.
     async fn write(&self, pending: Vec<Pending>) -> Result<()> {
         let mut i = 0;
         while i < pending.len() {
             let seg_base = pending[i].seg_base;
-            // At most WRITE_BYTES_MAX per write (one entry at least), so the
-            // buffer comes from glommio's registered I/O memory rather than
-            // from fresh pages the kernel must zero for each write.
-            let mut j = i;
-            let mut bytes = BLOCK_BYTES as usize; // room for the rewritten block
-            while let Some(p) = pending.get(j).filter(|p| p.seg_base == seg_base) {
-                let entry = p.header.len() + p.batch.len();
-                if j > i && bytes + entry > WRITE_BYTES_MAX {
-                    break;
-                }
-                bytes += entry;
-                j += 1;
-            }
+            let j = i + pending[i..]
+                .iter()
+                .take_while(|p| p.seg_base == seg_base)
+                .count();
             let file = self.file_for(seg_base).await?;
-            // One copy: the rewritten partial block, then each entry, straight
-            // into the aligned DMA buffer.
-            let (file_off, mut buf, used) = {
+            let (file_off, tail) = {
                 let st = self.state.borrow();
                 let rel = st.written - seg_base;
                 debug_assert_eq!(st.tail_block.len() as u64, rel - align_down(rel));
-                let entries: usize = pending[i..j]
+                (align_down(rel), st.tail_block.clone())
+            };
+            let mut stream = std::iter::once(&tail[..])
+                .chain(
+                    pending[i..j]
+                        .iter()
+                        .flat_map(|p| [&p.header[..], &p.batch[..]]),
+                )
+                .filter(|s| !s.is_empty());
+            let total = tail.len()
+                + pending[i..j]
                     .iter()
                     .map(|p| p.header.len() + p.batch.len())
-                    .sum();
-                let used = st.tail_block.len() + entries;
-                let mut buf = file.alloc_dma_buffer(align_up(used as u64) as usize);
-                let dst = buf.as_bytes_mut();
-                let mut at = st.tail_block.len();
-                dst[..at].copy_from_slice(&st.tail_block);
-                for p in &pending[i..j] {
-                    dst[at..at + p.header.len()].copy_from_slice(&p.header);
-                    at += p.header.len();
-                    dst[at..at + p.batch.len()].copy_from_slice(&p.batch);
-                    at += p.batch.len();
+                    .sum::<usize>();
+            let mut source: &[u8] = &[];
+            let mut done = 0;
+            while done < total {
+                // Pieces start on block boundaries and only the last one ends
+                // in a partial block, so writes in flight never share a block.
+                let window_end = total.min(done + WRITES_IN_FLIGHT_MAX * WRITE_BYTES_MAX);
+                let mut writes = Vec::with_capacity(WRITES_IN_FLIGHT_MAX);
+                let mut tail_block = Vec::new();
+                let mut at = done;
+                while at < window_end {
+                    let len = WRITE_BYTES_MAX.min(window_end - at);
+                    // One copy: each source straight into the aligned DMA buffer.
+                    let mut buf = file.alloc_dma_buffer(align_up(len as u64) as usize);
+                    let dst = buf.as_bytes_mut();
+                    let mut filled = 0;
+                    while filled < len {
+                        if source.is_empty() {
+                            source = stream.next().expect("the stream holds `total` bytes");
+                        }
+                        let n = source.len().min(len - filled);
+                        dst[filled..filled + n].copy_from_slice(&source[..n]);
+                        source = &source[n..];
+                        filled += n;
+                    }
+                    dst[len..].fill(0);
+                    if at + len == window_end {
+                        tail_block = dst[align_down(len as u64) as usize..len].to_vec();
+                    }
+                    writes.push(file.write_at(buf, file_off + at as u64));
+                    at += len;
                 }
-                dst[used..].fill(0);
-                (align_down(rel), buf, used)
-            };
-            let new_rel = file_off + used as u64;
-            let keep_from = (align_down(new_rel) - file_off) as usize;
-            let tail_block = buf.as_bytes_mut()[keep_from..used].to_vec();
-            let started = Instant::now();
-            file.write_at(buf, file_off).await?;
-            slow_io("write", started);
-            let mut st = self.state.borrow_mut();
-            st.tail_block = tail_block;
-            st.written = seg_base + new_rel;
-            self.evict_tail_cache(&mut st);
+                let started = Instant::now();
+                for written in futures::future::join_all(writes).await {
+                    written?;
+                }
+                slow_io("write", started);
+                let mut st = self.state.borrow_mut();
+                st.tail_block = tail_block;
+                st.written = seg_base + file_off + window_end as u64;
+                self.evict_tail_cache(&mut st);
+                self.prepare_next_if_due(&mut st, seg_base);
+                drop(st);
+                done = window_end;
+            }
             i = j;
         }
         Ok(())
+    }
+
+    /// Starts preparing the next segment's file once the active one (at
+    /// `seg_base`) is half full: early enough to be ready at the roll, late
+    /// enough that an idle log does not hold a second segment's space.
+    fn prepare_next_if_due(&self, st: &mut LogState, seg_base: u64) {
+        if st.next_file.is_none() && st.written - seg_base >= st.active_roll_bytes / 2 {
+            st.next_file = Some(glommio::spawn_local(create_segment_file(
+                self.cfg.dir.join(NEXT_SEGMENT_FILE),
+                self.cfg.segment_bytes,
+            )));
+        }
     }
 
     /// The open file of segment `seg_base`, sealing the previous one first.
@@ -710,10 +744,6 @@ impl CommitLog {
         let seg = Segment::map(seg_base, &path, self.cfg.segment_bytes)?;
         let f = Rc::new(f);
         let mut st = self.state.borrow_mut();
-        st.next_file = Some(glommio::spawn_local(create_segment_file(
-            self.cfg.dir.join(NEXT_SEGMENT_FILE),
-            self.cfg.segment_bytes,
-        )));
         st.segments.insert(seg_base, seg);
         st.file = Some((seg_base, f.clone()));
         st.tail_block.clear();
@@ -769,6 +799,10 @@ impl CommitLog {
 /// to the system allocator (a fresh mmap, zeroed page by page, seen as
 /// 23% of the broker's CPU with 10,000 topics) nor starve each other.
 const WRITE_BYTES_MAX: usize = 1 << 20;
+/// Writes the writer keeps in flight at once: one at a time reached 1.94
+/// GB/s with fio's 1 MiB writes on the test VM's disk, four 2.35 GB/s. Four
+/// buffers of `WRITE_BYTES_MAX` leave room in glommio's 10 MiB arena.
+const WRITES_IN_FLIGHT_MAX: usize = 4;
 
 /// Async appends gather up to this many bytes before the writer writes them...
 const WRITE_COALESCE_BYTES: usize = 256 << 10;
@@ -948,8 +982,8 @@ mod tests {
             .unwrap();
     }
 
-    /// A roll takes the file prepared while the segment filled (the new
-    /// segment is that very file), and a restart removes an unused one.
+    /// Past half a segment the next one is prepared; the roll takes that
+    /// very file, and a restart removes an unused one.
     #[test]
     fn a_roll_uses_the_segment_prepared_ahead() {
         use std::os::unix::fs::MetadataExt;
@@ -967,14 +1001,24 @@ mod tests {
                 log.append(K, EntryMeta::default(), b.clone(), 0, 0)
                     .unwrap();
                 log.wait_written(log.end()).await.unwrap();
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                assert!(!next.exists(), "nothing is prepared below half a segment");
+                // Past half of the 1 MiB segment, the next one is prepared.
+                let mut positions = Vec::new();
+                while log.end() < (1 << 20) / 2 + (64 << 10) {
+                    positions.push(
+                        log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                            .unwrap(),
+                    );
+                }
+                log.wait_written(log.end()).await.unwrap();
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while !next.exists() && Instant::now() < deadline {
                     glommio::timer::sleep(Duration::from_millis(1)).await;
                 }
                 let prepared = std::fs::metadata(&next).expect("prepared").ino();
-                // Fill the 1 MiB segment and roll into the next.
-                let mut positions = Vec::new();
-                while log.end() < (3 << 20) / 2 {
+                // Fill the segment, roll, and fill most of the next one.
+                while log.end() < (7 << 20) / 4 {
                     positions.push(
                         log.append(K, EntryMeta::default(), b.clone(), 0, 0)
                             .unwrap(),

@@ -708,7 +708,6 @@ fn index_entry(h: &BatchHeader, batch_pos: u64, priority: u8) -> IndexEntry {
         batch_pos,
         batch_len: h.total_bytes() as u32,
         record_count: h.records_count as u32,
-        max_timestamp: h.max_timestamp,
         priority,
     }
 }

@@ -102,13 +102,15 @@ impl Chunk {
         true
     }
 
-    fn get(&self, i: usize) -> IndexEntry {
-        let p = self.entries[i];
-        let start = if i == 0 {
-            0
-        } else {
-            self.entries[i - 1].end_offset
-        };
+    /// Offset delta at which entry `i` starts: its predecessor's end.
+    fn start_of(&self, i: usize) -> u32 {
+        match i {
+            0 => 0,
+            _ => self.entries[i - 1].end_offset,
+        }
+    }
+
+    fn decode(&self, p: Packed, start: u32) -> IndexEntry {
         IndexEntry {
             base_offset: self.base_offset + i64::from(start),
             batch_pos: self.base_pos + u64::from(p.pos),
@@ -116,6 +118,10 @@ impl Chunk {
             record_count: p.end_offset - start,
             priority: (p.len_priority >> LEN_BITS) as u8,
         }
+    }
+
+    fn get(&self, i: usize) -> IndexEntry {
+        self.decode(self.entries[i], self.start_of(i))
     }
 
     fn next_offset(&self) -> i64 {
@@ -234,14 +240,15 @@ impl ConsumeQueue {
     }
 
     /// Entries from (chunk `c`, entry `i`) on, in order.
-    fn iter_from(&self, c: usize, i: usize) -> impl Iterator<Item = IndexEntry> + '_ {
-        self.chunks
-            .range(c.min(self.chunks.len())..)
-            .enumerate()
-            .flat_map(move |(n, chunk)| {
-                let first = if n == 0 { i } else { 0 };
-                (first..chunk.entries.len()).map(move |j| chunk.get(j))
-            })
+    fn iter_from(&self, c: usize, i: usize) -> Iter<'_> {
+        let mut chunks = self.chunks.range(c.min(self.chunks.len())..);
+        let chunk = chunks.next();
+        Iter {
+            chunks,
+            chunk,
+            i,
+            start: chunk.map_or(0, |ch| ch.start_of(i.min(ch.entries.len()))),
+        }
     }
 
     /// The batches holding `offset` and after, up to `max_bytes` (at least
@@ -319,6 +326,34 @@ impl ConsumeQueue {
             .entries
             .partition_point(|p| chunk.base_pos + u64::from(p.pos) < pos);
         self.iter_from(c, i).map(|e| u64::from(e.batch_len)).sum()
+    }
+}
+
+/// Entries in order, each decoded from where its predecessor ended.
+struct Iter<'a> {
+    chunks: std::collections::vec_deque::Iter<'a, Chunk>,
+    chunk: Option<&'a Chunk>,
+    /// Next entry of `chunk`, and the offset delta it starts at.
+    i: usize,
+    start: u32,
+}
+
+impl Iterator for Iter<'_> {
+    type Item = IndexEntry;
+
+    fn next(&mut self) -> Option<IndexEntry> {
+        loop {
+            let chunk = self.chunk?;
+            if let Some(&p) = chunk.entries.get(self.i) {
+                let e = chunk.decode(p, self.start);
+                self.start = p.end_offset;
+                self.i += 1;
+                return Some(e);
+            }
+            self.chunk = self.chunks.next();
+            self.i = 0;
+            self.start = 0;
+        }
     }
 }
 

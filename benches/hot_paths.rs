@@ -121,7 +121,6 @@ fn main() {
             batch_pos: i * 1000,
             batch_len: 900,
             record_count: 10,
-            max_timestamp: 0,
             priority: 0,
         });
     }

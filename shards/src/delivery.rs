@@ -287,7 +287,6 @@ mod tests {
                 batch_pos: i as u64 * 100,
                 batch_len: 100,
                 record_count: 1,
-                max_timestamp: 0,
                 priority: *p,
             });
         }

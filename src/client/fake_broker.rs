@@ -82,7 +82,6 @@ impl Queue {
             batch_pos: self.batches.len() as u64,
             batch_len: 1,
             record_count: h.records_count as u32,
-            max_timestamp: h.max_timestamp,
             priority,
         });
         self.batches.push((base, Bytes::from(raw)));

@@ -23,7 +23,9 @@ use crate::protocol::{
     ErrorCode, ErrorReply, FetchEntry, FetchMany, FetchPart, FetchedQueue, ProduceAck,
     ProduceEntry, ProduceResult, Reply, Request, Response,
 };
+use bytes::Bytes;
 use coremq_shards::fetch_many::FetchWant;
+use coremq_shards::shard::IN_PLACE_MIN_BYTES;
 use futures::channel::oneshot;
 use futures::future::{ready, FutureExt, LocalBoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -70,6 +72,8 @@ impl ShardCtx {
         if entries.is_empty() {
             return ready(Err(empty_request("ProduceMany"))).boxed_local();
         }
+        let mut entries = entries;
+        own_large_batches(&mut entries);
         let meta = self.meta.snapshot();
         let mut results: Vec<Option<ProduceResult>> = entries.iter().map(|_| None).collect();
         let mut shares: Shares<ProduceEntry> = BTreeMap::new();
@@ -366,10 +370,24 @@ pub fn trim_to(parts: Vec<FetchPart>, max_bytes: usize) -> Vec<FetchPart> {
     out
 }
 
+/// Gives each large batch of a multi-entry request a buffer of its own.
+/// They are slices of one frame, and the shard stores a large batch it
+/// owns alone in place: the last one would keep the whole frame alive in
+/// the tail cache. Small batches the shard copies anyway (`IN_PLACE_MIN_BYTES`).
+fn own_large_batches(entries: &mut [ProduceEntry]) {
+    if entries.len() < 2 {
+        return;
+    }
+    for e in entries {
+        if e.batch.len() >= IN_PLACE_MIN_BYTES {
+            e.batch = Bytes::copy_from_slice(&e.batch);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn part(index: u32, sizes: &[usize]) -> FetchPart {
         FetchPart {
@@ -411,5 +429,28 @@ mod tests {
         let got = trim_to(vec![part(0, &[500, 1]), part(1, &[1])], 100);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].batch_bytes(), 500);
+    }
+
+    #[test]
+    fn large_batches_of_a_frame_get_their_own_buffers() {
+        let frame = Bytes::from(vec![7u8; 4 * IN_PLACE_MIN_BYTES]);
+        let inside = |b: &Bytes| frame.as_ptr_range().contains(&b.as_ptr());
+        let entry = |range: std::ops::Range<usize>| ProduceEntry {
+            topic: "t".into(),
+            queue: 0,
+            options: Default::default(),
+            batch: frame.slice(range),
+        };
+        let (small, large) = (IN_PLACE_MIN_BYTES - 1, IN_PLACE_MIN_BYTES);
+        let mut entries = vec![entry(0..small), entry(small..small + large)];
+        own_large_batches(&mut entries);
+        // The small one the shard copies itself; the large one is copied here.
+        assert!(inside(&entries[0].batch));
+        assert!(!inside(&entries[1].batch));
+        assert_eq!(entries[1].batch, frame.slice(small..small + large));
+        // A frame with one batch is that batch's own buffer: no copy.
+        let mut one = vec![entry(0..large)];
+        own_large_batches(&mut one);
+        assert!(inside(&one[0].batch));
     }
 }

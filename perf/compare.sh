@@ -250,6 +250,8 @@ start_coremq() {
     mkdir -p "$system_dir"
     local serve_args=()
     read -r -a serve_args <<<"${COREMQ_SERVE_ARGS:-}"
+    # Created here: the background broker's redirect may come after the first read.
+    : >"$system_dir/stdout"
     "$bin/coremq" serve --data-dir "$system_dir/data" --listen 127.0.0.1:0 \
         --shard-port-base 0 "${serve_args[@]}" >"$system_dir/stdout" 2>"$out/coremq-broker.log" &
     broker_pid=$!

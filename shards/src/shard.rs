@@ -811,6 +811,10 @@ mod tests {
         retention_ms: 0,
         retention_bytes: 0,
     };
+    const ASYNC: QueuePolicy = QueuePolicy {
+        sync_flush: false,
+        ..SYNC
+    };
     const K: QueueKey = QueueKey {
         topic_id: 1,
         queue: 0,
@@ -864,10 +868,7 @@ mod tests {
         let d = dir.path().to_path_buf();
         run(move || async move {
             let shard = Shard::open(cfg(&d)).await.unwrap();
-            let policy = QueuePolicy {
-                sync_flush: false,
-                ..SYNC
-            };
+            let policy = ASYNC;
             // The last small batch of a large frame, the frame's only owner:
             // unique, and its capacity (from its start) is its length.
             let small = batch(&["a"], 0);
@@ -1082,10 +1083,7 @@ mod tests {
         let d = dir.path().to_path_buf();
         run(move || async move {
             let shard = Shard::open(cfg(&d)).await.unwrap();
-            let policy = QueuePolicy {
-                sync_flush: false,
-                ..SYNC
-            };
+            let policy = ASYNC;
             let big = "b".repeat(1000 << 10);
             // No writer yet: everything stays queued.
             let mut last = None;

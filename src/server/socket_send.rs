@@ -76,13 +76,14 @@ async fn write_gathered(
     sock: RawFd,
     pieces: &[&[u8]],
 ) -> io::Result<()> {
-    // Progress: the first piece not fully sent, and how much of it is.
+    // Progress: the first piece not fully sent, and the bytes sent from its
+    // start (counting on into the next pieces until the loop moves on).
     let (mut first, mut done) = (0, 0);
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(pieces.len().min(IOVECS_MAX));
     loop {
-        while first < pieces.len() && done == pieces[first].len() {
+        while first < pieces.len() && done >= pieces[first].len() {
+            done -= pieces[first].len();
             first += 1;
-            done = 0;
         }
         if first == pieces.len() {
             return Ok(());
@@ -103,7 +104,7 @@ async fn write_gathered(
         );
         // SAFETY: every iovec points into a slice borrowed for this call.
         let n = unsafe { libc::writev(sock, iov.as_ptr(), iov.len() as libc::c_int) };
-        let mut sent = if n >= 0 {
+        done += if n >= 0 {
             n as usize
         } else {
             let err = io::Error::last_os_error();
@@ -116,15 +117,6 @@ async fn write_gathered(
                 _ => return Err(err),
             }
         };
-        while sent > 0 {
-            let step = sent.min(pieces[first].len() - done);
-            done += step;
-            sent -= step;
-            if done == pieces[first].len() && sent > 0 {
-                first += 1;
-                done = 0;
-            }
-        }
     }
 }
 

@@ -33,6 +33,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+#[derive(Debug, Clone)]
 pub struct LogConfig {
     pub dir: PathBuf,
     /// Size a segment file may reach before the log rolls to a new one.
@@ -162,14 +163,17 @@ impl CommitLog {
         for (i, &base) in bases.iter().enumerate() {
             let path = cfg.dir.join(segment::file_name(base));
             let size = std::fs::metadata(&path)?.len();
+            // Segments are created at full size with their space reserved:
+            // only the written part needs reading.
+            let written = segment::written_end(&std::fs::File::open(&path)?, size)?;
             let last = i + 1 == bases.len();
             let map_len = if last {
                 size.max(cfg.segment_bytes)
             } else {
                 size
             };
-            let seg = Segment::map(base, &path, map_len)?;
-            let scan = segment::scan(&seg.map[..size as usize], cfg.batch_bytes_max);
+            let mut seg = Segment::map(base, &path, map_len)?;
+            let scan = segment::scan(&seg.map[..written as usize], cfg.batch_bytes_max);
             let seg_stats = stats.entry(base).or_default();
             for e in &scan.entries {
                 let s = seg_stats.entry(e.key).or_default();
@@ -220,7 +224,8 @@ impl CommitLog {
                     .await?;
                 let block_start = align_down(scan.valid_end);
                 tail_block = seg.map[block_start as usize..scan.valid_end as usize].to_vec();
-                if scan.damage.is_some() || size != align_up(scan.valid_end) {
+                let cut = scan.damage.is_some() || written > align_up(scan.valid_end);
+                if cut {
                     if !tail_block.is_empty() {
                         let mut buf = f.alloc_dma_buffer(BLOCK_BYTES as usize);
                         buf.as_bytes_mut().fill(0);
@@ -228,9 +233,22 @@ impl CommitLog {
                         f.write_at(buf, block_start).await?;
                     }
                     f.truncate(align_up(scan.valid_end)).await?;
+                }
+                // Reserve the rest of the segment again (after a cut, or in a
+                // file written by a version that grew its files as it wrote).
+                if cut || size < cfg.segment_bytes {
+                    let _ = f.pre_allocate(cfg.segment_bytes, false).await;
                     f.fdatasync().await?;
                 }
                 file = Some((base, Rc::new(f)));
+            } else if scan.damage.is_none() && size > align_up(scan.valid_end) {
+                // Sealed, but the crash came before its cut to size was
+                // stored: give the reserved space back.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(align_up(scan.valid_end))?;
+                seg = Segment::map(base, &path, align_up(scan.valid_end))?;
             }
             segments.insert(base, seg);
         }
@@ -645,11 +663,20 @@ impl CommitLog {
                 // Pieces start on block boundaries and only the last one ends
                 // in a partial block, so writes in flight never share a block.
                 let window_end = total.min(done + WRITES_IN_FLIGHT_MAX * WRITE_BYTES_MAX);
-                let mut writes = Vec::with_capacity(WRITES_IN_FLIGHT_MAX);
+                let mut writes = Vec::with_capacity(WRITES_IN_FLIGHT_MAX + 1);
                 let mut tail_block = Vec::new();
                 let mut at = done;
                 while at < window_end {
-                    let len = WRITE_BYTES_MAX.min(window_end - at);
+                    // The block holding the old tail is written, the ones
+                    // after it only reserved: a write spanning both cannot
+                    // be issued without blocking (ext4 wants one extent
+                    // under a non-blocking write), so that block goes alone.
+                    let piece_max = if at == 0 && !tail.is_empty() {
+                        BLOCK_BYTES as usize
+                    } else {
+                        WRITE_BYTES_MAX
+                    };
+                    let len = piece_max.min(window_end - at);
                     // One copy: each source straight into the aligned DMA buffer.
                     let mut buf = file.alloc_dma_buffer(align_up(len as u64) as usize);
                     let dst = buf.as_bytes_mut();
@@ -816,8 +843,11 @@ const SLOW_IO_MS: u128 = 500;
 /// segment name, so a crash leaves nothing the log would read).
 const NEXT_SEGMENT_FILE: &str = "next-segment.tmp";
 
-/// Creates an empty segment file at `path` with `bytes` of space reserved,
-/// so appends do not allocate blocks one by one.
+/// Creates a segment file at `path` of `bytes`, all of them reserved and
+/// unwritten (they read as zeros), so appends neither allocate blocks nor
+/// grow the file: io_uring hands a write that does either to a worker
+/// thread (two context switches each) because it cannot be issued without
+/// blocking. The sealed segment is cut to its written size at the roll.
 async fn create_segment_file(path: PathBuf, bytes: u64) -> Result<DmaFile> {
     // Read-write, not DmaFile::create's write-only: glommio probes the
     // device for polled I/O with a read.
@@ -828,7 +858,7 @@ async fn create_segment_file(path: PathBuf, bytes: u64) -> Result<DmaFile> {
         .truncate(true)
         .dma_open(&path)
         .await?;
-    let _ = f.pre_allocate(bytes, true).await;
+    let _ = f.pre_allocate(bytes, false).await;
     Ok(f)
 }
 
@@ -973,6 +1003,137 @@ mod tests {
                     .await
                     .unwrap();
                 assert_eq!(rec.entries.len(), positions.len());
+                for p in positions {
+                    assert_eq!(log.read(p, b.len()).unwrap(), b);
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// Segments are made at full size with the space reserved, reopen
+    /// clean at that size, and take appends after a restart.
+    #[test]
+    fn segments_are_reserved_at_full_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let hour = Duration::from_secs(3600);
+                let cfg = log_config(&d, hour, 1 << 30);
+                let seg = d.join(segment::file_name(0));
+                let b = batch(10_000);
+                let mut positions = Vec::new();
+                for round in 0..3 {
+                    let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
+                    assert_eq!(rec.entries.len(), positions.len(), "round {round}");
+                    assert!(rec.dropped.is_empty(), "{:?}", rec.dropped);
+                    glommio::spawn_local(log.clone().run_writer()).detach();
+                    for _ in 0..5 {
+                        positions.push(
+                            log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                                .unwrap(),
+                        );
+                    }
+                    log.wait_written(log.end()).await.unwrap();
+                    assert_eq!(std::fs::metadata(&seg).unwrap().len(), cfg.segment_bytes);
+                    log.stop().await;
+                }
+                let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
+                for p in positions {
+                    assert_eq!(log.read(p, b.len()).unwrap(), b);
+                }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// Whole entries far past the end of the active segment (a disk that
+    /// kept later writes but lost earlier ones) are cut, not read back later.
+    #[test]
+    fn stale_entries_far_past_the_end_are_cut() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let hour = Duration::from_secs(3600);
+                let mut cfg = log_config(&d, hour, 1 << 30);
+                cfg.segment_bytes = 64 << 20;
+                let seg = d.join(segment::file_name(0));
+                let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
+                glommio::spawn_local(log.clone().run_writer()).detach();
+                for _ in 0..3 {
+                    log.append(K, EntryMeta::default(), batch(1000), 0, 0)
+                        .unwrap();
+                }
+                let end = log.end();
+                log.stop().await;
+                // The same three entries again, 32 MiB on: far beyond any
+                // write the writer keeps in flight.
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&seg)
+                    .unwrap();
+                let mut entries = vec![0u8; end as usize];
+                f.read_exact_at(&mut entries, 0).unwrap();
+                f.write_all_at(&entries, 32 << 20).unwrap();
+                drop(f);
+                let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
+                assert_eq!(rec.entries.len(), 3);
+                assert_eq!(rec.dropped.len(), 1, "the stale copy is reported");
+                assert_eq!(rec.dropped[0].at_pos, end);
+                glommio::spawn_local(log.clone().run_writer()).detach();
+                log.append(K, EntryMeta::default(), batch(1000), 0, 0)
+                    .unwrap();
+                log.stop().await;
+                assert_eq!(std::fs::metadata(&seg).unwrap().len(), cfg.segment_bytes);
+                let (_, rec) = CommitLog::open(cfg.clone()).await.unwrap();
+                assert_eq!(rec.entries.len(), 4);
+                assert!(rec.dropped.is_empty(), "{:?}", rec.dropped);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// A sealed segment still at full size (a crash before its cut to size
+    /// was stored) gives the reserved space back at start.
+    #[test]
+    fn a_sealed_segment_left_at_full_size_is_cut_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let hour = Duration::from_secs(3600);
+                let cfg = log_config(&d, hour, 1 << 30);
+                let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
+                glommio::spawn_local(log.clone().run_writer()).detach();
+                let b = batch(64 << 10);
+                let mut positions = Vec::new();
+                while log.end() < (3 << 20) / 2 {
+                    positions.push(
+                        log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                            .unwrap(),
+                    );
+                }
+                log.stop().await;
+                let first = d.join(segment::file_name(0));
+                let sealed = std::fs::metadata(&first).unwrap().len();
+                assert!(sealed < cfg.segment_bytes, "cut at the roll: {sealed}");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&first)
+                    .unwrap()
+                    .set_len(4 << 20)
+                    .unwrap();
+                let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
+                assert!(rec.dropped.is_empty(), "{:?}", rec.dropped);
+                assert_eq!(rec.entries.len(), positions.len());
+                assert_eq!(std::fs::metadata(&first).unwrap().len(), sealed);
                 for p in positions {
                     assert_eq!(log.read(p, b.len()).unwrap(), b);
                 }

@@ -248,6 +248,43 @@ pub fn scan(data: &[u8], batch_bytes_max: usize) -> Scan {
     out
 }
 
+/// End of the last byte range of `file` that holds data, at most `size`.
+/// Space reserved but never written (an unwritten extent, a hole) reads as
+/// zeros and is skipped, so recovery need not read a mostly empty, fully
+/// reserved active segment to know its tail is clean. A file system that
+/// cannot tell reports all of `size` as data: then every byte is read.
+pub fn written_end(file: &std::fs::File, size: u64) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    // `None`: no data at or after `pos` (ENXIO).
+    let seek = |pos: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on an open descriptor touches no memory of ours.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), pos as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let mut end = 0;
+    while end < size {
+        let data = match seek(end, libc::SEEK_DATA) {
+            Ok(Some(data)) => data,
+            Ok(None) => break,
+            // No SEEK_DATA here: treat the whole file as data.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(size),
+            Err(e) => return Err(e),
+        };
+        match seek(data, libc::SEEK_HOLE)? {
+            Some(hole) if hole > data => end = hole,
+            _ => return Ok(size),
+        }
+    }
+    Ok(end.min(size))
+}
+
 /// A segment file as the log keeps it.
 pub struct Segment {
     pub base: u64,
@@ -371,6 +408,50 @@ mod tests {
             assert_eq!(s.damage, None);
             assert_eq!(s.entries[0].meta, meta);
         }
+    }
+
+    /// Everything past `written_end` reads as zeros, and data is never
+    /// left out, wherever it sits in a file with unwritten space.
+    #[test]
+    fn written_end_skips_only_space_never_written() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8u64 << 20;
+        let check = |name: &str, reserve: bool, writes: &[u64]| -> u64 {
+            let path = dir.path().join(name);
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            f.set_len(size).unwrap();
+            if reserve {
+                // SAFETY: fallocate on an open descriptor.
+                unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as libc::off_t) };
+            }
+            for &at in writes {
+                f.write_all_at(&[0xab; 100], at).unwrap();
+            }
+            let end = written_end(&f, size).unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            let last = bytes
+                .iter()
+                .rposition(|&b| b != 0)
+                .map_or(0, |p| p as u64 + 1);
+            assert!(
+                end >= last && end <= size,
+                "{name}: end {end}, data to {last}"
+            );
+            end
+        };
+        assert_eq!(check("empty", false, &[]), 0);
+        assert!(check("head", false, &[0]) < size, "a hole is skipped");
+        check("reserved-head", true, &[0]);
+        check("two-runs", true, &[0, 5 << 20]);
+        assert_eq!(check("at-the-end", true, &[size - 100]), size);
     }
 
     #[test]

@@ -250,6 +250,7 @@ impl CommitLog {
                     .set_len(align_up(scan.valid_end))?;
                 seg = Segment::map(base, &path, align_up(scan.valid_end))?;
             }
+            seg.release_pages();
             segments.insert(base, seg);
         }
         let active_base = bases.last().copied().unwrap_or(0);
@@ -1137,6 +1138,51 @@ mod tests {
                 for p in positions {
                     assert_eq!(log.read(p, b.len()).unwrap(), b);
                 }
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// Recovery reads every segment, but leaves none of it mapped: a
+    /// restart over a large log does not show the log in the broker's RSS.
+    #[test]
+    fn recovery_leaves_the_log_unmapped() {
+        fn rss_file_kib() -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let hour = Duration::from_secs(3600);
+                let mut cfg = log_config(&d, hour, 1 << 30);
+                cfg.segment_bytes = 16 << 20;
+                let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
+                glommio::spawn_local(log.clone().run_writer()).detach();
+                let b = batch(64 << 10);
+                let mut appended = 0;
+                while log.end() < 48 << 20 {
+                    log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                        .unwrap();
+                    appended += 1;
+                    if log.unwritten_bytes() > 8 << 20 {
+                        log.wait_written(log.end()).await.unwrap();
+                    }
+                }
+                log.stop().await;
+                drop(log);
+                let before = rss_file_kib();
+                let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
+                assert_eq!(rec.entries.len(), appended);
+                let grew_kib = rss_file_kib().saturating_sub(before);
+                assert!(
+                    grew_kib < 8 << 10,
+                    "RSS grew by {grew_kib} KiB over a 48 MiB log"
+                );
+                drop(log);
             })
             .unwrap()
             .join()

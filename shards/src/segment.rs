@@ -308,6 +308,21 @@ impl Segment {
         })
     }
 
+    /// Unmaps the pages a scan touched (they stay in the page cache): a
+    /// recovery reads every segment, and left mapped, its pages counted in
+    /// the broker's RSS (6.7 GB after a restart over 8 GB of log).
+    pub fn release_pages(&self) {
+        // SAFETY: the range is this live, read-only mapping; DONTNEED only
+        // drops its page-table entries, and the next read faults them in.
+        unsafe {
+            libc::madvise(
+                self.map.as_ptr() as *mut libc::c_void,
+                self.map.len(),
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+
     /// The stored bytes at relative position `rel`, without copying.
     pub fn slice(&self, rel: u64, len: usize) -> Option<Bytes> {
         let start = usize::try_from(rel).ok()?;

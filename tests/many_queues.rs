@@ -249,3 +249,35 @@ fn oversized_and_empty_lists_are_refused_and_the_connection_stays() {
     let r = conn.produce_many(vec![entry("t", 0, batch("ok"))]).unwrap();
     assert_eq!(r[0].as_ref().unwrap().base_offset, 0);
 }
+
+/// A topic altered, deleted or made again since the last request is seen
+/// as it is now, on the shard that owns it and on the one that forwards.
+#[test]
+fn many_queue_requests_see_topics_as_they_are_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Broker::start(dir.path(), &["--shards", "2"]);
+    b.create_topic("a", 1, Flush::Async);
+    let conn = Connection::connect(&b.addr, Timeouts::default()).unwrap();
+    let produce = |q: u32, v: &str| {
+        conn.produce_many(vec![entry("a", q, batch(v))])
+            .unwrap()
+            .remove(0)
+    };
+    assert!(produce(0, "old").is_ok());
+    assert_eq!(code(&produce(1, "x")), Some(ErrorCode::UnknownQueue));
+    b.admin().alter_topic("a", 2).unwrap();
+    assert!(produce(1, "q1").is_ok(), "the new queue is known at once");
+    b.admin().delete_topic("a").unwrap();
+    assert_eq!(code(&produce(0, "x")), Some(ErrorCode::UnknownTopic));
+    b.create_topic("a", 1, Flush::Async);
+    assert_eq!(produce(0, "new").unwrap().base_offset, 0);
+    let parts = conn
+        .fetch_many(&FetchMany {
+            max_wait_ms: 0,
+            min_bytes: 0,
+            max_bytes: 1 << 20,
+            entries: vec![want("a", 0)],
+        })
+        .unwrap();
+    assert_eq!(values(&parts[0]), vec!["new"], "the old topic's data is gone");
+}

@@ -279,5 +279,9 @@ fn many_queue_requests_see_topics_as_they_are_now() {
             entries: vec![want("a", 0)],
         })
         .unwrap();
-    assert_eq!(values(&parts[0]), vec!["new"], "the old topic's data is gone");
+    assert_eq!(
+        values(&parts[0]),
+        vec!["new"],
+        "the old topic's data is gone"
+    );
 }

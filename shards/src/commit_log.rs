@@ -892,6 +892,21 @@ mod tests {
         b.build()
     }
 
+    /// Runs `test` on a glommio executor with a fresh, empty log directory.
+    fn with_log_dir<F, Fut>(test: F)
+    where
+        F: FnOnce(std::path::PathBuf) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || test(d))
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
     const K: QueueKey = QueueKey {
         topic_id: 0,
         queue: 0,
@@ -900,155 +915,130 @@ mod tests {
     /// Readers see an entry once appended, before the writer has written it.
     #[test]
     fn appended_entries_are_visible_before_they_are_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let hour = Duration::from_secs(3600);
-                let (log, _) = CommitLog::open(log_config(&d, hour, 1 << 30))
-                    .await
-                    .unwrap();
-                // No writer task yet: nothing can be written.
-                let b = batch(1000);
-                let pos = log
-                    .append(K, EntryMeta::default(), b.clone(), 0, 0)
-                    .unwrap();
-                assert_eq!(log.written(), 0);
-                assert!(pos + b.len() as u64 <= log.end());
-                assert_eq!(log.read(pos, b.len()).unwrap(), b);
-                glommio::spawn_local(log.clone().run_writer()).detach();
-                // One small append is written within the coalescing delay.
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while log.written() < log.end() && Instant::now() < deadline {
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
-                }
-                assert_eq!(log.written(), log.end());
-                log.stop().await;
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+        with_log_dir(|d| async move {
+            let hour = Duration::from_secs(3600);
+            let (log, _) = CommitLog::open(log_config(&d, hour, 1 << 30))
+                .await
+                .unwrap();
+            // No writer task yet: nothing can be written.
+            let b = batch(1000);
+            let pos = log
+                .append(K, EntryMeta::default(), b.clone(), 0, 0)
+                .unwrap();
+            assert_eq!(log.written(), 0);
+            assert!(pos + b.len() as u64 <= log.end());
+            assert_eq!(log.read(pos, b.len()).unwrap(), b);
+            glommio::spawn_local(log.clone().run_writer()).detach();
+            // One small append is written within the coalescing delay.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while log.written() < log.end() && Instant::now() < deadline {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            assert_eq!(log.written(), log.end());
+            log.stop().await;
+        });
     }
 
     /// Async data is synced once `flush_bytes` are unsynced, long before the interval.
     #[test]
     fn async_data_is_synced_by_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let hour = Duration::from_secs(3600);
-                let (log, _) = CommitLog::open(log_config(&d, hour, 64 << 10))
-                    .await
-                    .unwrap();
-                glommio::spawn_local(log.clone().run_writer()).detach();
+        with_log_dir(|d| async move {
+            let hour = Duration::from_secs(3600);
+            let (log, _) = CommitLog::open(log_config(&d, hour, 64 << 10))
+                .await
+                .unwrap();
+            glommio::spawn_local(log.clone().run_writer()).detach();
+            log.append(K, EntryMeta::default(), batch(1000), 0, 0)
+                .unwrap();
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            assert!(log.written() > 0);
+            assert_eq!(log.synced(), 0, "below flush_bytes nothing is synced yet");
+            for _ in 0..100 {
                 log.append(K, EntryMeta::default(), batch(1000), 0, 0)
                     .unwrap();
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-                assert!(log.written() > 0);
-                assert_eq!(log.synced(), 0, "below flush_bytes nothing is synced yet");
-                for _ in 0..100 {
-                    log.append(K, EntryMeta::default(), batch(1000), 0, 0)
-                        .unwrap();
-                }
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while log.synced() == 0 && Instant::now() < deadline {
-                    glommio::timer::sleep(Duration::from_millis(10)).await;
-                }
-                assert!(log.synced() >= 64 << 10, "synced {}", log.synced());
-                log.stop().await;
-                assert_eq!(log.synced(), log.end(), "stop syncs everything");
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while log.synced() == 0 && Instant::now() < deadline {
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(log.synced() >= 64 << 10, "synced {}", log.synced());
+            log.stop().await;
+            assert_eq!(log.synced(), log.end(), "stop syncs everything");
+        });
     }
 
     /// A backlog larger than one write goes out in writes of at most
     /// `WRITE_BYTES_MAX`, and reads back whole.
     #[test]
     fn a_large_backlog_is_written_in_bounded_pieces() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let hour = Duration::from_secs(3600);
-                let mut cfg = log_config(&d, hour, 1 << 30);
-                cfg.segment_bytes = 64 << 20;
-                let (log, _) = CommitLog::open(cfg).await.unwrap();
-                // Queued before the writer runs: one backlog of 4 MiB.
-                let b = batch(64 << 10);
-                let positions: Vec<u64> = (0..64)
-                    .map(|_| {
-                        log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                            .unwrap()
-                    })
-                    .collect();
-                let before = glommio::executor().io_stats();
-                let writes_before =
-                    before.main_ring.file_writes().0 + before.poll_ring.file_writes().0;
-                glommio::spawn_local(log.clone().run_writer()).detach();
-                log.wait_written(log.end()).await.unwrap();
-                let after = glommio::executor().io_stats();
-                let writes = after.main_ring.file_writes().0 + after.poll_ring.file_writes().0
-                    - writes_before;
-                // 4 MiB and a little more in pieces of at most 1 MiB.
-                assert_eq!(WRITE_BYTES_MAX, 1 << 20);
-                assert!(
-                    writes > log.end() >> 20,
-                    "{writes} writes for {} bytes",
-                    log.end()
-                );
-                log.stop().await;
-                let (log, rec) = CommitLog::open(log_config(&d, hour, 1 << 30))
-                    .await
-                    .unwrap();
-                assert_eq!(rec.entries.len(), positions.len());
-                for p in positions {
-                    assert_eq!(log.read(p, b.len()).unwrap(), b);
-                }
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+        with_log_dir(|d| async move {
+            let hour = Duration::from_secs(3600);
+            let mut cfg = log_config(&d, hour, 1 << 30);
+            cfg.segment_bytes = 64 << 20;
+            let (log, _) = CommitLog::open(cfg).await.unwrap();
+            // Queued before the writer runs: one backlog of 4 MiB.
+            let b = batch(64 << 10);
+            let positions: Vec<u64> = (0..64)
+                .map(|_| {
+                    log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                        .unwrap()
+                })
+                .collect();
+            let before = glommio::executor().io_stats();
+            let writes_before = before.main_ring.file_writes().0 + before.poll_ring.file_writes().0;
+            glommio::spawn_local(log.clone().run_writer()).detach();
+            log.wait_written(log.end()).await.unwrap();
+            let after = glommio::executor().io_stats();
+            let writes =
+                after.main_ring.file_writes().0 + after.poll_ring.file_writes().0 - writes_before;
+            // 4 MiB and a little more in pieces of at most 1 MiB.
+            assert_eq!(WRITE_BYTES_MAX, 1 << 20);
+            assert!(
+                writes > log.end() >> 20,
+                "{writes} writes for {} bytes",
+                log.end()
+            );
+            log.stop().await;
+            let (log, rec) = CommitLog::open(log_config(&d, hour, 1 << 30))
+                .await
+                .unwrap();
+            assert_eq!(rec.entries.len(), positions.len());
+            for p in positions {
+                assert_eq!(log.read(p, b.len()).unwrap(), b);
+            }
+        });
     }
 
     /// Segments are made at full size with the space reserved, reopen
     /// clean at that size, and take appends after a restart.
     #[test]
     fn segments_are_reserved_at_full_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let hour = Duration::from_secs(3600);
-                let cfg = log_config(&d, hour, 1 << 30);
-                let seg = d.join(segment::file_name(0));
-                let b = batch(10_000);
-                let mut positions = Vec::new();
-                for round in 0..3 {
-                    let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
-                    assert_eq!(rec.entries.len(), positions.len(), "round {round}");
-                    assert!(rec.dropped.is_empty(), "{:?}", rec.dropped);
-                    glommio::spawn_local(log.clone().run_writer()).detach();
-                    for _ in 0..5 {
-                        positions.push(
-                            log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                                .unwrap(),
-                        );
-                    }
-                    log.wait_written(log.end()).await.unwrap();
-                    assert_eq!(std::fs::metadata(&seg).unwrap().len(), cfg.segment_bytes);
-                    log.stop().await;
+        with_log_dir(|d| async move {
+            let hour = Duration::from_secs(3600);
+            let cfg = log_config(&d, hour, 1 << 30);
+            let seg = d.join(segment::file_name(0));
+            let b = batch(10_000);
+            let mut positions = Vec::new();
+            for round in 0..3 {
+                let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
+                assert_eq!(rec.entries.len(), positions.len(), "round {round}");
+                assert!(rec.dropped.is_empty(), "{:?}", rec.dropped);
+                glommio::spawn_local(log.clone().run_writer()).detach();
+                for _ in 0..5 {
+                    positions.push(
+                        log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                            .unwrap(),
+                    );
                 }
-                let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
-                for p in positions {
-                    assert_eq!(log.read(p, b.len()).unwrap(), b);
-                }
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+                log.wait_written(log.end()).await.unwrap();
+                assert_eq!(std::fs::metadata(&seg).unwrap().len(), cfg.segment_bytes);
+                log.stop().await;
+            }
+            let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
+            for p in positions {
+                assert_eq!(log.read(p, b.len()).unwrap(), b);
+            }
+        });
     }
 
     /// Whole entries far past the end of the active segment (a disk that
@@ -1056,92 +1046,80 @@ mod tests {
     #[test]
     fn stale_entries_far_past_the_end_are_cut() {
         use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let hour = Duration::from_secs(3600);
-                let mut cfg = log_config(&d, hour, 1 << 30);
-                cfg.segment_bytes = 64 << 20;
-                let seg = d.join(segment::file_name(0));
-                let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
-                glommio::spawn_local(log.clone().run_writer()).detach();
-                for _ in 0..3 {
-                    log.append(K, EntryMeta::default(), batch(1000), 0, 0)
-                        .unwrap();
-                }
-                let end = log.end();
-                log.stop().await;
-                // The same three entries again, 32 MiB on: far beyond any
-                // write the writer keeps in flight.
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&seg)
-                    .unwrap();
-                let mut entries = vec![0u8; end as usize];
-                f.read_exact_at(&mut entries, 0).unwrap();
-                f.write_all_at(&entries, 32 << 20).unwrap();
-                drop(f);
-                let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
-                assert_eq!(rec.entries.len(), 3);
-                assert_eq!(rec.dropped.len(), 1, "the stale copy is reported");
-                assert_eq!(rec.dropped[0].at_pos, end);
-                glommio::spawn_local(log.clone().run_writer()).detach();
+        with_log_dir(|d| async move {
+            let hour = Duration::from_secs(3600);
+            let mut cfg = log_config(&d, hour, 1 << 30);
+            cfg.segment_bytes = 64 << 20;
+            let seg = d.join(segment::file_name(0));
+            let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
+            glommio::spawn_local(log.clone().run_writer()).detach();
+            for _ in 0..3 {
                 log.append(K, EntryMeta::default(), batch(1000), 0, 0)
                     .unwrap();
-                log.stop().await;
-                assert_eq!(std::fs::metadata(&seg).unwrap().len(), cfg.segment_bytes);
-                let (_, rec) = CommitLog::open(cfg.clone()).await.unwrap();
-                assert_eq!(rec.entries.len(), 4);
-                assert!(rec.dropped.is_empty(), "{:?}", rec.dropped);
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+            }
+            let end = log.end();
+            log.stop().await;
+            // The same three entries again, 32 MiB on: far beyond any
+            // write the writer keeps in flight.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&seg)
+                .unwrap();
+            let mut entries = vec![0u8; end as usize];
+            f.read_exact_at(&mut entries, 0).unwrap();
+            f.write_all_at(&entries, 32 << 20).unwrap();
+            drop(f);
+            let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
+            assert_eq!(rec.entries.len(), 3);
+            assert_eq!(rec.dropped.len(), 1, "the stale copy is reported");
+            assert_eq!(rec.dropped[0].at_pos, end);
+            glommio::spawn_local(log.clone().run_writer()).detach();
+            log.append(K, EntryMeta::default(), batch(1000), 0, 0)
+                .unwrap();
+            log.stop().await;
+            assert_eq!(std::fs::metadata(&seg).unwrap().len(), cfg.segment_bytes);
+            let (_, rec) = CommitLog::open(cfg.clone()).await.unwrap();
+            assert_eq!(rec.entries.len(), 4);
+            assert!(rec.dropped.is_empty(), "{:?}", rec.dropped);
+        });
     }
 
     /// A sealed segment still at full size (a crash before its cut to size
     /// was stored) gives the reserved space back at start.
     #[test]
     fn a_sealed_segment_left_at_full_size_is_cut_at_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let hour = Duration::from_secs(3600);
-                let cfg = log_config(&d, hour, 1 << 30);
-                let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
-                glommio::spawn_local(log.clone().run_writer()).detach();
-                let b = batch(64 << 10);
-                let mut positions = Vec::new();
-                while log.end() < (3 << 20) / 2 {
-                    positions.push(
-                        log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                            .unwrap(),
-                    );
-                }
-                log.stop().await;
-                let first = d.join(segment::file_name(0));
-                let sealed = std::fs::metadata(&first).unwrap().len();
-                assert!(sealed < cfg.segment_bytes, "cut at the roll: {sealed}");
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&first)
-                    .unwrap()
-                    .set_len(4 << 20)
-                    .unwrap();
-                let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
-                assert!(rec.dropped.is_empty(), "{:?}", rec.dropped);
-                assert_eq!(rec.entries.len(), positions.len());
-                assert_eq!(std::fs::metadata(&first).unwrap().len(), sealed);
-                for p in positions {
-                    assert_eq!(log.read(p, b.len()).unwrap(), b);
-                }
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+        with_log_dir(|d| async move {
+            let hour = Duration::from_secs(3600);
+            let cfg = log_config(&d, hour, 1 << 30);
+            let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
+            glommio::spawn_local(log.clone().run_writer()).detach();
+            let b = batch(64 << 10);
+            let mut positions = Vec::new();
+            while log.end() < (3 << 20) / 2 {
+                positions.push(
+                    log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                        .unwrap(),
+                );
+            }
+            log.stop().await;
+            let first = d.join(segment::file_name(0));
+            let sealed = std::fs::metadata(&first).unwrap().len();
+            assert!(sealed < cfg.segment_bytes, "cut at the roll: {sealed}");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&first)
+                .unwrap()
+                .set_len(4 << 20)
+                .unwrap();
+            let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
+            assert!(rec.dropped.is_empty(), "{:?}", rec.dropped);
+            assert_eq!(rec.entries.len(), positions.len());
+            assert_eq!(std::fs::metadata(&first).unwrap().len(), sealed);
+            for p in positions {
+                assert_eq!(log.read(p, b.len()).unwrap(), b);
+            }
+        });
     }
 
     /// Recovery reads every segment, but leaves none of it mapped: a
@@ -1153,40 +1131,34 @@ mod tests {
             let line = status.lines().find(|l| l.starts_with("RssFile:")).unwrap();
             line.split_whitespace().nth(1).unwrap().parse().unwrap()
         }
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let hour = Duration::from_secs(3600);
-                let mut cfg = log_config(&d, hour, 1 << 30);
-                cfg.segment_bytes = 16 << 20;
-                let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
-                glommio::spawn_local(log.clone().run_writer()).detach();
-                let b = batch(64 << 10);
-                let mut appended = 0;
-                while log.end() < 48 << 20 {
-                    log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                        .unwrap();
-                    appended += 1;
-                    if log.unwritten_bytes() > 8 << 20 {
-                        log.wait_written(log.end()).await.unwrap();
-                    }
+        with_log_dir(|d| async move {
+            let hour = Duration::from_secs(3600);
+            let mut cfg = log_config(&d, hour, 1 << 30);
+            cfg.segment_bytes = 16 << 20;
+            let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
+            glommio::spawn_local(log.clone().run_writer()).detach();
+            let b = batch(64 << 10);
+            let mut appended = 0;
+            while log.end() < 48 << 20 {
+                log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                    .unwrap();
+                appended += 1;
+                if log.unwritten_bytes() > 8 << 20 {
+                    log.wait_written(log.end()).await.unwrap();
                 }
-                log.stop().await;
-                drop(log);
-                let before = rss_file_kib();
-                let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
-                assert_eq!(rec.entries.len(), appended);
-                let grew_kib = rss_file_kib().saturating_sub(before);
-                assert!(
-                    grew_kib < 8 << 10,
-                    "RSS grew by {grew_kib} KiB over a 48 MiB log"
-                );
-                drop(log);
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+            }
+            log.stop().await;
+            drop(log);
+            let before = rss_file_kib();
+            let (log, rec) = CommitLog::open(cfg.clone()).await.unwrap();
+            assert_eq!(rec.entries.len(), appended);
+            let grew_kib = rss_file_kib().saturating_sub(before);
+            assert!(
+                grew_kib < 8 << 10,
+                "RSS grew by {grew_kib} KiB over a 48 MiB log"
+            );
+            drop(log);
+        });
     }
 
     /// Past half a segment the next one is prepared; the roll takes that
@@ -1194,68 +1166,62 @@ mod tests {
     #[test]
     fn a_roll_uses_the_segment_prepared_ahead() {
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        glommio::LocalExecutorBuilder::default()
-            .spawn(move || async move {
-                let hour = Duration::from_secs(3600);
-                let next = d.join(NEXT_SEGMENT_FILE);
-                let (log, _) = CommitLog::open(log_config(&d, hour, 1 << 30))
-                    .await
-                    .unwrap();
-                glommio::spawn_local(log.clone().run_writer()).detach();
-                let b = batch(64 << 10);
-                log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                    .unwrap();
-                log.wait_written(log.end()).await.unwrap();
-                glommio::timer::sleep(Duration::from_millis(50)).await;
-                assert!(!next.exists(), "nothing is prepared below half a segment");
-                // Past half of the 1 MiB segment, the next one is prepared.
-                let mut positions = Vec::new();
-                while log.end() < (1 << 20) / 2 + (64 << 10) {
-                    positions.push(
-                        log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                            .unwrap(),
-                    );
-                }
-                log.wait_written(log.end()).await.unwrap();
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while !next.exists() && Instant::now() < deadline {
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
-                }
-                let prepared = std::fs::metadata(&next).expect("prepared").ino();
-                // Fill the segment, roll, and fill most of the next one.
-                while log.end() < (7 << 20) / 4 {
-                    positions.push(
-                        log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                            .unwrap(),
-                    );
-                }
-                log.wait_written(log.end()).await.unwrap();
-                let last = *positions.last().unwrap();
-                let (seg_base, _) = log.state.borrow().file.clone().unwrap();
-                assert!(seg_base > 0 && seg_base <= last, "rolled at {seg_base}");
-                let seg = d.join(segment::file_name(seg_base));
-                assert_eq!(std::fs::metadata(&seg).unwrap().ino(), prepared);
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while !next.exists() && Instant::now() < deadline {
-                    glommio::timer::sleep(Duration::from_millis(1)).await;
-                }
-                assert!(next.exists(), "the one after is prepared too");
-                log.stop().await;
-                let (log, _) = CommitLog::open(log_config(&d, hour, 1 << 30))
-                    .await
-                    .unwrap();
-                assert!(
-                    !next.exists(),
-                    "an unused prepared file is removed at start"
+        with_log_dir(|d| async move {
+            let hour = Duration::from_secs(3600);
+            let next = d.join(NEXT_SEGMENT_FILE);
+            let (log, _) = CommitLog::open(log_config(&d, hour, 1 << 30))
+                .await
+                .unwrap();
+            glommio::spawn_local(log.clone().run_writer()).detach();
+            let b = batch(64 << 10);
+            log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                .unwrap();
+            log.wait_written(log.end()).await.unwrap();
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+            assert!(!next.exists(), "nothing is prepared below half a segment");
+            // Past half of the 1 MiB segment, the next one is prepared.
+            let mut positions = Vec::new();
+            while log.end() < (1 << 20) / 2 + (64 << 10) {
+                positions.push(
+                    log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                        .unwrap(),
                 );
-                for p in positions {
-                    assert_eq!(log.read(p, b.len()).unwrap(), b);
-                }
-            })
-            .unwrap()
-            .join()
-            .unwrap();
+            }
+            log.wait_written(log.end()).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !next.exists() && Instant::now() < deadline {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            let prepared = std::fs::metadata(&next).expect("prepared").ino();
+            // Fill the segment, roll, and fill most of the next one.
+            while log.end() < (7 << 20) / 4 {
+                positions.push(
+                    log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                        .unwrap(),
+                );
+            }
+            log.wait_written(log.end()).await.unwrap();
+            let last = *positions.last().unwrap();
+            let (seg_base, _) = log.state.borrow().file.clone().unwrap();
+            assert!(seg_base > 0 && seg_base <= last, "rolled at {seg_base}");
+            let seg = d.join(segment::file_name(seg_base));
+            assert_eq!(std::fs::metadata(&seg).unwrap().ino(), prepared);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !next.exists() && Instant::now() < deadline {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            assert!(next.exists(), "the one after is prepared too");
+            log.stop().await;
+            let (log, _) = CommitLog::open(log_config(&d, hour, 1 << 30))
+                .await
+                .unwrap();
+            assert!(
+                !next.exists(),
+                "an unused prepared file is removed at start"
+            );
+            for p in positions {
+                assert_eq!(log.read(p, b.len()).unwrap(), b);
+            }
+        });
     }
 }

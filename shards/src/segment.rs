@@ -310,7 +310,7 @@ impl Segment {
 
     /// Unmaps the pages a scan touched (they stay in the page cache): a
     /// recovery reads every segment, and left mapped, its pages counted in
-    /// the broker's RSS (6.7 GB after a restart over 8 GB of log).
+    /// the broker's RSS (6.7 GB after a restart over 6 GB of log).
     pub fn release_pages(&self) {
         // SAFETY: the range is this live, read-only mapping; DONTNEED only
         // drops its page-table entries, and the next read faults them in.

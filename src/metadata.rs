@@ -19,6 +19,7 @@
 //! placement needs.
 
 mod files;
+mod name_index;
 mod writer;
 
 pub use files::DroppedTail;
@@ -58,17 +59,22 @@ pub struct Metadata {
     /// By id: shards name their queues by id, and with 10,000 topics a scan
     /// per lookup shows.
     by_id: imbl::OrdMap<u32, Arc<TopicMeta>>,
+    /// `topics` hashed, for the data path's lookups; starts over on a change.
+    by_name: name_index::NameIndex,
     next_topic_id: u32,
 }
 
 impl Metadata {
     pub fn topic(&self, name: &str) -> Result<&TopicMeta, ErrorReply> {
-        self.topics.get(name).map(|t| &**t).ok_or_else(|| {
-            ErrorReply::new(
-                ErrorCode::UnknownTopic,
-                format!("topic {name:?} does not exist"),
-            )
-        })
+        self.by_name
+            .get(&self.topics, name)
+            .map(|t| &**t)
+            .ok_or_else(|| {
+                ErrorReply::new(
+                    ErrorCode::UnknownTopic,
+                    format!("topic {name:?} does not exist"),
+                )
+            })
     }
 
     pub fn topic_by_id(&self, id: u32) -> Option<&TopicMeta> {
@@ -118,6 +124,7 @@ impl Metadata {
     }
 
     fn insert(&mut self, t: Arc<TopicMeta>) {
+        self.by_name = Default::default();
         self.by_id.insert(t.id, t.clone());
         self.topics.insert(Arc::from(t.spec.name.as_str()), t);
     }
@@ -219,6 +226,7 @@ impl Metadata {
                         ))
                     }
                 }
+                self.by_name = Default::default();
                 self.topics.remove(name.as_str());
                 self.by_id.remove(id);
             }
@@ -524,6 +532,44 @@ mod tests {
             Err(e) => panic!("expected Corrupt, got {e}"),
             Ok(_) => panic!("expected Corrupt, it opened"),
         }
+    }
+
+    /// Past `TREE_LOOKUPS_MAX` a snapshot answers from its hash index; the
+    /// snapshots after a change must still see the change, and the old one
+    /// must not.
+    #[test]
+    fn name_lookups_see_every_change_after_the_index_is_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetaStore::open(dir.path(), 2).unwrap();
+        for i in 0..50 {
+            create(&store, &format!("t{i}"), 1);
+        }
+        let before = store.snapshot();
+        for round in 0..25 {
+            for i in 0..50 {
+                assert_eq!(
+                    before.topic(&format!("t{i}")).unwrap().spec.name,
+                    format!("t{i}")
+                );
+            }
+            assert_eq!(
+                before.topic("new").unwrap_err().code,
+                ErrorCode::UnknownTopic,
+                "round {round}"
+            );
+        }
+        block_on(store.delete_topic("t7")).unwrap();
+        create(&store, "new", 3);
+        block_on(store.alter_topic("t8", 2)).unwrap();
+        let after = store.snapshot();
+        for _ in 0..1100 {
+            assert_eq!(after.topic("t7").unwrap_err().code, ErrorCode::UnknownTopic);
+            assert_eq!(after.topic("new").unwrap().spec.queues, 3);
+            assert_eq!(after.topic("t8").unwrap().placement.len(), 2);
+        }
+        assert_eq!(before.topic("t7").unwrap().spec.name, "t7");
+        assert_eq!(before.topic("t8").unwrap().placement.len(), 1);
+        assert!(before.topic("new").is_err());
     }
 
     #[test]

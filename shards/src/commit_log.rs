@@ -23,12 +23,12 @@ use crate::read_ahead::ReadAhead;
 use crate::segment::{
     self, align_down, align_up, EntryMeta, Segment, BLOCK_BYTES, ENTRY_HEADER_BYTES,
 };
-use crate::QueueKey;
+use crate::{QueueKey, QueueMap};
 use bytes::Bytes;
 use futures::channel::oneshot;
 use glommio::io::DmaFile;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -89,7 +89,7 @@ struct Pending {
 
 struct LogState {
     segments: BTreeMap<u64, Segment>,
-    stats: BTreeMap<u64, HashMap<QueueKey, SegmentQueueStats>>,
+    stats: BTreeMap<u64, QueueMap<SegmentQueueStats>>,
     end: u64,
     written: u64,
     synced: u64,
@@ -155,7 +155,7 @@ impl CommitLog {
         bases.sort_unstable();
         let mut rec = Recovery::default();
         let mut segments = BTreeMap::new();
-        let mut stats: BTreeMap<u64, HashMap<QueueKey, SegmentQueueStats>> = BTreeMap::new();
+        let mut stats: BTreeMap<u64, QueueMap<SegmentQueueStats>> = BTreeMap::new();
         let mut end = 0u64;
         let mut tail_block = Vec::new();
         let mut file = None;
@@ -456,7 +456,7 @@ impl CommitLog {
     }
 
     /// Sealed segments, oldest first, with their per-queue statistics.
-    pub fn sealed_segments(&self) -> Vec<(u64, HashMap<QueueKey, SegmentQueueStats>)> {
+    pub fn sealed_segments(&self) -> Vec<(u64, QueueMap<SegmentQueueStats>)> {
         let st = self.state.borrow();
         let active = st
             .file

@@ -13,6 +13,7 @@ pub mod assignment;
 pub mod batch;
 pub mod commit_log;
 pub mod consume_queue;
+pub mod copy_slab;
 pub mod delay_queue;
 pub mod delivery;
 pub mod durable_file;
@@ -39,3 +40,8 @@ pub struct QueueKey {
     pub topic_id: u32,
     pub queue: u32,
 }
+
+/// A map by queue. Looked up for every stored batch, so hashed with
+/// foldhash: SipHash's cost showed with 10,000 queues, and queue keys are
+/// the broker's own numbers, not input an attacker picks.
+pub type QueueMap<V> = std::collections::HashMap<QueueKey, V, foldhash::fast::RandomState>;

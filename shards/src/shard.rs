@@ -12,6 +12,7 @@
 use crate::batch::{self, BatchHeader};
 use crate::commit_log::{CommitLog, LogConfig, Recovery};
 use crate::consume_queue::{ConsumeQueue, IndexEntry};
+use crate::copy_slab::CopySlab;
 use crate::delay_queue::{DelayQueue, DelayedRef};
 use crate::delivery::Subscription;
 use crate::durable_file;
@@ -21,7 +22,7 @@ use crate::notify::Notify;
 use crate::producer_state::{ProducerTable, SequenceCheck};
 use crate::segment::{EntryKind, EntryMeta, ENTRY_HEADER_BYTES, PRIORITY_MAX};
 use crate::time_wheel::TimeWheel;
-use crate::QueueKey;
+use crate::{QueueKey, QueueMap};
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -166,7 +167,7 @@ pub struct RetentionReport {
 pub struct Shard {
     pub(crate) cfg: ShardConfig,
     pub(crate) log: Rc<CommitLog>,
-    pub(crate) queues: RefCell<HashMap<QueueKey, QueueState>>,
+    pub(crate) queues: RefCell<QueueMap<QueueState>>,
     pub(crate) offsets: RefCell<GroupOffsets>,
     /// A commit writes the offsets file; one at a time keeps writes ordered.
     pub(crate) offsets_lock: glommio::sync::Semaphore,
@@ -178,6 +179,8 @@ pub struct Shard {
     pub(crate) subscriptions: RefCell<HashMap<(std::rc::Rc<str>, QueueKey), Subscription>>,
     /// Subscriptions changed since they were last saved.
     pub(crate) subscriptions_dirty: Cell<bool>,
+    /// Where stored batches that need a copy are copied (`copy_slab.rs`).
+    copies: RefCell<CopySlab>,
 }
 
 impl Shard {
@@ -196,7 +199,7 @@ impl Shard {
             batch_bytes_max: cfg.segment_bytes as usize,
         })
         .await?;
-        let mut queues: HashMap<QueueKey, QueueState> = HashMap::new();
+        let mut queues: QueueMap<QueueState> = QueueMap::default();
         let mut delayed = DelayQueue::default();
         for e in &recovery.entries {
             let q = queues.entry(e.key).or_default();
@@ -255,6 +258,7 @@ impl Shard {
             timers: RefCell::new(timers),
             subscriptions: RefCell::new(subscriptions),
             subscriptions_dirty: Cell::new(false),
+            copies: RefCell::default(),
         };
         Ok(Rc::new(shard))
     }
@@ -336,8 +340,8 @@ impl Shard {
             Ok(m) if m.len() >= IN_PLACE_MIN_BYTES && m.capacity() <= 2 * m.len() => m,
             // Anything else may be cut from a larger buffer (a read buffer, a
             // ProduceMany frame) that the tail cache would pin: keep a copy.
-            Ok(m) => bytes::BytesMut::from(&m[..]),
-            Err(shared) => bytes::BytesMut::from(&shared[..]),
+            Ok(m) => self.copies.borrow_mut().copy(&m),
+            Err(shared) => self.copies.borrow_mut().copy(&shared),
         };
         batch::set_base_offset(&mut owned, base_offset.max(0));
         batch::set_leader_epoch(&mut owned, LEADER_EPOCH);

@@ -25,7 +25,8 @@ use crate::protocol::{
 };
 use bytes::Bytes;
 use coremq_shards::fetch_many::FetchWant;
-use coremq_shards::shard::IN_PLACE_MIN_BYTES;
+use coremq_shards::shard::{QueuePolicy, IN_PLACE_MIN_BYTES};
+use coremq_shards::QueueKey;
 use futures::channel::oneshot;
 use futures::future::{ready, FutureExt, LocalBoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -76,13 +77,13 @@ impl ShardCtx {
         own_large_batches(&mut entries);
         let meta = self.meta.snapshot();
         let mut results: Vec<Option<ProduceResult>> = entries.iter().map(|_| None).collect();
-        let mut shares: Shares<ProduceEntry> = BTreeMap::new();
+        let mut shares: Shares<(ProduceEntry, QueueKey, QueuePolicy)> = BTreeMap::new();
         for (i, e) in entries.into_iter().enumerate() {
             match queue_of(&meta, &e.topic, e.queue) {
-                Ok((_, owner, _)) => {
+                Ok((key, owner, policy)) => {
                     let share = shares.entry(owner).or_default();
                     share.0.push(i);
-                    share.1.push(e);
+                    share.1.push((e, key, policy));
                 }
                 Err(err) => results[i] = Some(Err(err)),
             }
@@ -90,8 +91,9 @@ impl ShardCtx {
         let mut pending = Vec::with_capacity(shares.len());
         for (owner, (positions, share)) in shares {
             let fut = if owner == self.id {
-                self.produce_many_local(share)
+                self.store_many(share.into_iter().map(Ok).collect())
             } else {
+                let share = share.into_iter().map(|(e, ..)| e).collect();
                 self.forward(owner, Request::ProduceMany(share)).await
             };
             pending.push((positions, fut));
@@ -131,18 +133,31 @@ impl ShardCtx {
         .boxed_local()
     }
 
-    /// A ProduceMany share for queues this shard owns: every batch stored
-    /// now (phase one, in order), the durability waits in the future.
+    /// A ProduceMany share forwarded to this shard, which owns its queues.
     pub(super) fn produce_many_local(
         self: &Rc<Self>,
         entries: Vec<ProduceEntry>,
     ) -> LocalBoxFuture<'static, Response> {
         let meta = self.meta.snapshot();
+        let resolved = entries
+            .into_iter()
+            .map(|e| queue_of(&meta, &e.topic, e.queue).map(|(key, _, policy)| (e, key, policy)))
+            .collect();
+        self.store_many(resolved)
+    }
+
+    /// Entries whose queues this shard owns, already looked up: every
+    /// batch stored now (phase one, in order), the durability waits in the
+    /// future.
+    fn store_many(
+        self: &Rc<Self>,
+        entries: Vec<Result<(ProduceEntry, QueueKey, QueuePolicy), ErrorReply>>,
+    ) -> LocalBoxFuture<'static, Response> {
         let shard = self.shard.clone();
         let stored: Vec<_> = entries
             .into_iter()
-            .map(|e| {
-                queue_of(&meta, &e.topic, e.queue).and_then(|(key, _, policy)| {
+            .map(|r| {
+                r.and_then(|(e, key, policy)| {
                     shard
                         .produce_with(key, e.batch, policy, e.options)
                         .map_err(shard_error)

@@ -683,18 +683,21 @@ impl FusedIterator for SplitBatches<'_> {}
 
 /// Accumulates records and encodes them as one v2 batch.
 ///
-/// Records are encoded as they are pushed; [`BatchBuilder::build`] only adds
-/// the header and compresses. The built batch has base offset 0 and leader
-/// epoch -1, which the broker overwrites on append.
+/// Records are encoded as they are pushed, after room left for the header;
+/// [`BatchBuilder::build`] fills the header in and, uncompressed, hands that
+/// same buffer over, so each value is copied once. The built batch has base
+/// offset 0 and leader epoch -1, which the broker overwrites on append.
 #[derive(Debug, Clone)]
 pub struct BatchBuilder {
     compression: Compression,
     producer_id: i64,
     producer_epoch: i16,
     base_sequence: i32,
-    /// Uncompressed records section.
+    /// `BATCH_HEADER_BYTES` of room for the header (once a record is
+    /// pushed), then the uncompressed records section.
     records: Vec<u8>,
-    /// Scratch space for encoding one record before its length is known.
+    /// A record's small fields (all but the value), encoded before the
+    /// record's length is known.
     scratch: Vec<u8>,
     count: i32,
     base_timestamp: i64,
@@ -748,21 +751,34 @@ impl BatchBuilder {
         }
         self.max_timestamp = self.max_timestamp.max(timestamp_ms);
 
-        let body = &mut self.scratch;
-        body.clear();
-        body.push(0); // record attributes, unused
-        put_varlong(body, timestamp_ms.wrapping_sub(self.base_timestamp));
-        put_varint(body, self.count);
-        put_nullable_bytes(body, key);
-        put_nullable_bytes(body, value);
-        put_varint(body, len_i32(headers.len()));
+        // Attributes, deltas and key, then the headers, go to `scratch`; the
+        // value goes straight to `records` between them.
+        let small = &mut self.scratch;
+        small.clear();
+        small.push(0); // record attributes, unused
+        put_varlong(small, timestamp_ms.wrapping_sub(self.base_timestamp));
+        put_varint(small, self.count);
+        put_nullable_bytes(small, key);
+        let before_value = small.len();
+        put_varint(small, len_i32(headers.len()));
         for (name, value) in headers {
-            put_nullable_bytes(body, Some(name.as_bytes()));
-            put_nullable_bytes(body, *value);
+            put_nullable_bytes(small, Some(name.as_bytes()));
+            put_nullable_bytes(small, *value);
         }
+        let value_len = value.map_or(-1, |v| len_i32(v.len()));
+        let value_bytes = value.unwrap_or_default();
+        let body_len = small.len() + varint_bytes(value_len) + value_bytes.len();
 
-        put_varint(&mut self.records, len_i32(body.len()));
-        self.records.extend_from_slice(body);
+        let records = &mut self.records;
+        if records.is_empty() {
+            records.resize(BATCH_HEADER_BYTES, 0);
+        }
+        records.reserve(varint_bytes(len_i32(body_len)) + body_len);
+        put_varint(records, len_i32(body_len));
+        records.extend_from_slice(&small[..before_value]);
+        put_varint(records, value_len);
+        records.extend_from_slice(value_bytes);
+        records.extend_from_slice(&small[before_value..]);
         self.count += 1;
     }
 
@@ -778,7 +794,7 @@ impl BatchBuilder {
 
     /// Uncompressed size of the batch so far, header included, in bytes.
     pub fn estimated_bytes(&self) -> usize {
-        BATCH_HEADER_BYTES + self.records.len()
+        self.records.len().max(BATCH_HEADER_BYTES)
     }
 
     /// Encodes the batch.
@@ -792,20 +808,33 @@ impl BatchBuilder {
     ///
     /// If the encoded batch would exceed `i32::MAX` bytes, or compression
     /// fails (which in-memory compressors only do on such huge inputs).
-    pub fn build(self) -> Bytes {
-        let compressed;
-        let records: &[u8] = match self.compression {
-            Compression::None => &self.records,
+    pub fn build(mut self) -> Bytes {
+        if self.records.is_empty() {
+            self.records.resize(BATCH_HEADER_BYTES, 0);
+        }
+        let mut buf = match self.compression {
+            Compression::None => std::mem::take(&mut self.records),
             codec => {
-                compressed = compress(codec, &self.records)
+                let compressed = compress(codec, &self.records[BATCH_HEADER_BYTES..])
                     .unwrap_or_else(|e| panic!("{} compression failed: {e}", codec.name()));
-                &compressed
+                let mut buf = Vec::with_capacity(BATCH_HEADER_BYTES + compressed.len());
+                buf.resize(BATCH_HEADER_BYTES, 0);
+                buf.extend_from_slice(&compressed);
+                buf
             }
         };
-        let batch_length = i32::try_from(BATCH_LENGTH_MIN_BYTES + records.len())
+        let batch_length = i32::try_from(buf.len() - LOG_OVERHEAD_BYTES)
             .expect("record batch exceeds i32::MAX bytes");
+        let header = self.header(batch_length);
+        buf[..BATCH_HEADER_BYTES].copy_from_slice(&header);
+        let crc = crc32c::crc32c(&buf[OFF_ATTRIBUTES..]);
+        buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
+        Bytes::from(buf)
+    }
 
-        let mut buf = Vec::with_capacity(BATCH_HEADER_BYTES + records.len());
+    /// The batch header, CRC left 0.
+    fn header(&self, batch_length: i32) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(BATCH_HEADER_BYTES);
         buf.put_i64(0); // base offset
         buf.put_i32(batch_length);
         buf.put_i32(-1); // partition leader epoch
@@ -820,11 +849,7 @@ impl BatchBuilder {
         buf.put_i32(self.base_sequence);
         buf.put_i32(self.count);
         debug_assert_eq!(buf.len(), BATCH_HEADER_BYTES);
-        buf.extend_from_slice(records);
-
-        let crc = crc32c::crc32c(&buf[OFF_ATTRIBUTES..]);
-        buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
-        Bytes::from(buf)
+        buf
     }
 }
 
@@ -863,6 +888,12 @@ fn put_unsigned(buf: &mut Vec<u8>, mut value: u64) {
     buf.push(value as u8);
 }
 
+/// Bytes `put_varint` writes for `value`.
+fn varint_bytes(value: i32) -> usize {
+    let zigzag = ((value << 1) ^ (value >> 31)) as u32;
+    (32 - zigzag.leading_zeros() as usize).max(1).div_ceil(7)
+}
+
 /// Zigzag varint.
 fn put_varint(buf: &mut Vec<u8>, value: i32) {
     put_unsigned(buf, u64::from(((value << 1) ^ (value >> 31)) as u32));
@@ -899,6 +930,29 @@ fn be_i64(buf: &[u8], at: usize) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn varint_bytes_matches_what_put_varint_writes() {
+        for v in [
+            0,
+            1,
+            -1,
+            63,
+            64,
+            -64,
+            -65,
+            8191,
+            8192,
+            1 << 20,
+            1 << 27,
+            i32::MAX,
+            i32::MIN,
+        ] {
+            let mut buf = Vec::new();
+            put_varint(&mut buf, v);
+            assert_eq!(varint_bytes(v), buf.len(), "{v}");
+        }
+    }
 
     const CODECS: [Compression; 5] = [
         Compression::None,

@@ -13,6 +13,11 @@
 #   fdatasync_64k_*       the same with 64 KiB writes
 #   loopback_mb_per_s     iperf3, one TCP stream on 127.0.0.1
 #   loopback_p2_mb_per_s  the same with two streams (informational)
+#   loopback_bidir_mb_per_s
+#                         iperf3 --bidir: a stream each way at once, the
+#                         slower direction. A workload with consumers moves
+#                         each byte in (produce) and out again (consume), so
+#                         this, not one stream, is its network ceiling
 #   loopback_rtt_p50_us, loopback_rtt_p99_us, loopback_rtt_p9999_us
 #                         sockperf TCP ping-pong of 1 KiB messages on 127.0.0.1,
 #                         full round trip (--full-rtt): the floor under any
@@ -27,8 +32,8 @@
 #                 it exists, else the current directory); test files go into a
 #                 temporary directory inside it and are removed on exit
 #   --seconds S   length of each measurement (default 5, env LIMITS_SECONDS):
-#                 four disk measurements and two iperf3 runs, so at most
-#                 6 x S plus the settle wait and setup (about 35 s by default)
+#                 four disk measurements and three iperf3 runs, so at most
+#                 7 x S plus the settle wait and setup (about 40 s by default)
 #   --size-mib N  size of the bandwidth test file (default 2048, env
 #                 LIMITS_SIZE_MIB)
 #   --iodepth N   I/Os in flight in the bandwidth tests (default 4, env
@@ -308,6 +313,8 @@ note "loopback TCP, 1 stream, ${seconds}s"
 iperf "$out/iperf1.json"
 note "loopback TCP, 2 streams, ${seconds}s"
 iperf "$out/iperf2.json" --parallel 2
+note "loopback TCP, a stream each way at once, ${seconds}s"
+iperf "$out/iperf-bidir.json" --bidir
 
 note "loopback TCP round trip, 1 KiB ping-pong, ${seconds}s"
 rtt_port="$(free_port)"
@@ -367,12 +374,12 @@ def rtt(p):
     return round(float(m.group(1)), 1) if m else None
 
 
-def iperf(name):
+def iperf(name, key="sum_received"):
     with open(os.path.join(out, name + ".json")) as f:
         j = json.load(f)
     if "error" in j:
         raise SystemExit("iperf3: " + j["error"])
-    return round(j["end"]["sum_received"]["bits_per_second"] / 8 / MB, 1)
+    return round(j["end"][key]["bits_per_second"] / 8 / MB, 1)
 
 
 w, r = fio("write"), fio("read")
@@ -393,6 +400,9 @@ report = {
     "fdatasync_64k_count": s64["count"],
     "loopback_mb_per_s": iperf("iperf1"),
     "loopback_p2_mb_per_s": iperf("iperf2"),
+    "loopback_bidir_mb_per_s": min(
+        iperf("iperf-bidir"), iperf("iperf-bidir", "sum_received_bidir_reverse")
+    ),
     "loopback_rtt_p50_us": rtt(50),
     "loopback_rtt_p99_us": rtt(99),
     "loopback_rtt_p9999_us": rtt(99.99),

@@ -433,10 +433,26 @@ pub struct Record {
 /// match their contents and the records section must hold exactly
 /// `records_count` records.
 pub fn decode_records(batch: &[u8]) -> Result<(BatchHeader, Vec<Record>), BatchError> {
+    decode_records_with(batch, Bytes::copy_from_slice)
+}
+
+/// [`decode_records`] of a batch at the start of `batch`, without a copy:
+/// the records of an uncompressed batch are slices of `batch` itself (a
+/// consumer reading 1.5 GB/s spent a tenth of its CPU on that copy).
+pub fn decode_records_shared(batch: &Bytes) -> Result<(BatchHeader, Vec<Record>), BatchError> {
+    decode_records_with(batch, |section| batch.slice_ref(section))
+}
+
+/// `decode_records` with `share` turning the uncompressed records section
+/// (a slice of `batch`) into the buffer the records point into.
+fn decode_records_with(
+    batch: &[u8],
+    share: impl FnOnce(&[u8]) -> Bytes,
+) -> Result<(BatchHeader, Vec<Record>), BatchError> {
     let header = validate(batch)?;
     let section = &batch[BATCH_HEADER_BYTES..header.total_bytes()];
     let data = match header.compression()? {
-        Compression::None => Bytes::copy_from_slice(section),
+        Compression::None => share(section),
         codec => Bytes::from(decompress(codec, section)?),
     };
 
@@ -1078,6 +1094,27 @@ mod tests {
             assert_eq!(decoded_header.base_offset, 500);
             assert_eq!(decoded_header.last_offset(), 503);
             assert_eq!(records, expected_records(500), "{codec}");
+        }
+    }
+
+    #[test]
+    fn shared_decoding_points_into_the_batch_and_matches_the_copy() {
+        for codec in CODECS {
+            let mut owned = sample(codec).to_vec();
+            set_base_offset(&mut owned, 500);
+            let batch = Bytes::from(owned);
+            let (header, records) = decode_records_shared(&batch).unwrap();
+            assert_eq!(header.base_offset, 500);
+            assert_eq!(records, expected_records(500), "{codec}");
+            let inside = |v: &Bytes| batch.as_ptr_range().contains(&v.as_ptr());
+            let values: Vec<_> = records.iter().filter_map(|r| r.value.as_ref()).collect();
+            assert!(!values.is_empty());
+            // Uncompressed values are slices of the batch; decompressed ones cannot be.
+            assert_eq!(
+                values.iter().all(|v| inside(v)),
+                codec == Compression::None,
+                "{codec}"
+            );
         }
     }
 

@@ -438,9 +438,14 @@ fn read_frames(stream: &TcpStream, shared: &Shared) -> ReadStop {
             Ok(None) => return ReadStop::Eof, // unreachable: four bytes were read
             Err(e) => return ReadStop::Frame(e),
         };
-        let mut body = vec![0u8; len];
-        if let Err(e) = r.read_exact(&mut body) {
-            return ReadStop::Io(e);
+        // Read into spare capacity (`Take` and the socket read into memory
+        // not yet initialized), not a zeroed buffer: zeroing was a second
+        // pass over every consumed byte.
+        let mut body = Vec::with_capacity(len);
+        match (&mut r).take(len as u64).read_to_end(&mut body) {
+            Ok(n) if n == len => {}
+            Ok(_) => return ReadStop::Io(std::io::ErrorKind::UnexpectedEof.into()),
+            Err(e) => return ReadStop::Io(e),
         }
         let (request_id, code, body) = match frame::parse_response(Bytes::from(body)) {
             Ok(parts) => parts,

@@ -22,7 +22,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use coremq_shards::batch::{decode_records, split_batches, BatchError};
+use coremq_shards::batch::{decode_records_shared, split_batches, BatchError};
 
 use crate::protocol::messages::GROUP_NAME_BYTES_MAX;
 use crate::protocol::{ApiKey, ErrorCode, Reply, Request, TopicInfo};
@@ -159,7 +159,7 @@ pub fn records_from_fetch(
                 Err(e) => return Err(e),
             };
             whole_batches += 1;
-            let (header, records) = decode_records(batch)?;
+            let (header, records) = decode_records_shared(&chunk.slice_ref(batch))?;
             if !header.is_control() {
                 for r in records {
                     if r.offset < out.position {

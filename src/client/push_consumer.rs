@@ -45,7 +45,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use coremq_shards::batch::{decode_records, split_batches, BatchError};
+use coremq_shards::batch::{decode_records_shared, split_batches, BatchError};
 use coremq_shards::push_delivery::{ACK_TIMEOUT_MS_MAX, MAX_ATTEMPTS_MAX};
 
 use crate::protocol::messages::GROUP_NAME_BYTES_MAX;
@@ -191,7 +191,7 @@ pub fn records_from_delivery(
     let mut found = HashMap::with_capacity(messages.len());
     for chunk in batches {
         for batch in split_batches(chunk) {
-            let (header, records) = decode_records(batch?)?;
+            let (header, records) = decode_records_shared(&chunk.slice_ref(batch?))?;
             if header.is_control() {
                 continue;
             }

@@ -11,6 +11,7 @@
 //! A malformed frame gets an error reply and the connection is closed:
 //! after garbage, frame boundaries cannot be trusted.
 
+use super::read_buffer::ReadBuffer;
 use super::shard_context::ShardCtx;
 use super::socket_send;
 use crate::protocol::frame::{self, FrameError, FRAME_LEN_BYTES, REQUEST_HEADER_BYTES};
@@ -97,7 +98,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
         let _ = writer.close().await;
     });
 
-    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut buf = ReadBuffer::with_capacity(READ_CHUNK_BYTES);
     let max_frame = ctx.config.max_frame_bytes;
     // After a large frame the next one is likely large too (a batching
     // producer): at the boundary, read its length prefix alone first.
@@ -138,7 +139,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
             let whole = FRAME_LEN_BYTES + len;
             last_frame_large = whole >= OWN_BUFFER_FRAME_MIN_BYTES;
             let mut frame_bytes = if buf.len() == whole && buf.capacity() <= 2 * whole {
-                std::mem::take(&mut buf)
+                buf.take()
             } else {
                 shared = true;
                 buf.split_to(whole)
@@ -208,13 +209,13 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
                 if shared || buf.capacity() < whole {
                     let mut own = BytesMut::with_capacity(whole);
                     own.extend_from_slice(&buf);
-                    buf = own;
+                    buf.set(own);
                     shared = false;
                 }
                 whole - buf.len()
             }
             _ if buf.is_empty() => {
-                buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+                buf.set(BytesMut::with_capacity(READ_CHUNK_BYTES));
                 shared = false;
                 if last_frame_large {
                     FRAME_LEN_BYTES
@@ -224,17 +225,14 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
             }
             _ => READ_CHUNK_BYTES.max(buf.capacity() - buf.len()),
         };
-        let start = buf.len();
-        buf.resize(start + want, 0);
-        match reader.read(&mut buf[start..]).await {
+        match buf.read_from(&mut reader, want).await {
             Ok(0) | Err(_) => {
-                buf.truncate(start);
                 if !buf.is_empty() {
                     tracing::debug!(?peer, bytes = buf.len(), "client left mid-frame");
                 }
                 break;
             }
-            Ok(n) => buf.truncate(start + n),
+            Ok(_) => {}
         }
     }
     drop(tx);

@@ -13,6 +13,7 @@ pub mod connection;
 pub mod dead_letters;
 pub mod groups;
 pub mod many;
+mod read_buffer;
 pub mod router;
 pub mod shard_context;
 pub mod socket_send;

@@ -34,7 +34,6 @@ use clap::{Args, Parser, Subcommand};
 use crate::drivers::Driver;
 use crate::error::PerfError;
 use crate::payload::PayloadKind;
-use crate::producer::CLOSED_LOOP_WINDOW_DEFAULT;
 use crate::run::{RunOptions, DRAIN_S_DEFAULT};
 use crate::workload::{Codec, FlushMode, Overrides, Workload, WorkloadFile, THREADS_MAX};
 
@@ -126,9 +125,9 @@ struct RunArgs {
     /// Longest wait for consumers to catch up after the producers stop
     #[arg(long, value_name = "S", default_value_t = DRAIN_S_DEFAULT)]
     drain_s: f64,
-    /// Closed loop (rate 0): unacknowledged batches per producer
-    #[arg(long, value_name = "BATCHES", default_value_t = CLOSED_LOOP_WINDOW_DEFAULT)]
-    window: usize,
+    /// Closed loop (rate 0): unacknowledged batches per producer [default: the workload's producerWindow, else 16]
+    #[arg(long, value_name = "BATCHES")]
+    window: Option<usize>,
     /// Send everything through the shared port instead of each queue's shard port
     #[arg(long)]
     no_shard_direct: bool,
@@ -163,6 +162,7 @@ impl RunArgs {
             compression: self.compression,
             payload: self.payload,
             backlog_gb: self.backlog_gb,
+            window: self.window,
         }
     }
 
@@ -184,9 +184,6 @@ impl RunArgs {
                 "--drain-s must be between 0 and {DRAIN_S_MAX}"
             )));
         }
-        if self.window == 0 {
-            return Err(PerfError::Invalid("--window must be at least 1".into()));
-        }
         if let Some(n) = self.producer_threads {
             if n == 0 || n > THREADS_MAX as usize {
                 return Err(PerfError::Invalid(format!(
@@ -200,6 +197,7 @@ impl RunArgs {
                 )));
             }
         }
+        let window = workload.producer_window;
         Ok(RunOptions {
             driver: self.driver,
             broker: self
@@ -210,7 +208,7 @@ impl RunArgs {
             topic_prefix: self.topic_prefix.clone(),
             broker_pid: self.broker_pid,
             drain: Duration::from_secs_f64(self.drain_s),
-            window: self.window,
+            window,
             shard_direct: !self.no_shard_direct,
             single_queue_requests: self.single_queue_requests,
             fetch_min_bytes: self.fetch_min_bytes,

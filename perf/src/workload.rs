@@ -7,8 +7,9 @@
 //! messages/s; 0 = as fast as possible), `subscriptionsPerTopic`,
 //! `consumerPerSubscription`, `testDurationMinutes` — and optionally
 //! `flush`, `durationSeconds`, `lingerMs`, `batchBytes`, `compression`
-//! (the producers' batch codec) and `payload` (`text` or `random`, see
-//! `payload.rs`). OMB's `consumerBacklogSizeGB` is honoured (see
+//! (the producers' batch codec), `payload` (`text` or `random`, see
+//! `payload.rs`) and `producerWindow` (closed loop: unacknowledged batches
+//! per producer). OMB's `consumerBacklogSizeGB` is honoured (see
 //! `backlog.rs`). OMB fields this
 //! tool has no use for (`name`, `payloadFile`, `keyDistributor`, ...) are
 //! accepted and reported, so OMB's own files load unchanged. Precedence is
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::PerfError;
 use crate::payload::PayloadKind;
+use crate::producer::CLOSED_LOOP_WINDOW_DEFAULT;
 
 /// Bytes at the start of every payload that carry its intended send time
 /// (nanoseconds since the UNIX epoch, big-endian); the smallest message.
@@ -143,6 +145,7 @@ pub struct WorkloadFile {
     pub batch_bytes: Option<usize>,
     pub compression: Option<Codec>,
     pub payload: Option<PayloadKind>,
+    pub producer_window: Option<usize>,
     /// OMB: consumers start once this many GiB of payload wait for them.
     #[serde(rename = "consumerBacklogSizeGB")]
     pub consumer_backlog_size_gb: Option<f64>,
@@ -201,6 +204,7 @@ pub struct Overrides {
     pub compression: Option<Codec>,
     pub payload: Option<PayloadKind>,
     pub backlog_gb: Option<f64>,
+    pub window: Option<usize>,
 }
 
 /// The parameters a run uses, after defaults and overrides. Serialised with
@@ -224,6 +228,10 @@ pub struct Workload {
     pub batch_bytes: usize,
     pub compression: Codec,
     pub payload: PayloadKind,
+    /// Closed loop: unacknowledged batches per producer. A sync-flush
+    /// producer needs more than an async one to cover the flush (Little's
+    /// law: throughput = bytes in flight / latency).
+    pub producer_window: usize,
     /// Backlog (GiB of payload, over all subscriptions) to build with the
     /// consumers paused before they start; 0 = consumers from the start.
     #[serde(rename = "consumerBacklogSizeGB")]
@@ -274,6 +282,10 @@ impl Workload {
                 .unwrap_or(BATCH_BYTES_DEFAULT),
             compression: over.compression.or(f.compression).unwrap_or_default(),
             payload: over.payload.or(f.payload).unwrap_or_default(),
+            producer_window: over
+                .window
+                .or(f.producer_window)
+                .unwrap_or(CLOSED_LOOP_WINDOW_DEFAULT),
             consumer_backlog_size_gb: over
                 .backlog_gb
                 .or(f.consumer_backlog_size_gb)
@@ -323,6 +335,9 @@ impl Workload {
         }
         if self.batch_bytes == 0 {
             return bad("batchBytes must be positive".into());
+        }
+        if self.producer_window == 0 {
+            return bad("producerWindow (--window) must be at least 1".into());
         }
         let backlog = self.consumer_backlog_size_gb;
         if !(backlog.is_finite() && backlog >= 0.0) {
@@ -429,7 +444,7 @@ testDurationMinutes: 15
         let json = r#"{"topics": 2, "partitionsPerTopic": 4, "flush": "sync",
             "durationSeconds": 20, "testDurationMinutes": 5, "lingerMs": 0.5,
             "batchBytes": 1000, "producerRate": 0, "compression": "zstd",
-            "payload": "random"}"#;
+            "payload": "random", "producerWindow": 32}"#;
         let f = WorkloadFile::from_json(json, Path::new("w.json")).unwrap();
         let w = Workload::resolve(Some(&f), &Overrides::default()).unwrap();
         assert_eq!(w.flush, FlushMode::Sync);
@@ -440,6 +455,7 @@ testDurationMinutes: 15
         assert_eq!(w.compression, Codec::Zstd);
         assert_eq!(w.compression.compression(), Compression::Zstd);
         assert_eq!(w.payload, PayloadKind::Random);
+        assert_eq!(w.producer_window, 32);
         assert!(!w.open_loop());
         assert_eq!(w.total_producers(), 2);
     }
@@ -457,9 +473,11 @@ testDurationMinutes: 15
             flush: Some(FlushMode::Sync),
             linger_ms: Some(0.0),
             batch_bytes: Some(1),
+            window: Some(3),
             ..Overrides::default()
         };
         let w = Workload::resolve(Some(&f), &over).unwrap();
+        assert_eq!(w.producer_window, 3);
         assert_eq!(w.partitions_per_topic, 2);
         assert_eq!(w.message_size, 256);
         assert_eq!(w.producers_per_topic, 2);

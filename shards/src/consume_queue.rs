@@ -154,6 +154,11 @@ pub struct ConsumeQueue {
     start_offset: i64,
     /// Offset the next batch gets.
     next_offset: i64,
+    /// The last entry's end position and next offset (meaningful while
+    /// `len > 0`): a poll of many queues asks each for its visible end, and
+    /// reading it from the last chunk was a cache miss per queue.
+    last_end_pos: u64,
+    last_next_offset: i64,
 }
 
 impl ConsumeQueue {
@@ -163,6 +168,8 @@ impl ConsumeQueue {
             len: 0,
             start_offset,
             next_offset: start_offset,
+            last_end_pos: 0,
+            last_next_offset: start_offset,
         }
     }
 
@@ -207,6 +214,8 @@ impl ConsumeQueue {
         }
         self.next_offset = entry.next_offset();
         self.len += 1;
+        self.last_end_pos = entry.end_pos();
+        self.last_next_offset = entry.next_offset();
         if let Some(c) = self.chunks.back_mut() {
             if c.try_push(&entry) {
                 return;
@@ -276,6 +285,9 @@ impl ConsumeQueue {
 
     /// The next offset whose batch ends at or before `visible_pos`.
     pub fn visible_next_offset(&self, visible_pos: u64) -> i64 {
+        if self.len > 0 && self.last_end_pos <= visible_pos {
+            return self.last_next_offset;
+        }
         let last_visible = self.chunks.iter().rev().find_map(|c| {
             (0..c.entries.len())
                 .rev()

@@ -194,13 +194,13 @@ impl ShardCtx {
         let meta = self.meta.snapshot();
         let max_bytes = self.reply_bytes(req.max_bytes);
         let mut failed = Vec::new();
-        let mut shares: Shares<FetchEntry> = BTreeMap::new();
+        let mut shares: Shares<(FetchEntry, QueueKey)> = BTreeMap::new();
         for (i, e) in req.entries.into_iter().enumerate() {
             match queue_of(&meta, &e.topic, e.queue) {
-                Ok((_, owner, _)) => {
+                Ok((key, owner, _)) => {
                     let share = shares.entry(owner).or_default();
                     share.0.push(i);
-                    share.1.push(e);
+                    share.1.push((e, key));
                 }
                 Err(err) => failed.push(FetchPart {
                     index: i as u32,
@@ -218,23 +218,31 @@ impl ShardCtx {
         let mut hurries = Vec::new();
         let mut pending = Vec::with_capacity(shares.len());
         for (owner, (positions, entries)) in shares {
-            let share = FetchMany {
+            let mut share = FetchMany {
                 max_wait_ms,
                 min_bytes: req.min_bytes,
                 max_bytes: req.max_bytes,
-                entries,
+                entries: Vec::new(),
             };
+            let local = owner == self.id;
+            // Here the lookups are done; across the mesh the owner redoes them.
+            let keys: Vec<_> = if local {
+                entries.iter().map(|(_, key)| Ok(*key)).collect()
+            } else {
+                Vec::new()
+            };
+            share.entries = entries.into_iter().map(|(e, _)| e).collect();
             let fut = if !several {
-                if owner == self.id {
-                    self.fetch_many_local(share, futures::future::pending())
+                if local {
+                    self.fetch_resolved(share, keys, futures::future::pending())
                 } else {
                     self.forward(owner, Request::FetchMany(share)).await
                 }
             } else {
                 let (hurry_tx, hurry_rx) = oneshot::channel::<()>();
                 hurries.push(hurry_tx);
-                if owner == self.id {
-                    self.fetch_many_local(share, hurry_rx.map(|_| ()))
+                if local {
+                    self.fetch_resolved(share, keys, hurry_rx.map(|_| ()))
                 } else {
                     self.forward_fetch_many(owner, share, hurry_rx).await
                 }
@@ -305,6 +313,22 @@ impl ShardCtx {
         hurry: impl Future<Output = ()> + 'static,
     ) -> LocalBoxFuture<'static, Response> {
         let meta = self.meta.snapshot();
+        let keys = req
+            .entries
+            .iter()
+            .map(|e| queue_of(&meta, &e.topic, e.queue).map(|(key, _, _)| key))
+            .collect();
+        self.fetch_resolved(req, keys, hurry)
+    }
+
+    /// A FetchMany share for queues this shard owns, with each entry's
+    /// queue already looked up (`keys`, in entry order).
+    fn fetch_resolved(
+        self: &Rc<Self>,
+        req: FetchMany,
+        keys: Vec<Result<QueueKey, ErrorReply>>,
+        hurry: impl Future<Output = ()> + 'static,
+    ) -> LocalBoxFuture<'static, Response> {
         let shard = self.shard.clone();
         let max_bytes = self.reply_bytes(req.max_bytes);
         let per_queue: Vec<usize> = req
@@ -316,9 +340,9 @@ impl ShardCtx {
             let mut parts = Vec::new();
             let mut wants = Vec::with_capacity(req.entries.len());
             let mut positions = Vec::with_capacity(req.entries.len());
-            for (i, e) in req.entries.iter().enumerate() {
-                match queue_of(&meta, &e.topic, e.queue) {
-                    Ok((key, _, _)) => {
+            for (i, (e, key)) in req.entries.iter().zip(keys).enumerate() {
+                match key {
+                    Ok(key) => {
                         wants.push(FetchWant {
                             key,
                             offset: e.offset,

@@ -218,20 +218,16 @@ impl ShardCtx {
         let mut hurries = Vec::new();
         let mut pending = Vec::with_capacity(shares.len());
         for (owner, (positions, entries)) in shares {
-            let mut share = FetchMany {
+            // A local share keeps its lookups; across the mesh the owner redoes them.
+            let (entries, keys): (Vec<_>, Vec<_>) =
+                entries.into_iter().map(|(e, key)| (e, Ok(key))).unzip();
+            let share = FetchMany {
                 max_wait_ms,
                 min_bytes: req.min_bytes,
                 max_bytes: req.max_bytes,
-                entries: Vec::new(),
+                entries,
             };
             let local = owner == self.id;
-            // Here the lookups are done; across the mesh the owner redoes them.
-            let keys: Vec<_> = if local {
-                entries.iter().map(|(_, key)| Ok(*key)).collect()
-            } else {
-                Vec::new()
-            };
-            share.entries = entries.into_iter().map(|(e, _)| e).collect();
             let fut = if !several {
                 if local {
                     self.fetch_resolved(share, keys, futures::future::pending())

@@ -841,16 +841,16 @@ impl BatchBuilder {
         };
         let batch_length = i32::try_from(buf.len() - LOG_OVERHEAD_BYTES)
             .expect("record batch exceeds i32::MAX bytes");
-        let header = self.header(batch_length);
-        buf[..BATCH_HEADER_BYTES].copy_from_slice(&header);
+        self.write_header(&mut buf[..BATCH_HEADER_BYTES], batch_length);
         let crc = crc32c::crc32c(&buf[OFF_ATTRIBUTES..]);
         buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
         Bytes::from(buf)
     }
 
-    /// The batch header, CRC left 0.
-    fn header(&self, batch_length: i32) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(BATCH_HEADER_BYTES);
+    /// Writes the batch header into `out` (its room at the front of the
+    /// batch, so no buffer of its own per batch), CRC left 0.
+    fn write_header(&self, out: &mut [u8], batch_length: i32) {
+        let mut buf = out;
         buf.put_i64(0); // base offset
         buf.put_i32(batch_length);
         buf.put_i32(-1); // partition leader epoch
@@ -864,8 +864,7 @@ impl BatchBuilder {
         buf.put_i16(self.producer_epoch);
         buf.put_i32(self.base_sequence);
         buf.put_i32(self.count);
-        debug_assert_eq!(buf.len(), BATCH_HEADER_BYTES);
-        buf
+        debug_assert!(buf.is_empty(), "the header fills its room exactly");
     }
 }
 

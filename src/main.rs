@@ -4,6 +4,12 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+// Shards and client threads allocate many small, short-lived buffers (a
+// batch's copy, a request's topic names); glibc's malloc spent 10-20% of
+// their time in its free lists (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "coremq",

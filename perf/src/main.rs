@@ -25,6 +25,12 @@ mod schedule;
 mod stats;
 mod workload;
 
+// Shards and client threads allocate many small, short-lived buffers (a
+// batch's copy, a request's topic names); glibc's malloc spent 10-20% of
+// their time in its free lists (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -786,10 +786,14 @@ impl BatchBuilder {
         let body_len = small.len() + varint_bytes(value_len) + value_bytes.len();
 
         let records = &mut self.records;
+        let record_len = varint_bytes(len_i32(body_len)) + body_len;
         if records.is_empty() {
+            // One allocation for the header's room and the first record:
+            // most batches of a producer to many topics hold one or two.
+            records.reserve_exact(BATCH_HEADER_BYTES + record_len);
             records.resize(BATCH_HEADER_BYTES, 0);
         }
-        records.reserve(varint_bytes(len_i32(body_len)) + body_len);
+        records.reserve(record_len);
         put_varint(records, len_i32(body_len));
         records.extend_from_slice(&small[..before_value]);
         put_varint(records, value_len);

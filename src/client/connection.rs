@@ -269,7 +269,8 @@ impl Connection {
         let api = req.api();
         // The body is encoded once, after room for the header, which is
         // filled in when the request id is known (no second copy of a batch).
-        let mut frame = BytesMut::zeroed(HEADER_BYTES);
+        let mut frame = BytesMut::with_capacity(HEADER_BYTES + req.body_bytes_hint());
+        frame.resize(HEADER_BYTES, 0);
         req.encode_body(&mut frame);
         let body_len = frame.len() - HEADER_BYTES;
 

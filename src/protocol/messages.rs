@@ -593,6 +593,22 @@ impl Request {
         }
     }
 
+    /// Bytes the body will take, near enough to size its buffer once: the
+    /// batches a request carries (exact for produces), plus room for the
+    /// small fields of anything else, which may still grow the buffer.
+    pub fn body_bytes_hint(&self) -> usize {
+        const SMALL_FIELDS_BYTES: usize = 64;
+        match self {
+            Request::Produce { topic, batch, .. } | Request::ProduceWith { topic, batch, .. } => {
+                SMALL_FIELDS_BYTES + topic.len() + batch.len()
+            }
+            Request::ProduceMany(entries) => {
+                4 + entries.iter().map(many::produce_entry_bytes).sum::<usize>()
+            }
+            _ => SMALL_FIELDS_BYTES,
+        }
+    }
+
     /// Encodes the body (without frame header).
     pub fn encode_body(&self, out: &mut BytesMut) {
         match self {

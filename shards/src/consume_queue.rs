@@ -238,7 +238,15 @@ impl ConsumeQueue {
 
     /// (chunk, entry) of the first batch whose next offset is past `offset`.
     fn locate(&self, offset: i64) -> (usize, usize) {
-        let c = self.chunks.partition_point(|c| c.next_offset() <= offset);
+        // Search on the chunks' first offsets, which sit in the deque itself:
+        // a chunk's next offset is behind a pointer, and probing those was a
+        // cache miss per step (6% of the broker with 10,000 queues). The last
+        // chunk starting at or before `offset` holds it unless `offset` is in
+        // a gap after it (batches lost to corruption): then the next does.
+        let mut c = self.chunks.partition_point(|c| c.base_offset <= offset);
+        if c > 0 && self.chunks[c - 1].next_offset() > offset {
+            c -= 1;
+        }
         let Some(chunk) = self.chunks.get(c) else {
             return (c, 0);
         };

@@ -15,7 +15,7 @@
 //! no new waiter can register, so nothing waits forever on a dead socket.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -29,6 +29,7 @@ use crate::protocol::frame::{
     self, peek_frame_len, put_request_header, RequestHeader, FRAME_LEN_BYTES, REQUEST_HEADER_BYTES,
 };
 use crate::protocol::messages::decode_response;
+use crate::protocol::splice::{write_all_slices, Splices};
 use crate::protocol::{ApiKey, DecodeError, ErrorCode, ErrorReply, Reply, Request};
 
 /// Largest response frame the reader accepts (after the length prefix). A
@@ -269,10 +270,13 @@ impl Connection {
         let api = req.api();
         // The body is encoded once, after room for the header, which is
         // filled in when the request id is known (no second copy of a batch).
+        // Large batches are not copied at all: they go out from the
+        // caller's buffers, between the frame's small fields.
         let mut frame = BytesMut::with_capacity(HEADER_BYTES + req.body_bytes_hint());
         frame.resize(HEADER_BYTES, 0);
-        req.encode_body(&mut frame);
-        let body_len = frame.len() - HEADER_BYTES;
+        let mut splices = Splices::new();
+        req.encode_body_splicing(&mut frame, &mut splices);
+        let body_len = frame.len() - HEADER_BYTES + splices.bytes();
 
         let id = {
             let mut waiters = self.shared.lock();
@@ -308,7 +312,7 @@ impl Connection {
 
         let written = {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            let r = w.write_all(&frame);
+            let r = write_all_slices(&mut *w, &mut splices.io_slices(&frame));
             if r.is_err() {
                 // A partial frame leaves the stream unframed: the connection is done.
                 let _ = w.shutdown(Shutdown::Both);
@@ -484,6 +488,7 @@ mod tests {
     use super::super::fake_broker::reply_frame;
     use super::*;
     use crate::protocol::frame::parse_request;
+    use std::io::Write;
     use std::net::TcpListener;
 
     /// Reads one request frame from a fake broker's socket.

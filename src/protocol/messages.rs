@@ -9,6 +9,7 @@
 use super::error_code::ErrorCode;
 use super::frame::API_VERSION;
 use super::many::{self, FetchMany, FetchPart, ProduceEntry, ProduceResult};
+use super::splice::Splices;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Longest topic name, in bytes (Kafka's limit).
@@ -593,17 +594,25 @@ impl Request {
         }
     }
 
-    /// Bytes the body will take, near enough to size its buffer once: the
-    /// batches a request carries (exact for produces), plus room for the
-    /// small fields of anything else, which may still grow the buffer.
+    /// Bytes `encode_body_splicing` with `Splices::new()` writes to `out`,
+    /// near enough to size its buffer once: the batches it copies (exact
+    /// for a ProduceMany), plus room for the small fields of anything else,
+    /// which may still grow the buffer.
     pub fn body_bytes_hint(&self) -> usize {
         const SMALL_FIELDS_BYTES: usize = 64;
+        let copied = |batch: &Bytes| match Splices::splices(batch.len()) {
+            true => 0,
+            false => batch.len(),
+        };
         match self {
             Request::Produce { topic, batch, .. } | Request::ProduceWith { topic, batch, .. } => {
-                SMALL_FIELDS_BYTES + topic.len() + batch.len()
+                SMALL_FIELDS_BYTES + topic.len() + copied(batch)
             }
             Request::ProduceMany(entries) => {
-                4 + entries.iter().map(many::produce_entry_bytes).sum::<usize>()
+                4 + entries
+                    .iter()
+                    .map(|e| many::produce_entry_bytes(e) - e.batch.len() + copied(&e.batch))
+                    .sum::<usize>()
             }
             _ => SMALL_FIELDS_BYTES,
         }
@@ -611,6 +620,11 @@ impl Request {
 
     /// Encodes the body (without frame header).
     pub fn encode_body(&self, out: &mut BytesMut) {
+        self.encode_body_splicing(out, &mut Splices::none())
+    }
+
+    /// Encodes the body, leaving the batches `splices` takes out of `out`.
+    pub fn encode_body_splicing(&self, out: &mut BytesMut, splices: &mut Splices) {
         match self {
             Request::Produce {
                 topic,
@@ -619,7 +633,7 @@ impl Request {
             } => {
                 put_string(out, topic);
                 out.put_u32(*queue);
-                out.put_slice(batch);
+                splices.put(out, batch);
             }
             Request::ProduceWith {
                 topic,
@@ -631,7 +645,7 @@ impl Request {
                 out.put_u32(*queue);
                 out.put_u8(options.priority);
                 out.put_i64(options.delay_ms);
-                out.put_slice(batch);
+                splices.put(out, batch);
             }
             Request::Fetch {
                 topic,
@@ -657,7 +671,7 @@ impl Request {
             Request::DescribeGroup { group } => put_string(out, group),
             Request::Receive(r) => out.put_slice(&archive(r)),
             Request::Ack(a) => out.put_slice(&archive(a)),
-            Request::ProduceMany(entries) => many::encode_produce_many(entries, out),
+            Request::ProduceMany(entries) => many::encode_produce_many(entries, out, splices),
             Request::FetchMany(f) => many::encode_fetch_many(f, out),
             Request::CommitOffset {
                 group,

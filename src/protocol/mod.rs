@@ -6,6 +6,7 @@ pub mod error_code;
 pub mod frame;
 pub mod many;
 pub mod messages;
+pub mod splice;
 
 pub use error_code::ErrorCode;
 pub use frame::{FrameError, RequestHeader, API_VERSION, FRAME_BYTES_MAX_DEFAULT};

@@ -14,8 +14,11 @@
 //! after it, so the shard keeps a handle on each and takes the oldest
 //! again once nothing else holds it: its pages are mapped already, where
 //! a new slab's were faulted in and zeroed by the kernel (4% of the
-//! broker's CPU with 10,000 topics). Handles are kept for at most
-//! `SLABS_TRACKED_MAX` slabs.
+//! broker's CPU with 10,000 topics). One slab is looked at per new slab
+//! needed, so free slabs wait at most until traffic needs them; after a
+//! burst (all topics deleted, say) up to a tail cache's worth stays
+//! allocated until then. Handles are kept for at most `SLABS_TRACKED_MAX`
+//! slabs.
 
 use bytes::BytesMut;
 use std::collections::VecDeque;
@@ -54,15 +57,16 @@ impl CopySlab {
     /// Retires the current slab and starts the oldest free one, or a new one.
     fn next_slab(&mut self) {
         // Reclaiming succeeds only when no copy in that slab is held anywhere.
-        let oldest_free = self
-            .filled
-            .front_mut()
-            .is_some_and(|oldest| oldest.try_reclaim(SLAB_BYTES));
-        let reused = if oldest_free {
-            self.filled.pop_front()
-        } else {
+        let reused = self.filled.pop_front().and_then(|mut oldest| {
+            if oldest.try_reclaim(SLAB_BYTES) {
+                return Some(oldest);
+            }
+            // Still held (a push delivery waiting for its ack, a reply being
+            // sent): it goes to the back, so it cannot keep the slabs
+            // behind it, free or not, from being looked at.
+            self.filled.push_back(oldest);
             None
-        };
+        });
         let filled = std::mem::replace(
             &mut self.free,
             reused.unwrap_or_else(|| BytesMut::with_capacity(SLAB_BYTES)),
@@ -127,6 +131,19 @@ mod tests {
         assert_eq!(&again[..], &[7u8; 10]);
         assert_eq!((&second[..], &third[..]), (&[3u8; 10][..], &[5u8; 10][..]));
         assert!(fill.iter().all(|&b| b == 4) && fill2.iter().all(|&b| b == 6));
+    }
+
+    #[test]
+    fn a_held_slab_does_not_keep_later_free_ones_from_reuse() {
+        let mut slab = CopySlab::default();
+        let pinned = slab.copy(&vec![1u8; SLAB_BYTES]); // slab 1, held
+        let second = slab.copy(&vec![2u8; SLAB_BYTES]); // slab 2
+        let second_ptr = second.as_ptr();
+        drop(second);
+        let _third = slab.copy(&vec![3u8; SLAB_BYTES]); // slab 1 held: new
+        let fourth = slab.copy(&vec![4u8; SLAB_BYTES]); // slab 2 free
+        assert_eq!(fourth.as_ptr(), second_ptr);
+        assert!(pinned.iter().all(|&b| b == 1));
     }
 
     #[test]

@@ -272,9 +272,9 @@ impl Connection {
         // filled in when the request id is known (no second copy of a batch).
         // Large batches are not copied at all: they go out from the
         // caller's buffers, between the frame's small fields.
-        let mut frame = BytesMut::with_capacity(HEADER_BYTES + req.body_bytes_hint());
-        frame.resize(HEADER_BYTES, 0);
         let mut splices = Splices::new();
+        let mut frame = BytesMut::with_capacity(HEADER_BYTES + req.body_bytes_hint(&splices));
+        frame.resize(HEADER_BYTES, 0);
         req.encode_body_splicing(&mut frame, &mut splices);
         let body_len = frame.len() - HEADER_BYTES + splices.bytes();
 

@@ -594,16 +594,13 @@ impl Request {
         }
     }
 
-    /// Bytes `encode_body_splicing` with `Splices::new()` writes to `out`,
-    /// near enough to size its buffer once: the batches it copies (exact
-    /// for a ProduceMany), plus room for the small fields of anything else,
-    /// which may still grow the buffer.
-    pub fn body_bytes_hint(&self) -> usize {
+    /// Bytes `encode_body_splicing` with `splices` writes to `out`, near
+    /// enough to size its buffer once: the batches it copies (exact for a
+    /// ProduceMany), plus room for the small fields of anything else, which
+    /// may still grow the buffer.
+    pub fn body_bytes_hint(&self, splices: &Splices) -> usize {
         const SMALL_FIELDS_BYTES: usize = 64;
-        let copied = |batch: &Bytes| match Splices::splices(batch.len()) {
-            true => 0,
-            false => batch.len(),
-        };
+        let copied = |batch: &Bytes| splices.copied_bytes(batch.len());
         match self {
             Request::Produce { topic, batch, .. } | Request::ProduceWith { topic, batch, .. } => {
                 SMALL_FIELDS_BYTES + topic.len() + copied(batch)

@@ -36,14 +36,23 @@ impl Splices {
         }
     }
 
-    /// Whether `new()` would leave out a batch of `len` bytes.
-    pub fn splices(len: usize) -> bool {
-        len >= SPLICE_MIN_BYTES
+    /// Whether a batch of `len` bytes is left out of the frame.
+    fn leaves_out(&self, len: usize) -> bool {
+        len >= self.min_bytes
+    }
+
+    /// Bytes of a `len`-byte batch that `put` copies into the frame.
+    pub fn copied_bytes(&self, len: usize) -> usize {
+        if self.leaves_out(len) {
+            0
+        } else {
+            len
+        }
     }
 
     /// Puts `batch` at the end of `out`, or notes it to go there.
     pub(crate) fn put(&mut self, out: &mut BytesMut, batch: &Bytes) {
-        if batch.len() >= self.min_bytes {
+        if self.leaves_out(batch.len()) {
             self.at.push((out.len(), batch.clone()));
         } else {
             out.put_slice(batch);
@@ -171,7 +180,7 @@ mod tests {
             req.encode_body_splicing(&mut head, &mut splices);
             assert_eq!(head.len() + splices.bytes(), copied.len());
             if let Request::ProduceMany(_) = req {
-                assert_eq!(head.len(), req.body_bytes_hint());
+                assert_eq!(head.len(), req.body_bytes_hint(&Splices::new()));
             }
             for step in [1, 7, 4096, usize::MAX / 2] {
                 let mut w = Trickle {

@@ -4,21 +4,26 @@
 //! maps a queue offset to where its batch sits in the log. One entry per
 //! stored batch, in offset order (and so in log order), which makes a
 //! lookup a binary search. The index is rebuilt from the log at start-up
-//! (see `shard::Shard::open`), so it needs no file of its own yet.
+//! (see `shard::Shard::open`).
 //!
-//! It lives in memory and grows with the batches kept, so entries are
-//! packed: 12 bytes each, in chunks of up to `CHUNK_ENTRIES` that hold
-//! their first offset and log position in full and every entry's as a
-//! 32-bit delta from them. With 10,000 topics a batch holds one or two
+//! Entries are packed: 12 bytes each, in chunks of up to `CHUNK_ENTRIES`
+//! that hold their first offset and log position in full and every entry's
+//! as a 32-bit delta from them. With 10,000 topics a batch holds one or two
 //! messages, and the unpacked 40-byte entries in one doubling `VecDeque`
-//! per queue took ~100 MiB of a 15-second run.
+//! per queue took ~100 MiB of a 15-second run. Even packed, the index grows
+//! with the log, so a queue with a spill (`index_spill`) keeps only its
+//! newest `CHUNKS_IN_MEMORY` chunks in memory and writes older ones there;
+//! a lookup that lands in a spilled chunk reads it back.
 //!
 //! Invariant: entries are contiguous in offsets — entry i+1's base offset is
 //! entry i's base offset + count — except across batches lost to corruption.
 //! A chunk never spans such a gap, so within a chunk each entry's base
 //! offset is the previous entry's next offset.
 
+use crate::index_spill::{IndexSpill, SpillRef};
+use std::borrow::Cow;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// One stored batch of the queue, as lookups return it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +50,11 @@ impl IndexEntry {
 /// to exactly this size and a queue wastes at most one half-filled chunk.
 pub const CHUNK_ENTRIES: usize = 128;
 
+/// Chunks a spilling queue keeps in memory: the one filling and the one
+/// before it, so readers up to 128 batches behind the tail never touch the
+/// spill files.
+pub const CHUNKS_IN_MEMORY: usize = 2;
+
 /// Bits of a packed entry's last word that hold the batch length; the
 /// priority (0..=3) takes the two above them.
 const LEN_BITS: u32 = 30;
@@ -65,12 +75,44 @@ struct Packed {
 const _: () = assert!(std::mem::size_of::<Packed>() == 12);
 const _: () = assert!(crate::segment::PRIORITY_MAX < 4);
 
+/// Bytes of a packed entry in a spill file.
+const PACKED_BYTES: usize = 12;
+
+impl Packed {
+    fn put(&self, out: &mut Vec<u8>) {
+        for word in [self.end_offset, self.pos, self.len_priority] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+
+    fn from_bytes(b: &[u8]) -> Packed {
+        let word = |i: usize| u32::from_le_bytes(b[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+        Packed {
+            end_offset: word(0),
+            pos: word(1),
+            len_priority: word(2),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Entries {
+    Here(Vec<Packed>),
+    /// In the shard's spill files; the last entry stays at hand, as the
+    /// chunk's end is what searches over chunks compare.
+    Spilled {
+        at: SpillRef,
+        len: u32,
+        last: Packed,
+    },
+}
+
 #[derive(Debug)]
 struct Chunk {
     /// Base offset and log position of the chunk's first entry.
     base_offset: i64,
     base_pos: u64,
-    entries: Vec<Packed>,
+    entries: Entries,
 }
 
 impl Chunk {
@@ -78,14 +120,18 @@ impl Chunk {
         Chunk {
             base_offset: first.base_offset,
             base_pos: first.batch_pos,
-            entries: Vec::new(),
+            entries: Entries::Here(Vec::new()),
         }
     }
 
-    /// Packs `e` after the last entry, if it continues the chunk's offsets
-    /// and its deltas fit.
+    /// Packs `e` after the last entry, if the chunk is in memory, `e`
+    /// continues its offsets and its deltas fit.
     fn try_push(&mut self, e: &IndexEntry) -> bool {
-        if self.entries.len() == CHUNK_ENTRIES || e.base_offset != self.next_offset() {
+        let next_offset = self.next_offset();
+        let Entries::Here(entries) = &mut self.entries else {
+            return false;
+        };
+        if entries.len() == CHUNK_ENTRIES || e.base_offset != next_offset {
             return false;
         }
         let Ok(end_offset) = u32::try_from(e.next_offset() - self.base_offset) else {
@@ -94,7 +140,7 @@ impl Chunk {
         let Ok(pos) = u32::try_from(e.batch_pos - self.base_pos) else {
             return false;
         };
-        self.entries.push(Packed {
+        entries.push(Packed {
             end_offset,
             pos,
             len_priority: e.batch_len | (u32::from(e.priority) << LEN_BITS),
@@ -102,11 +148,61 @@ impl Chunk {
         true
     }
 
-    /// Offset delta at which entry `i` starts: its predecessor's end.
-    fn start_of(&self, i: usize) -> u32 {
-        match i {
-            0 => 0,
-            _ => self.entries[i - 1].end_offset,
+    fn len(&self) -> usize {
+        match &self.entries {
+            Entries::Here(v) => v.len(),
+            Entries::Spilled { len, .. } => *len as usize,
+        }
+    }
+
+    fn last(&self) -> Option<Packed> {
+        match &self.entries {
+            Entries::Here(v) => v.last().copied(),
+            Entries::Spilled { last, .. } => Some(*last),
+        }
+    }
+
+    /// The entries, read back from the spill if they are there; `None` when
+    /// that read fails (logged): callers then stop rather than skip them.
+    fn entries<'a>(&'a self, spill: Option<&IndexSpill>) -> Option<Cow<'a, [Packed]>> {
+        let (at, len) = match &self.entries {
+            Entries::Here(v) => return Some(Cow::Borrowed(v)),
+            Entries::Spilled { at, len, .. } => (*at, *len as usize),
+        };
+        let mut bytes = vec![0; len * PACKED_BYTES];
+        let read = match spill {
+            Some(s) => s.read(at, &mut bytes),
+            None => Err(std::io::Error::other("no spill to read from")),
+        };
+        if let Err(e) = read {
+            tracing::error!(error = %e, base_offset = self.base_offset,
+                "cannot read a spilled consume-queue chunk; reads stop before it");
+            return None;
+        }
+        Some(Cow::Owned(
+            bytes
+                .chunks_exact(PACKED_BYTES)
+                .map(Packed::from_bytes)
+                .collect(),
+        ))
+    }
+
+    /// Moves the entries to `spill`; they stay here if the write fails.
+    fn spill(&mut self, spill: &IndexSpill) {
+        let Entries::Here(v) = &self.entries else {
+            return;
+        };
+        let Some(&last) = v.last() else {
+            return;
+        };
+        let mut bytes = Vec::with_capacity(v.len() * PACKED_BYTES);
+        v.iter().for_each(|p| p.put(&mut bytes));
+        if let Some(at) = spill.write(self.last_pos(), &bytes) {
+            self.entries = Entries::Spilled {
+                at,
+                len: v.len() as u32,
+                last,
+            };
         }
     }
 
@@ -120,24 +216,39 @@ impl Chunk {
         }
     }
 
-    fn get(&self, i: usize) -> IndexEntry {
-        self.decode(self.entries[i], self.start_of(i))
+    /// Entry `i` of `entries` (this chunk's).
+    fn get(&self, entries: &[Packed], i: usize) -> IndexEntry {
+        self.decode(entries[i], start_of(entries, i))
     }
 
     fn next_offset(&self) -> i64 {
-        self.base_offset + i64::from(self.entries.last().map_or(0, |p| p.end_offset))
+        self.base_offset + i64::from(self.last().map_or(0, |p| p.end_offset))
     }
 
     fn last_pos(&self) -> u64 {
-        self.base_pos + u64::from(self.entries.last().map_or(0, |p| p.pos))
+        self.base_pos + u64::from(self.last().map_or(0, |p| p.pos))
     }
 
-    /// Drops the first `n` entries; the rest are re-based on the new first.
+    fn last_end_pos(&self) -> u64 {
+        self.last().map_or(self.base_pos, |p| {
+            self.base_pos + u64::from(p.pos) + u64::from(p.len_priority & BATCH_LEN_MAX_BYTES)
+        })
+    }
+
+    /// Drops the first `n` entries of an in-memory chunk; the rest are
+    /// re-based on the new first.
     fn drop_front(&mut self, n: usize) {
-        let first = self.get(n);
-        let (off, pos) = (self.entries[n - 1].end_offset, self.entries[n].pos);
-        self.entries.drain(..n);
-        for p in &mut self.entries {
+        let Entries::Here(entries) = &self.entries else {
+            debug_assert!(false, "drop_front of a spilled chunk");
+            return;
+        };
+        let first = self.get(entries, n);
+        let (off, pos) = (entries[n - 1].end_offset, entries[n].pos);
+        let Entries::Here(entries) = &mut self.entries else {
+            return;
+        };
+        entries.drain(..n);
+        for p in entries.iter_mut() {
             p.end_offset -= off;
             p.pos -= pos;
         }
@@ -146,9 +257,20 @@ impl Chunk {
     }
 }
 
+/// Offset delta at which entry `i` starts: its predecessor's end.
+fn start_of(entries: &[Packed], i: usize) -> u32 {
+    match i {
+        0 => 0,
+        _ => entries[i - 1].end_offset,
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ConsumeQueue {
     chunks: VecDeque<Chunk>,
+    /// Where chunks older than the newest `CHUNKS_IN_MEMORY` go; `None`
+    /// keeps everything in memory.
+    spill: Option<Arc<IndexSpill>>,
     len: usize,
     /// First offset still stored (after retention).
     start_offset: i64,
@@ -162,14 +284,24 @@ pub struct ConsumeQueue {
 }
 
 impl ConsumeQueue {
+    /// An index kept wholly in memory.
     pub fn new(start_offset: i64) -> Self {
         ConsumeQueue {
             chunks: VecDeque::new(),
+            spill: None,
             len: 0,
             start_offset,
             next_offset: start_offset,
             last_end_pos: 0,
             last_next_offset: start_offset,
+        }
+    }
+
+    /// An index that keeps its older chunks in `spill`.
+    pub fn spilling(start_offset: i64, spill: Arc<IndexSpill>) -> Self {
+        ConsumeQueue {
+            spill: Some(spill),
+            ..ConsumeQueue::new(start_offset)
         }
     }
 
@@ -192,8 +324,15 @@ impl ConsumeQueue {
             + self
                 .chunks
                 .iter()
-                .map(|c| c.entries.capacity() * std::mem::size_of::<Packed>())
+                .map(|c| match &c.entries {
+                    Entries::Here(v) => v.capacity() * std::mem::size_of::<Packed>(),
+                    Entries::Spilled { .. } => 0,
+                })
                 .sum::<usize>()
+    }
+
+    fn entries_of<'a>(&'a self, c: &'a Chunk) -> Option<Cow<'a, [Packed]>> {
+        c.entries(self.spill.as_deref())
     }
 
     /// Appends the entry of a batch just written at the end of the queue.
@@ -225,6 +364,18 @@ impl ConsumeQueue {
         let pushed = c.try_push(&entry);
         debug_assert!(pushed, "a fresh chunk takes any entry");
         self.chunks.push_back(c);
+        self.spill_old();
+    }
+
+    /// Spills the chunk that just stopped being one of the newest
+    /// `CHUNKS_IN_MEMORY`.
+    fn spill_old(&mut self) {
+        let Some(spill) = &self.spill else {
+            return;
+        };
+        if let Some(i) = self.chunks.len().checked_sub(CHUNKS_IN_MEMORY + 1) {
+            self.chunks[i].spill(spill);
+        }
     }
 
     /// Applies a checkpoint taken before retention deleted data: an empty
@@ -250,21 +401,20 @@ impl ConsumeQueue {
         let Some(chunk) = self.chunks.get(c) else {
             return (c, 0);
         };
-        let i = chunk
-            .entries
-            .partition_point(|p| chunk.base_offset + i64::from(p.end_offset) <= offset);
+        let i = self.entries_of(chunk).map_or(0, |entries| {
+            entries.partition_point(|p| chunk.base_offset + i64::from(p.end_offset) <= offset)
+        });
         (c, i)
     }
 
     /// Entries from (chunk `c`, entry `i`) on, in order.
     fn iter_from(&self, c: usize, i: usize) -> Iter<'_> {
-        let mut chunks = self.chunks.range(c.min(self.chunks.len())..);
-        let chunk = chunks.next();
         Iter {
-            chunks,
-            chunk,
+            queue: self,
+            c,
+            entries: None,
             i,
-            start: chunk.map_or(0, |ch| ch.start_of(i.min(ch.entries.len()))),
+            start: None,
         }
     }
 
@@ -296,19 +446,25 @@ impl ConsumeQueue {
         if self.len > 0 && self.last_end_pos <= visible_pos {
             return self.last_next_offset;
         }
-        let last_visible = self.chunks.iter().rev().find_map(|c| {
-            (0..c.entries.len())
+        for c in self.chunks.iter().rev() {
+            if c.last_end_pos() <= visible_pos {
+                return c.next_offset();
+            }
+            // Unreadable: claim nothing of it is visible rather than skip it.
+            let Some(entries) = self.entries_of(c) else {
+                return c.base_offset;
+            };
+            let last_visible = (0..entries.len())
                 .rev()
-                .map(|j| c.get(j))
-                .find(|e| e.end_pos() <= visible_pos)
-        });
-        match last_visible {
-            Some(e) => e.next_offset(),
-            None => self
-                .chunks
-                .front()
-                .map_or(self.next_offset, |c| c.base_offset),
+                .map(|j| c.get(&entries, j))
+                .find(|e| e.end_pos() <= visible_pos);
+            if let Some(e) = last_visible {
+                return e.next_offset();
+            }
         }
+        self.chunks
+            .front()
+            .map_or(self.next_offset, |c| c.base_offset)
     }
 
     /// Forgets every batch stored before log position `log_start` (deleted segments).
@@ -319,15 +475,25 @@ impl ConsumeQueue {
             .is_some_and(|c| c.last_pos() < log_start)
         {
             let c = self.chunks.pop_front().expect("checked");
-            self.len -= c.entries.len();
+            self.len -= c.len();
         }
+        let spill = self.spill.clone();
         if let Some(c) = self.chunks.front_mut() {
-            let n = c
-                .entries
-                .partition_point(|p| c.base_pos + u64::from(p.pos) < log_start);
-            if n > 0 {
-                c.drop_front(n);
-                self.len -= n;
+            if c.base_pos < log_start {
+                // Brought back to drop its dead front, then spilled again
+                // unless it is one of the newest.
+                if let Some(entries) = c.entries(spill.as_deref()).map(Cow::into_owned) {
+                    let n = entries.partition_point(|p| c.base_pos + u64::from(p.pos) < log_start);
+                    c.entries = Entries::Here(entries);
+                    c.drop_front(n);
+                    self.len -= n;
+                    if let Some(s) = spill
+                        .as_deref()
+                        .filter(|_| self.chunks.len() > CHUNKS_IN_MEMORY)
+                    {
+                        self.chunks[0].spill(s);
+                    }
+                }
             }
         }
         self.start_offset = self
@@ -342,20 +508,24 @@ impl ConsumeQueue {
         let Some(chunk) = self.chunks.get(c) else {
             return 0;
         };
-        let i = chunk
-            .entries
-            .partition_point(|p| chunk.base_pos + u64::from(p.pos) < pos);
+        let i = self.entries_of(chunk).map_or(0, |entries| {
+            entries.partition_point(|p| chunk.base_pos + u64::from(p.pos) < pos)
+        });
         self.iter_from(c, i).map(|e| u64::from(e.batch_len)).sum()
     }
 }
 
-/// Entries in order, each decoded from where its predecessor ended.
+/// Entries in order, each decoded from where its predecessor ended; a
+/// spilled chunk is read back when the walk reaches it.
 struct Iter<'a> {
-    chunks: std::collections::vec_deque::Iter<'a, Chunk>,
-    chunk: Option<&'a Chunk>,
-    /// Next entry of `chunk`, and the offset delta it starts at.
+    queue: &'a ConsumeQueue,
+    /// Current chunk, and its entries once read (`None`: not yet).
+    c: usize,
+    entries: Option<Cow<'a, [Packed]>>,
+    /// Next entry of the chunk, and the offset delta it starts at (`None`:
+    /// taken from the entries once they are read).
     i: usize,
-    start: u32,
+    start: Option<u32>,
 }
 
 impl Iterator for Iter<'_> {
@@ -363,16 +533,26 @@ impl Iterator for Iter<'_> {
 
     fn next(&mut self) -> Option<IndexEntry> {
         loop {
-            let chunk = self.chunk?;
-            if let Some(&p) = chunk.entries.get(self.i) {
-                let e = chunk.decode(p, self.start);
-                self.start = p.end_offset;
+            let chunk = self.queue.chunks.get(self.c)?;
+            if self.entries.is_none() {
+                let Some(entries) = self.queue.entries_of(chunk) else {
+                    self.c = usize::MAX; // unreadable: stop here, never skip it
+                    return None;
+                };
+                self.entries = Some(entries);
+            }
+            let entries = self.entries.as_deref().expect("read above");
+            if let Some(&p) = entries.get(self.i) {
+                let start = self.start.unwrap_or_else(|| start_of(entries, self.i));
+                let e = chunk.decode(p, start);
+                self.start = Some(p.end_offset);
                 self.i += 1;
                 return Some(e);
             }
-            self.chunk = self.chunks.next();
+            self.c += 1;
+            self.entries = None;
             self.i = 0;
-            self.start = 0;
+            self.start = Some(0);
         }
     }
 }
@@ -380,6 +560,7 @@ impl Iterator for Iter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index_spill::SPAN_BYTES;
 
     fn entry(base: i64, pos: u64, count: u32) -> IndexEntry {
         IndexEntry {
@@ -505,8 +686,21 @@ mod tests {
     /// across chunk boundaries, gaps, far positions and truncations.
     #[test]
     fn agrees_with_a_plain_list() {
+        check_against_a_plain_list(ConsumeQueue::new(0), None);
+    }
+
+    #[test]
+    fn agrees_with_a_plain_list_when_spilling() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = IndexSpill::open(&dir.path().join("spill")).unwrap();
+        let q = ConsumeQueue::spilling(0, spill.clone());
+        check_against_a_plain_list(q, Some(&spill));
+        assert!(spill.disk_bytes() > 0, "nothing was spilled");
+    }
+
+    /// With a spill, its files are also deleted as retention would.
+    fn check_against_a_plain_list(mut q: ConsumeQueue, spill: Option<&IndexSpill>) {
         let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
-        let mut q = ConsumeQueue::new(0);
         let mut model: Vec<IndexEntry> = Vec::new();
         let (mut offset, mut pos) = (0i64, 0u64);
         for round in 0..2000 {
@@ -531,6 +725,9 @@ mod tests {
                 let cut = model[rng.next(model.len() as u64) as usize].batch_pos + 1;
                 q.truncate_before(cut);
                 model.retain(|e| e.batch_pos >= cut);
+                if let Some(s) = spill {
+                    s.forget_before(cut);
+                }
             }
             if round % 37 != 0 {
                 continue;
@@ -563,6 +760,61 @@ mod tests {
                 assert_eq!(q.bytes_from(from), want);
             }
         }
+    }
+
+    #[test]
+    fn a_spilling_queue_keeps_only_its_newest_chunks_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = IndexSpill::open(&dir.path().join("spill")).unwrap();
+        let mut q = ConsumeQueue::spilling(0, spill.clone());
+        let n = 100_000u64;
+        // 1 KiB batches interleaved with other queues': spans are crossed.
+        let pos = |i: u64| i * 100 * 1100;
+        for i in 0..n {
+            q.push(entry(i as i64, pos(i), 1));
+        }
+        let per_batch = q.heap_bytes() as f64 / n as f64;
+        assert!(per_batch < 1.0, "{per_batch} bytes per batch in memory");
+        assert!(spill.disk_bytes() >= (n as usize - CHUNKS_IN_MEMORY * CHUNK_ENTRIES) as u64 * 12);
+        // Old and new entries read the same.
+        for at in [0, 1, 127, 128, 50_000, 99_871, 99_999] {
+            let e = q.entries_from(at).next().unwrap();
+            assert_eq!((e.base_offset, e.batch_pos), (at, pos(at as u64)));
+        }
+        assert_eq!(q.entries_from(0).count(), n as usize);
+        // Retention: whole spans before the new start go, the rest reads on.
+        let spans = spill.spans_held();
+        let cut = pos(60_000) + 1;
+        q.truncate_before(cut);
+        assert!(spill.forget_before(cut) > 0);
+        assert!(spill.spans_held() < spans);
+        assert_eq!(q.start_offset(), 60_001);
+        assert_eq!(q.entries_from(0).count(), (n - 60_001) as usize);
+        assert_eq!(
+            q.entries_from(80_000).next().unwrap().batch_pos,
+            pos(80_000)
+        );
+    }
+
+    #[test]
+    fn an_unreadable_spilled_chunk_stops_reads_instead_of_skipping() {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = IndexSpill::open(&dir.path().join("spill")).unwrap();
+        let mut q = ConsumeQueue::spilling(0, spill.clone());
+        // Offsets 0..128 go to span 0; everything after to span 1.
+        for i in 0..1000u64 {
+            let pos = if i < 128 {
+                i * 100
+            } else {
+                SPAN_BYTES + i * 100
+            };
+            q.push(entry(i as i64, pos, 1));
+        }
+        // The spill loses span 0 while the queue still indexes it.
+        spill.forget_before(SPAN_BYTES);
+        assert_eq!(q.entries_from(0).next(), None);
+        assert!(q.lookup(5, u64::MAX, 1 << 20).is_empty());
+        assert_eq!(q.entries_from(128).next().map(|e| e.base_offset), Some(128));
     }
 
     /// What the index costs per stored batch, slack included: the 10,000-

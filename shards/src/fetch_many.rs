@@ -94,7 +94,7 @@ impl Shard {
         let mut total = 0usize;
         let mut queues = self.queues.borrow_mut();
         for (i, w) in wants.iter().enumerate() {
-            let q = queues.entry(w.key).or_default();
+            let q = crate::shard::queue_state(&mut queues, w.key, &self.spill);
             signals.push(q.arrived.clone());
             let (start, next) = (q.index.start_offset(), q.index.visible_next_offset(visible));
             if w.offset < start || w.offset > next {

@@ -22,6 +22,7 @@ pub mod fetch_many;
 pub mod file_map;
 pub mod group_coordinator;
 pub mod group_offsets;
+pub mod index_spill;
 pub mod io_poll;
 pub mod notify;
 pub mod producer_state;

@@ -18,6 +18,7 @@ use crate::delivery::Subscription;
 use crate::durable_file;
 use crate::error::{Result, ShardError};
 use crate::group_offsets::GroupOffsets;
+use crate::index_spill::IndexSpill;
 use crate::notify::Notify;
 use crate::producer_state::{ProducerTable, SequenceCheck};
 use crate::segment::{EntryKind, EntryMeta, ENTRY_HEADER_BYTES, PRIORITY_MAX};
@@ -28,6 +29,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Writer backlog beyond which async-flush produces wait for their write:
@@ -122,7 +124,6 @@ pub struct QueuePolicy {
     pub retention_bytes: u64,
 }
 
-#[derive(Default)]
 pub(crate) struct QueueState {
     pub(crate) index: ConsumeQueue,
     producers: ProducerTable,
@@ -130,6 +131,25 @@ pub(crate) struct QueueState {
     /// queue: with thousands of queues on a shard, a shard-wide signal woke
     /// every parked fetch on every append.
     pub(crate) arrived: Rc<Notify>,
+}
+
+impl QueueState {
+    fn new(spill: &Arc<IndexSpill>) -> Self {
+        QueueState {
+            index: ConsumeQueue::spilling(0, spill.clone()),
+            producers: ProducerTable::default(),
+            arrived: Rc::default(),
+        }
+    }
+}
+
+/// `key`'s state in `queues`, created (empty, spilling to `spill`) if new.
+pub(crate) fn queue_state<'a>(
+    queues: &'a mut QueueMap<QueueState>,
+    key: QueueKey,
+    spill: &Arc<IndexSpill>,
+) -> &'a mut QueueState {
+    queues.entry(key).or_insert_with(|| QueueState::new(spill))
 }
 
 /// A produce that is stored (or known duplicate) and may still await durability.
@@ -168,6 +188,8 @@ pub struct Shard {
     pub(crate) cfg: ShardConfig,
     pub(crate) log: Rc<CommitLog>,
     pub(crate) queues: RefCell<QueueMap<QueueState>>,
+    /// Where the queues' older index chunks go (`index_spill.rs`).
+    pub(crate) spill: Arc<IndexSpill>,
     pub(crate) offsets: RefCell<GroupOffsets>,
     /// A commit writes the offsets file; one at a time keeps writes ordered.
     pub(crate) offsets_lock: glommio::sync::Semaphore,
@@ -199,10 +221,11 @@ impl Shard {
             batch_bytes_max: cfg.segment_bytes as usize,
         })
         .await?;
+        let spill = IndexSpill::open(&cfg.dir.join("index-spill"))?;
         let mut queues: QueueMap<QueueState> = QueueMap::default();
         let mut delayed = DelayQueue::default();
         for e in &recovery.entries {
-            let q = queues.entry(e.key).or_default();
+            let q = queue_state(&mut queues, e.key, &spill);
             match e.meta.kind {
                 EntryKind::Delayed { deliver_at_ms } => {
                     q.producers.record(&e.header, -1);
@@ -237,7 +260,7 @@ impl Shard {
         }
         // Queues emptied by retention continue from their checkpointed offset.
         for (key, _start, next) in read_checkpoint(&cfg.dir.join("queues.checkpoint"))? {
-            queues.entry(key).or_default().index.advance_to(next);
+            queue_state(&mut queues, key, &spill).index.advance_to(next);
         }
         let offsets = GroupOffsets::open(cfg.dir.join("offsets"))?;
         let now = now_ms().max(0) as u64;
@@ -251,6 +274,7 @@ impl Shard {
             cfg,
             log,
             queues: RefCell::new(queues),
+            spill,
             offsets: RefCell::new(offsets),
             offsets_lock: glommio::sync::Semaphore::new(1),
             recovery,
@@ -319,7 +343,7 @@ impl Shard {
             ));
         }
         let mut queues = self.queues.borrow_mut();
-        let q = queues.entry(key).or_default();
+        let q = queue_state(&mut queues, key, &self.spill);
         if let SequenceCheck::Duplicate { base_offset } = q.producers.check(&header)? {
             return Ok(Produced {
                 base_offset,
@@ -479,7 +503,7 @@ impl Shard {
         };
         let mut owned = bytes::BytesMut::from(&stored[..]);
         let mut queues = self.queues.borrow_mut();
-        let q = queues.entry(r.key).or_default();
+        let q = queue_state(&mut queues, r.key, &self.spill);
         let base_offset = q.index.next_offset();
         batch::set_base_offset(&mut owned, base_offset);
         let Ok(mut h) = batch::validate(&owned) else {
@@ -538,7 +562,7 @@ impl Shard {
             let visible = self.log.end();
             let (start, next, entries, arrived) = {
                 let mut queues = self.queues.borrow_mut();
-                let q = queues.entry(key).or_default();
+                let q = queue_state(&mut queues, key, &self.spill);
                 (
                     q.index.start_offset(),
                     q.index.visible_next_offset(visible),
@@ -587,10 +611,7 @@ impl Shard {
 
     /// The signal `key`'s parked readers wait on: a batch became visible.
     pub(crate) fn queue_arrived(&self, key: QueueKey) -> Rc<Notify> {
-        self.queues
-            .borrow_mut()
-            .entry(key)
-            .or_default()
+        queue_state(&mut self.queues.borrow_mut(), key, &self.spill)
             .arrived
             .clone()
     }
@@ -689,6 +710,7 @@ impl Shard {
             for q in self.queues.borrow_mut().values_mut() {
                 q.index.truncate_before(start);
             }
+            self.spill.forget_before(start);
             report.segments_deleted += 1;
             report.log_start = start;
         }

@@ -8,9 +8,11 @@
 //! registers its address range here, and the send path asks `region_of` for
 //! the file and offset behind a slice.
 
+use crate::file_reaper;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::Mutex;
@@ -20,9 +22,11 @@ static MAPS: Mutex<BTreeMap<usize, (usize, i32)>> = Mutex::new(BTreeMap::new());
 
 /// Owner of one map; the `Bytes` slices of it keep it, and so its file, open.
 struct FileMap {
-    map: memmap2::Mmap,
+    /// Unmapped first when the last slice goes (see `Drop`).
+    map: ManuallyDrop<memmap2::Mmap>,
     /// Open as long as the map lives: `region_of` hands out its descriptor.
-    _file: File,
+    /// Writable only so that the file reaper can cut a deleted file down.
+    file: Option<File>,
 }
 
 impl AsRef<[u8]> for FileMap {
@@ -35,6 +39,14 @@ impl Drop for FileMap {
     fn drop(&mut self) {
         // Before `file` closes and its descriptor number can be reused.
         lock().remove(&(self.map.as_ptr() as usize));
+        // SAFETY: dropped once, here, and never touched again.
+        unsafe { ManuallyDrop::drop(&mut self.map) };
+        // A segment deleted by retention is freed when its last map and
+        // descriptor close: now that the map is gone, that is this
+        // descriptor, and freeing a GiB of blocks belongs off this thread.
+        if let Some(file) = self.file.take().filter(file_reaper::is_unlinked) {
+            file_reaper::reap(file);
+        }
     }
 }
 
@@ -46,13 +58,16 @@ fn lock() -> std::sync::MutexGuard<'static, BTreeMap<usize, (usize, i32)>> {
 /// Maps `len` bytes of `path` read-only (`len` may exceed the file's size:
 /// the caller reads only bytes already written).
 pub fn map(path: &Path, len: usize) -> std::io::Result<Bytes> {
-    let file = File::open(path)?;
+    let file = File::options().read(true).write(true).open(path)?;
     // SAFETY: the file is only written by its shard's log, through O_DIRECT
     // writes to blocks past every position handed to readers, and no one
     // truncates a mapped region that is read (see `segment`).
     let map = unsafe { memmap2::MmapOptions::new().len(len).map(&file)? };
     lock().insert(map.as_ptr() as usize, (map.len(), file.as_raw_fd()));
-    Ok(Bytes::from_owner(FileMap { map, _file: file }))
+    Ok(Bytes::from_owner(FileMap {
+        map: ManuallyDrop::new(map),
+        file: Some(file),
+    }))
 }
 
 /// The file and offset behind `bytes` when it is a slice of a live map.
@@ -90,6 +105,41 @@ mod tests {
         let mut read = vec![0; slice.len()];
         file.read_exact(&mut read).unwrap();
         assert_eq!(read, &slice[..]);
+    }
+
+    /// Waits up to 10 s for `f` to hold.
+    fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        for _ in 0..1000 {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn a_deleted_files_last_map_hands_it_to_the_reaper() {
+        let dir = tempfile::tempdir().unwrap();
+        let (deleted, kept) = (dir.path().join("deleted"), dir.path().join("kept"));
+        let len = 40 << 20;
+        for p in [&deleted, &kept] {
+            std::fs::write(p, vec![3u8; len]).unwrap();
+        }
+        let (a, b) = (map(&deleted, len).unwrap(), map(&kept, len).unwrap());
+        // A second descriptor to watch the inode through once unlinked.
+        let watch = File::open(&deleted).unwrap();
+        std::fs::remove_file(&deleted).unwrap();
+        let slice = a.slice(100..200);
+        drop(a);
+        assert_eq!(watch.metadata().unwrap().len(), len as u64, "a slice still maps it");
+        drop((slice, b));
+        assert!(
+            eventually(|| watch.metadata().unwrap().len() == 0),
+            "the reaper never cut the deleted file down"
+        );
+        // A file still linked is closed as it is.
+        assert_eq!(std::fs::metadata(&kept).unwrap().len(), len as u64);
     }
 
     #[test]

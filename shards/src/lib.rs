@@ -20,6 +20,7 @@ pub mod durable_file;
 pub mod error;
 pub mod fetch_many;
 pub mod file_map;
+pub mod file_reaper;
 pub mod group_coordinator;
 pub mod group_offsets;
 pub mod index_spill;

@@ -349,6 +349,15 @@ fn increment_sequence(sequence: i32, increment: i32) -> i32 {
     }
 }
 
+/// CRC-32C (Castagnoli), the checksum of a Kafka v2 batch. `crc-fast`
+/// folds with AVX-512 VPCLMULQDQ where the CPU has it: 52 GB/s on 64 KiB
+/// against the `crc32c` crate's 21 (20.6 against 13.8 on 1.1 KB) on the
+/// test VM, and both ends of every batch pay it (client build, broker and
+/// consumer check).
+pub fn crc32c(data: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
+}
+
 /// Validates one complete batch at the start of `buf` and returns its header.
 ///
 /// Checks the header (see [`BatchHeader::parse`]), that the whole batch is
@@ -365,7 +374,7 @@ pub fn validate(buf: &[u8]) -> Result<BatchHeader, BatchError> {
             available: buf.len(),
         });
     }
-    let computed = crc32c::crc32c(&buf[OFF_ATTRIBUTES..total]);
+    let computed = crc32c(&buf[OFF_ATTRIBUTES..total]);
     if computed != header.crc {
         return Err(BatchError::CrcMismatch {
             stored: header.crc,
@@ -846,7 +855,7 @@ impl BatchBuilder {
         let batch_length = i32::try_from(buf.len() - LOG_OVERHEAD_BYTES)
             .expect("record batch exceeds i32::MAX bytes");
         self.write_header(&mut buf[..BATCH_HEADER_BYTES], batch_length);
-        let crc = crc32c::crc32c(&buf[OFF_ATTRIBUTES..]);
+        let crc = crc32c(&buf[OFF_ATTRIBUTES..]);
         buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
         Bytes::from(buf)
     }
@@ -1059,7 +1068,7 @@ mod tests {
 
     /// Recomputes the CRC of a (tampered) batch so it passes `validate`.
     fn fix_crc(buf: &mut [u8]) {
-        let crc = crc32c::crc32c(&buf[OFF_ATTRIBUTES..]);
+        let crc = crc32c(&buf[OFF_ATTRIBUTES..]);
         buf[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
     }
 
@@ -1193,9 +1202,14 @@ mod tests {
         assert_eq!(&b.build()[..], &expected[..]);
 
         // The stored CRC is Castagnoli's, checked against a bitwise
-        // implementation independent of the crc32c crate.
+        // implementation independent of the CRC crate.
+        assert_eq!(crc32c_bitwise(&expected[OFF_ATTRIBUTES..]), 0x716a_6189);
+    }
+
+    /// Castagnoli's CRC, bit by bit: the reference for `crc32c`.
+    fn crc32c_bitwise(data: &[u8]) -> u32 {
         let mut crc = !0u32;
-        for &byte in &expected[OFF_ATTRIBUTES..] {
+        for &byte in data {
             crc ^= u32::from(byte);
             for _ in 0..8 {
                 crc = if crc & 1 != 0 {
@@ -1205,7 +1219,28 @@ mod tests {
                 };
             }
         }
-        assert_eq!(!crc, 0x716a_6189);
+        !crc
+    }
+
+    /// Every length the SIMD paths split differently (short tails, one
+    /// fold, many folds), at every alignment of a 64-byte line.
+    #[test]
+    fn crc32c_matches_the_bitwise_definition() {
+        let data: Vec<u8> = (0..70_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let lengths = (0..600).chain([1023, 1024, 1100, 4096, 16_383, 16_384, 65_536, 69_000]);
+        for len in lengths {
+            for start in [0, 1, 7, 33, 63] {
+                let slice = &data[start..start + len];
+                assert_eq!(
+                    crc32c(slice),
+                    crc32c_bitwise(slice),
+                    "length {len} at {start}"
+                );
+            }
+        }
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283); // the catalogue's check value
     }
 
     #[test]

@@ -132,7 +132,11 @@ mod tests {
         std::fs::remove_file(&deleted).unwrap();
         let slice = a.slice(100..200);
         drop(a);
-        assert_eq!(watch.metadata().unwrap().len(), len as u64, "a slice still maps it");
+        assert_eq!(
+            watch.metadata().unwrap().len(),
+            len as u64,
+            "a slice still maps it"
+        );
         drop((slice, b));
         assert!(
             eventually(|| watch.metadata().unwrap().len() == 0),

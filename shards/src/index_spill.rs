@@ -53,6 +53,8 @@ pub struct IndexSpill {
     spans: Mutex<BTreeMap<u64, Arc<SpanFile>>>,
     /// A failed write is logged once; chunks then stay in memory.
     warned: AtomicBool,
+    /// Chunks read back.
+    reads: AtomicU64,
 }
 
 impl std::fmt::Debug for IndexSpill {
@@ -75,6 +77,7 @@ impl IndexSpill {
             dir: dir.to_path_buf(),
             spans: Mutex::new(BTreeMap::new()),
             warned: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
         }))
     }
 
@@ -131,6 +134,7 @@ impl IndexSpill {
 
     /// Fills `out` with the chunk stored at `r`.
     pub(crate) fn read(&self, r: SpillRef, out: &mut [u8]) -> io::Result<()> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let file = self.spans().get(&r.span).cloned().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
@@ -169,6 +173,12 @@ impl IndexSpill {
             .values()
             .map(|f| f.len.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Chunks read back since `open`: a queue's readers far behind its
+    /// tail, and retention by size.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     /// Spans with a file.

@@ -8,6 +8,7 @@ use coremq::protocol::{Request, TopicSpec};
 use coremq_shards::batch::{self, BatchBuilder, Compression};
 use coremq_shards::consume_queue::{ConsumeQueue, IndexEntry};
 use coremq_shards::delay_queue::{DelayQueue, DelayedRef};
+use coremq_shards::index_spill::IndexSpill;
 use coremq_shards::segment;
 use coremq_shards::time_wheel::TimeWheel;
 use coremq_shards::QueueKey;
@@ -114,21 +115,35 @@ fn main() {
     bench("recovery scan of 16 x 64 KiB entries", seg.len(), || {
         black_box(segment::scan(&seg, 1 << 20));
     });
-    let mut q = ConsumeQueue::new(0);
-    for i in 0..1_000_000u64 {
-        q.push(IndexEntry {
-            base_offset: i as i64 * 10,
-            batch_pos: i * 1000,
-            batch_len: 900,
-            record_count: 10,
-            priority: 0,
+    // The same index in memory, and spilled (all but the newest chunks in
+    // the shard's spill files, read back with `pread` from the page cache).
+    let spill_dir = tempfile::tempdir().expect("temp dir");
+    let spill = IndexSpill::open(&spill_dir.path().join("spill")).expect("spill");
+    for (name, mut q) in [
+        (
+            "index lookup in 1M batches (+collect 1 MiB)",
+            ConsumeQueue::new(0),
+        ),
+        (
+            "index lookup in 1M spilled batches (+collect 1 MiB)",
+            ConsumeQueue::spilling(0, spill.clone()),
+        ),
+    ] {
+        for i in 0..1_000_000u64 {
+            q.push(IndexEntry {
+                base_offset: i as i64 * 10,
+                batch_pos: i * 1000,
+                batch_len: 900,
+                record_count: 10,
+                priority: 0,
+            });
+        }
+        let mut o = 0i64;
+        bench(name, 0, || {
+            o = (o + 7_919_993) % 10_000_000;
+            black_box(q.lookup(o, u64::MAX, 1 << 20));
         });
     }
-    let mut o = 0i64;
-    bench("index lookup in 1M batches (+collect 1 MiB)", 0, || {
-        o = (o + 7_919_993) % 10_000_000;
-        black_box(q.lookup(o, u64::MAX, 1 << 20));
-    });
     // Time wheel: insert, and insert + expiry, at 10 ms ticks.
     let mut wheel = TimeWheel::new(10, 0);
     let mut due = 0u64;

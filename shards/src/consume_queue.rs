@@ -418,13 +418,26 @@ impl ConsumeQueue {
 
     /// Entries from (chunk `c`, entry `i`) on, in order.
     fn iter_from(&self, c: usize, i: usize) -> Iter<'_> {
-        Iter {
+        let mut it = Iter {
             queue: self,
             c,
-            entries: None,
+            chunk: None,
+            entries: Cow::Borrowed(&[]),
             i,
-            start: None,
+            start: 0,
+        };
+        if let Some(chunk) = self.chunks.get(c) {
+            if let Some(entries) = self.entries_of(chunk) {
+                it.start = if i < entries.len() {
+                    start_of(&entries, i)
+                } else {
+                    0
+                };
+                it.entries = entries;
+                it.chunk = Some(chunk);
+            }
         }
+        it
     }
 
     /// The batches holding `offset` and after, up to `max_bytes` (at least
@@ -537,43 +550,60 @@ impl ConsumeQueue {
 }
 
 /// Entries in order, each decoded from where its predecessor ended; a
-/// spilled chunk is read back when the walk reaches it.
+/// spilled chunk is read back when the walk reaches it. Fetches walk up to
+/// a MiB of entries per call, so the current chunk and its entries are
+/// held, not looked up per entry.
 struct Iter<'a> {
     queue: &'a ConsumeQueue,
-    /// Current chunk, and its entries once read (`None`: not yet).
+    /// Index of the current chunk, and the chunk (`None`: the walk ended,
+    /// or stopped before an unreadable chunk).
     c: usize,
-    entries: Option<Cow<'a, [Packed]>>,
-    /// Next entry of the chunk, and the offset delta it starts at (`None`:
-    /// taken from the entries once they are read).
+    chunk: Option<&'a Chunk>,
+    entries: Cow<'a, [Packed]>,
+    /// Next entry of the chunk, and the offset delta it starts at.
     i: usize,
-    start: Option<u32>,
+    start: u32,
+}
+
+impl Iter<'_> {
+    /// Moves to the next chunk; false at the end or before an unreadable
+    /// chunk (the walk stops there, never skips it). Kept out of `next`,
+    /// which runs per entry and must stay small enough to inline.
+    #[cold]
+    #[inline(never)]
+    fn next_chunk(&mut self) -> bool {
+        self.chunk = None;
+        self.c += 1;
+        let Some(next) = self.queue.chunks.get(self.c) else {
+            return false;
+        };
+        let Some(entries) = self.queue.entries_of(next) else {
+            return false;
+        };
+        self.entries = entries;
+        self.chunk = Some(next);
+        self.i = 0;
+        self.start = 0;
+        true
+    }
 }
 
 impl Iterator for Iter<'_> {
     type Item = IndexEntry;
 
+    #[inline]
     fn next(&mut self) -> Option<IndexEntry> {
         loop {
-            let chunk = self.queue.chunks.get(self.c)?;
-            if self.entries.is_none() {
-                let Some(entries) = self.queue.entries_of(chunk) else {
-                    self.c = usize::MAX; // unreadable: stop here, never skip it
-                    return None;
-                };
-                self.entries = Some(entries);
-            }
-            let entries = self.entries.as_deref().expect("read above");
-            if let Some(&p) = entries.get(self.i) {
-                let start = self.start.unwrap_or_else(|| start_of(entries, self.i));
-                let e = chunk.decode(p, start);
-                self.start = Some(p.end_offset);
+            let chunk = self.chunk?;
+            if let Some(&p) = self.entries.get(self.i) {
+                let e = chunk.decode(p, self.start);
+                self.start = p.end_offset;
                 self.i += 1;
                 return Some(e);
             }
-            self.c += 1;
-            self.entries = None;
-            self.i = 0;
-            self.start = Some(0);
+            if !self.next_chunk() {
+                return None;
+            }
         }
     }
 }

@@ -7,7 +7,8 @@
 //! offsets for its queues (`group_offsets`). `shard::Shard` ties them
 //! together behind the operations the network layer calls. Nothing here is
 //! `Send`: data crosses cores only as explicit messages from `src/` (and
-//! to the log's read-ahead thread, which only gives the kernel advice).
+//! to the log's read-ahead thread, which only gives the kernel advice, and
+//! the file reaper's, which frees deleted files).
 
 pub mod assignment;
 pub mod batch;

@@ -144,6 +144,7 @@ impl QueueState {
 }
 
 /// `key`'s state in `queues`, created (empty, spilling to `spill`) if new.
+#[inline]
 pub(crate) fn queue_state<'a>(
     queues: &'a mut QueueMap<QueueState>,
     key: QueueKey,

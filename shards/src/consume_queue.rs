@@ -79,6 +79,10 @@ const _: () = assert!(crate::segment::PRIORITY_MAX < 4);
 const PACKED_BYTES: usize = 12;
 
 impl Packed {
+    fn batch_len(&self) -> u32 {
+        self.len_priority & BATCH_LEN_MAX_BYTES
+    }
+
     fn put(&self, out: &mut Vec<u8>) {
         for word in [self.end_offset, self.pos, self.len_priority] {
             out.extend_from_slice(&word.to_le_bytes());
@@ -215,7 +219,7 @@ impl Chunk {
         IndexEntry {
             base_offset: self.base_offset + i64::from(start),
             batch_pos: self.base_pos + u64::from(p.pos),
-            batch_len: p.len_priority & BATCH_LEN_MAX_BYTES,
+            batch_len: p.batch_len(),
             record_count: p.end_offset - start,
             priority: (p.len_priority >> LEN_BITS) as u8,
         }
@@ -236,7 +240,7 @@ impl Chunk {
 
     fn last_end_pos(&self) -> u64 {
         self.last().map_or(self.base_pos, |p| {
-            self.base_pos + u64::from(p.pos) + u64::from(p.len_priority & BATCH_LEN_MAX_BYTES)
+            self.base_pos + u64::from(p.pos) + u64::from(p.batch_len())
         })
     }
 
@@ -249,10 +253,7 @@ impl Chunk {
         };
         // The new first entry starts where entry n - 1 ended.
         let (off, pos) = (entries[n - 1].end_offset, entries[n].pos);
-        let dropped: u64 = entries
-            .drain(..n)
-            .map(|p| u64::from(p.len_priority & BATCH_LEN_MAX_BYTES))
-            .sum();
+        let dropped: u64 = entries.drain(..n).map(|p| u64::from(p.batch_len())).sum();
         self.batch_bytes -= dropped;
         for p in entries.iter_mut() {
             p.end_offset -= off;
@@ -370,17 +371,16 @@ impl ConsumeQueue {
         let pushed = c.try_push(&entry);
         debug_assert!(pushed, "a fresh chunk takes any entry");
         self.chunks.push_back(c);
-        self.spill_old();
+        // The chunk that just stopped being one of the newest.
+        self.spill_if_old(self.chunks.len().saturating_sub(CHUNKS_IN_MEMORY + 1));
     }
 
-    /// Spills the chunk that just stopped being one of the newest
-    /// `CHUNKS_IN_MEMORY`.
-    fn spill_old(&mut self) {
-        let Some(spill) = &self.spill else {
-            return;
-        };
-        if let Some(i) = self.chunks.len().checked_sub(CHUNKS_IN_MEMORY + 1) {
-            self.chunks[i].spill(spill);
+    /// Spills chunk `i` unless it is one of the newest `CHUNKS_IN_MEMORY`.
+    fn spill_if_old(&mut self, i: usize) {
+        if let Some(spill) = &self.spill {
+            if i + CHUNKS_IN_MEMORY < self.chunks.len() {
+                self.chunks[i].spill(spill);
+            }
         }
     }
 
@@ -481,22 +481,16 @@ impl ConsumeQueue {
             let c = self.chunks.pop_front().expect("checked");
             self.len -= c.len();
         }
-        let spill = self.spill.clone();
         if let Some(c) = self.chunks.front_mut() {
             if c.base_pos < log_start {
                 // Brought back to drop its dead front, then spilled again
                 // unless it is one of the newest.
-                if let Some(entries) = c.entries(spill.as_deref()).map(Cow::into_owned) {
+                if let Some(entries) = c.entries(self.spill.as_deref()).map(Cow::into_owned) {
                     let n = entries.partition_point(|p| c.base_pos + u64::from(p.pos) < log_start);
                     c.entries = Entries::Here(entries);
                     c.drop_front(n);
                     self.len -= n;
-                    if let Some(s) = spill
-                        .as_deref()
-                        .filter(|_| self.chunks.len() > CHUNKS_IN_MEMORY)
-                    {
-                        self.chunks[0].spill(s);
-                    }
+                    self.spill_if_old(0);
                 }
             }
         }
@@ -523,7 +517,7 @@ impl ConsumeQueue {
                 entries
                     .iter()
                     .filter(|p| chunk.base_pos + u64::from(p.pos) >= pos)
-                    .map(|p| u64::from(p.len_priority & BATCH_LEN_MAX_BYTES))
+                    .map(|p| u64::from(p.batch_len()))
                     .sum()
             })
         };

@@ -147,18 +147,16 @@ impl IndexSpill {
     /// Deletes the files of spans wholly before log position `log_start`:
     /// retention has dropped every chunk they hold. Returns how many.
     pub fn forget_before(&self, log_start: u64) -> usize {
-        let dead: Vec<(u64, Arc<SpanFile>)> = {
+        let dead = {
             let mut spans = self.spans();
             let keep = spans.split_off(&(log_start / SPAN_BYTES));
-            std::mem::replace(&mut *spans, keep).into_iter().collect()
+            std::mem::replace(&mut *spans, keep)
         };
-        for (span, _) in &dead {
-            if let Err(e) = std::fs::remove_file(self.path(*span)) {
+        let n = dead.len();
+        for (span, file) in dead {
+            if let Err(e) = std::fs::remove_file(self.path(span)) {
                 tracing::warn!(error = %e, span, "cannot delete a spill file");
             }
-        }
-        let n = dead.len();
-        for (_, file) in dead {
             // Freed off this thread unless a read holds it for a moment.
             if let Ok(f) = Arc::try_unwrap(file) {
                 file_reaper::reap(f.file);

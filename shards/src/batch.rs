@@ -732,12 +732,19 @@ pub struct BatchBuilder {
 impl BatchBuilder {
     /// An empty builder for a non-idempotent producer.
     pub fn new(compression: Compression) -> Self {
+        BatchBuilder::with_capacity(compression, 0)
+    }
+
+    /// [`BatchBuilder::new`] with room for `bytes` of batch (header
+    /// included) from the start: a caller that knows the batch's size
+    /// (see [`value_record_bytes`]) spares the copies of a growing buffer.
+    pub fn with_capacity(compression: Compression, bytes: usize) -> Self {
         BatchBuilder {
             compression,
             producer_id: NO_PRODUCER_ID,
             producer_epoch: NO_PRODUCER_EPOCH,
             base_sequence: NO_SEQUENCE,
-            records: Vec::new(),
+            records: Vec::with_capacity(bytes),
             scratch: Vec::new(),
             count: 0,
             base_timestamp: NO_TIMESTAMP,
@@ -917,6 +924,25 @@ fn put_unsigned(buf: &mut Vec<u8>, mut value: u64) {
 }
 
 /// Bytes `put_varint` writes for `value`.
+/// Bytes a record with no key and no headers and a value of `value_len`
+/// bytes takes in an uncompressed batch, `timestamp_delta` ms and
+/// `offset_delta` records after the batch's first: what
+/// [`BatchBuilder::push`] adds for it.
+pub fn value_record_bytes(timestamp_delta: i64, offset_delta: i32, value_len: usize) -> usize {
+    // Attributes, null key (-1) and header count (0) are a byte each.
+    let body = 3
+        + varlong_bytes(timestamp_delta)
+        + varint_bytes(offset_delta)
+        + varint_bytes(len_i32(value_len))
+        + value_len;
+    varint_bytes(len_i32(body)) + body
+}
+
+fn varlong_bytes(value: i64) -> usize {
+    let zigzag = ((value << 1) ^ (value >> 63)) as u64;
+    (64 - zigzag.leading_zeros() as usize).max(1).div_ceil(7)
+}
+
 fn varint_bytes(value: i32) -> usize {
     let zigzag = ((value << 1) ^ (value >> 31)) as u32;
     (32 - zigzag.leading_zeros() as usize).max(1).div_ceil(7)
@@ -979,6 +1005,24 @@ mod tests {
             let mut buf = Vec::new();
             put_varint(&mut buf, v);
             assert_eq!(varint_bytes(v), buf.len(), "{v}");
+        }
+    }
+
+    #[test]
+    fn value_record_bytes_is_what_push_adds() {
+        for ts_delta in [0i64, 1, -1, 63, 64, 100_000, -5_000_000, i64::MAX, i64::MIN] {
+            for value_len in [0usize, 1, 60, 63, 64, 1024, 16_000, 70_000] {
+                let mut b = BatchBuilder::with_capacity(Compression::None, 10);
+                let value = vec![7u8; value_len];
+                let mut expect = BATCH_HEADER_BYTES;
+                for n in 0..3 {
+                    let delta = if n > 0 { ts_delta } else { 0 };
+                    b.push(1_000i64.wrapping_add(delta), None, Some(&value), &[]);
+                    expect += value_record_bytes(delta, n, value_len);
+                    assert_eq!(b.estimated_bytes(), expect, "{ts_delta} {value_len} {n}");
+                }
+                assert_eq!(b.build().len(), expect);
+            }
         }
     }
 

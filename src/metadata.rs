@@ -20,15 +20,18 @@
 
 mod files;
 mod name_index;
+mod route;
 mod writer;
 
 pub use files::DroppedTail;
+pub use route::{policy, Route};
 pub use writer::{JOURNAL_BATCH_CHANGES_MAX, JOURNAL_COMPACT_SNAPSHOT_RATIO};
 
 use crate::protocol::messages::TOPIC_NAME_BYTES_MAX;
 use crate::protocol::{ErrorCode, ErrorReply, TopicSpec};
 use arc_swap::ArcSwap;
 use futures::channel::oneshot;
+use std::borrow::Cow;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
@@ -64,17 +67,26 @@ pub struct Metadata {
     next_topic_id: u32,
 }
 
+fn unknown_topic(name: &str) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::UnknownTopic,
+        format!("topic {name:?} does not exist"),
+    )
+}
+
 impl Metadata {
     pub fn topic(&self, name: &str) -> Result<&TopicMeta, ErrorReply> {
+        self.topics
+            .get(name)
+            .map(|t| &**t)
+            .ok_or_else(|| unknown_topic(name))
+    }
+
+    /// What the data path needs of topic `name` (one hash probe).
+    pub fn route(&self, name: &str) -> Result<Cow<'_, Route>, ErrorReply> {
         self.by_name
             .get(&self.topics, name)
-            .map(|t| &**t)
-            .ok_or_else(|| {
-                ErrorReply::new(
-                    ErrorCode::UnknownTopic,
-                    format!("topic {name:?} does not exist"),
-                )
-            })
+            .ok_or_else(|| unknown_topic(name))
     }
 
     pub fn topic_by_id(&self, id: u32) -> Option<&TopicMeta> {

@@ -218,6 +218,9 @@ pub struct Fetcher {
 #[derive(Debug)]
 struct FetchGroup {
     cursors: Vec<usize>,
+    /// The request's entries, kept between sends (positions updated in
+    /// place): a fresh list cloned every topic name per poll.
+    entries: Vec<FetchEntry>,
     conn: usize,
     token: u64,
     sent_ns: u64,
@@ -276,6 +279,7 @@ impl Fetcher {
                 .enumerate()
                 .map(|(i, cursors)| FetchGroup {
                     cursors,
+                    entries: Vec::new(),
                     conn: i % n,
                     token: 0,
                     sent_ns: 0,
@@ -366,27 +370,34 @@ impl Fetcher {
         let group = &mut groups[g];
         group.token = token;
         group.sent_ns = self.clock.now_ns();
-        let entries = group
-            .cursors
-            .iter()
-            .map(|&c| {
-                let cur = &self.cursors[c];
-                FetchEntry {
-                    topic: cur.spec.topic.clone(),
-                    queue: cur.spec.queue,
-                    offset: cur.spec.position,
-                    max_bytes: cur.max_bytes,
-                }
-            })
-            .collect();
+        if group.entries.len() != group.cursors.len() {
+            group.entries = group
+                .cursors
+                .iter()
+                .map(|&c| FetchEntry {
+                    topic: self.cursors[c].spec.topic.clone(),
+                    queue: self.cursors[c].spec.queue,
+                    offset: 0,
+                    max_bytes: 0,
+                })
+                .collect();
+        }
+        for (e, &c) in group.entries.iter_mut().zip(&group.cursors) {
+            let cur = &self.cursors[c];
+            e.offset = cur.spec.position;
+            e.max_bytes = cur.max_bytes;
+        }
         let req = Request::FetchMany(FetchMany {
             max_wait_ms: MAX_WAIT_MS,
             min_bytes: self.fetch_min_bytes,
             max_bytes: FETCH_MANY_BYTES_MAX,
-            entries,
+            entries: std::mem::take(&mut group.entries),
         });
         let conn = group.conn;
         self.send_tagged(conn, &req, g, token);
+        if let (Request::FetchMany(f), Some(groups)) = (req, self.groups.as_mut()) {
+            groups[g].entries = f.entries;
+        }
     }
 
     /// Sends `req` on connection `conn`; its reply comes back as an `Event`

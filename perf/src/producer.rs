@@ -35,8 +35,8 @@
 //! bound for the same connection are gathered into one ProduceMany
 //! ([`ProduceManyBuilder`], at most [`PRODUCE_MANY_BYTES_MAX`] and the
 //! protocol's entry limit) and sent when it is full, when the thread is
-//! about to wait (sleep or a full window), or [`PRODUCE_MANY_GATHER`]
-//! after its first batch. Each entry's result is applied to that batch
+//! about to wait for acks (a full window), or [`PRODUCE_MANY_GATHER`]
+//! after its first batch (a pause in the schedule waits for that too). Each entry's result is applied to that batch
 //! alone, with the same per-message latency accounting (intended send time
 //! to the reply). With one queue per connection a batch goes out as a
 //! single Produce at once, as before (`multi_queue` false).
@@ -489,22 +489,31 @@ impl Producer {
     pub fn run(mut self) {
         let clock = self.spec.clock;
         clock.sleep_until(self.spec.start_ns);
+        let gather_ns = to_ns(PRODUCE_MANY_GATHER);
         while !self.spec.abort.load(Ordering::Relaxed) {
             let now = clock.now_ns();
             self.seal_lingered(now);
+            self.send_gathered_older_than(now.saturating_sub(gather_ns));
             let due = self.spec.pacing.next_due(now);
             if due >= self.spec.end.get() {
                 break;
             }
             if due > now {
-                self.send_gathered();
-                let wake = self.linger_deadline().map_or(due, |d| d.min(due));
+                // A pause between messages does not send what is gathered:
+                // it waits out its PRODUCE_MANY_GATHER like the batches
+                // their linger (sending at every pause made one request per
+                // message at open-loop rates: the broker and the tool spent
+                // their CPU per request, not per message).
+                let gathered = self.gathered_since().map(|t| t.saturating_add(gather_ns));
+                let wake = [self.linger_deadline(), gathered]
+                    .into_iter()
+                    .flatten()
+                    .fold(due, u64::min);
                 clock.sleep_until(wake);
                 continue;
             }
             let intended = self.spec.pacing.take(now);
             self.append(intended, now);
-            self.send_gathered_older_than(now.saturating_sub(to_ns(PRODUCE_MANY_GATHER)));
         }
         for q in 0..self.open.len() {
             self.seal(q);
@@ -676,6 +685,15 @@ impl Producer {
             options: ProduceOptions::default(),
             batch,
         });
+    }
+
+    /// When the oldest gathered ProduceMany got its first batch.
+    fn gathered_since(&self) -> Option<u64> {
+        self.gathering
+            .iter()
+            .filter(|g| !g.builder.is_empty())
+            .map(|g| g.since_ns)
+            .min()
     }
 
     /// Sends every gathered ProduceMany.

@@ -50,7 +50,7 @@ impl Shard {
         let mut hurry = pin!(hurry);
         let mut last_pass = false;
         loop {
-            let (found, signals) = self.fetch_pass(wants, max_bytes);
+            let found = self.fetch_pass(wants, max_bytes);
             let now = Instant::now();
             let failed = found.iter().any(|(_, r)| r.is_err());
             let bytes: usize = found
@@ -65,6 +65,7 @@ impl Shard {
             }
             let done = if found.is_empty() {
                 // No await since the pass: no append can slip between it and the wait.
+                let signals = self.arrived_signals(wants);
                 let any = AnyNotified::new(&signals);
                 let timer = glommio::timer::sleep(deadline - now);
                 matches!(
@@ -86,16 +87,29 @@ impl Shard {
         }
     }
 
-    /// One look at every wanted queue: what it has now, and its signal.
-    fn fetch_pass(&self, wants: &[FetchWant], max_bytes: usize) -> (FetchedMany, Vec<Rc<Notify>>) {
+    /// The `arrived` signal of every wanted queue, to wait on after a pass
+    /// that found nothing (taken only then: a pass that finds data, as most
+    /// do under load, skips a refcount per queue).
+    fn arrived_signals(&self, wants: &[FetchWant]) -> Vec<Rc<Notify>> {
+        let mut queues = self.queues.borrow_mut();
+        wants
+            .iter()
+            .map(|w| {
+                crate::shard::queue_state(&mut queues, w.key, &self.spill)
+                    .arrived
+                    .clone()
+            })
+            .collect()
+    }
+
+    /// One look at every wanted queue: what it has now.
+    fn fetch_pass(&self, wants: &[FetchWant], max_bytes: usize) -> FetchedMany {
         let visible = self.log.end();
         let mut found = Vec::new();
-        let mut signals = Vec::with_capacity(wants.len());
         let mut total = 0usize;
         let mut queues = self.queues.borrow_mut();
         for (i, w) in wants.iter().enumerate() {
             let q = crate::shard::queue_state(&mut queues, w.key, &self.spill);
-            signals.push(q.arrived.clone());
             let (start, next) = (q.index.start_offset(), q.index.visible_next_offset(visible));
             if w.offset < start || w.offset > next {
                 found.push((
@@ -141,6 +155,6 @@ impl Shard {
                 ));
             }
         }
-        (found, signals)
+        found
     }
 }

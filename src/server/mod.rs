@@ -330,7 +330,7 @@ async fn shard_main(
                 let outcome = ctx.shard.tick(coremq_shards::shard::now_ms(), |key| {
                     meta.topic_by_id(key.topic_id)
                         .filter(|t| (key.queue as usize) < t.placement.len())
-                        .map(shard_context::policy)
+                        .map(crate::metadata::policy)
                 });
                 if outcome.retention_due {
                     run_retention(&ctx).await;
@@ -369,7 +369,7 @@ async fn run_retention(ctx: &ShardCtx) {
     let now_ms = coremq_shards::shard::now_ms();
     // The snapshot's id index: O(log topics) a lookup, nothing to build per run.
     let policy_of =
-        |key: coremq_shards::QueueKey| meta.topic_by_id(key.topic_id).map(shard_context::policy);
+        |key: coremq_shards::QueueKey| meta.topic_by_id(key.topic_id).map(crate::metadata::policy);
     ctx.shard.retain_queues(|key| {
         meta.topic_by_id(key.topic_id)
             .is_some_and(|t| (key.queue as usize) < t.placement.len())

@@ -10,8 +10,8 @@ use super::router::ShardMsg;
 use crate::config::Config;
 use crate::metadata::{MetaStore, Metadata, TopicMeta};
 use crate::protocol::{
-    ErrorCode, ErrorReply, Flush, JoinGroup, MemberRef, NodeInfo, QueueInfo, Reply, Request,
-    Response, TopicInfo,
+    ErrorCode, ErrorReply, JoinGroup, MemberRef, NodeInfo, QueueInfo, Reply, Request, Response,
+    TopicInfo,
 };
 use coremq_shards::delivery::DeliveryConfig;
 use coremq_shards::group_coordinator::GroupCoordinator;
@@ -45,15 +45,6 @@ pub struct ShardCtx {
     pub this: RefCell<Weak<ShardCtx>>,
 }
 
-pub fn policy(t: &TopicMeta) -> QueuePolicy {
-    QueuePolicy {
-        sync_flush: t.spec.flush == Flush::Sync,
-        segment_bytes: t.spec.segment_bytes,
-        retention_ms: t.spec.retention_ms,
-        retention_bytes: t.spec.retention_bytes,
-    }
-}
-
 pub fn shard_error(e: ShardError) -> ErrorReply {
     let code = match &e {
         ShardError::Io(_) | ShardError::LogFailed(_) | ShardError::CorruptFile { .. } => {
@@ -85,14 +76,11 @@ pub(super) fn queue_of(
     topic: &str,
     queue: u32,
 ) -> Result<(QueueKey, u32, QueuePolicy), ErrorReply> {
-    let t = meta.topic(topic)?;
-    let owner = t.placement.get(queue as usize).copied().ok_or_else(|| {
+    let t = meta.route(topic)?;
+    let owner = t.owner(queue).ok_or_else(|| {
         ErrorReply::new(
             ErrorCode::UnknownQueue,
-            format!(
-                "topic {topic:?} has queues 0..{}, not {queue}",
-                t.placement.len()
-            ),
+            format!("topic {topic:?} has queues 0..{}, not {queue}", t.queues()),
         )
     })?;
     Ok((
@@ -101,7 +89,7 @@ pub(super) fn queue_of(
             queue,
         },
         owner,
-        policy(t),
+        t.policy,
     ))
 }
 

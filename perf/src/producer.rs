@@ -36,9 +36,9 @@
 //! ([`ProduceManyBuilder`], at most [`PRODUCE_MANY_BYTES_MAX`] and the
 //! protocol's entry limit) and sent when it is full, when the thread is
 //! about to wait for acks (a full window), or [`PRODUCE_MANY_GATHER`]
-//! after its first batch (a pause in the schedule waits for that too). Each entry's result is applied to that batch
-//! alone, with the same per-message latency accounting (intended send time
-//! to the reply). With one queue per connection a batch goes out as a
+//! after its first batch (a pause in the schedule waits for that too).
+//! Each entry's result is applied to that batch alone, with the same
+//! per-message latency accounting (intended send time to the reply). With one queue per connection a batch goes out as a
 //! single Produce at once, as before (`multi_queue` false).
 //!
 //! In-flight limits, per thread: in open loop only a large safety cap on
@@ -66,7 +66,7 @@ use coremq_shards::batch::{
 use crate::payload::Payloads;
 use crate::run::to_ns;
 use crate::schedule::{Clock, EndTime, Pacing};
-use crate::stats::{lock, SharedTally};
+use crate::stats::{lock, SharedTally, Tally};
 use crate::workload::TIMESTAMP_BYTES;
 
 /// Bytes a record adds to its payload inside a batch, at most (attributes,
@@ -227,19 +227,31 @@ impl ProducerShared {
         batch_bytes: usize,
         stored_bytes: u64,
     ) {
-        {
-            let mut t = self.tally.lock();
-            t.messages += intended.len() as u64;
-            t.bytes += payload_bytes;
-            t.stored_bytes += stored_bytes;
-            for &i in intended {
-                t.latency.record_between_ns(i, ack_ns);
-            }
+        let mut t = self.tally.lock();
+        self.count_acked(&mut t, slot, intended, ack_ns, payload_bytes, stored_bytes);
+        drop(t);
+        self.release(batch_bytes);
+    }
+
+    /// Counts one acked batch into `t` (the tally, locked) and its slot.
+    fn count_acked(
+        &self,
+        t: &mut Tally,
+        slot: usize,
+        intended: &[u64],
+        ack_ns: u64,
+        payload_bytes: u64,
+        stored_bytes: u64,
+    ) {
+        t.messages += intended.len() as u64;
+        t.bytes += payload_bytes;
+        t.stored_bytes += stored_bytes;
+        for &i in intended {
+            t.latency.record_between_ns(i, ack_ns);
         }
         if let Some(n) = self.acked_by_slot.get(slot) {
             n.fetch_add(intended.len() as u64, Ordering::Relaxed);
         }
-        self.release(batch_bytes);
     }
 
     /// One batch of `messages` failed: counted as errors, out of the window.
@@ -301,18 +313,16 @@ impl ProducerShared {
         {
             let mut t = self.tally.lock();
             for (b, r) in sent.iter().zip(results) {
-                if let Err(e) = r {
-                    failed.push((b.intended.len() as u64, e));
-                    continue;
-                }
-                t.messages += b.intended.len() as u64;
-                t.bytes += b.payload_bytes;
-                t.stored_bytes += b.batch_bytes as u64;
-                for &i in &b.intended {
-                    t.latency.record_between_ns(i, ack_ns);
-                }
-                if let Some(n) = self.acked_by_slot.get(b.slot) {
-                    n.fetch_add(b.intended.len() as u64, Ordering::Relaxed);
+                match r {
+                    Ok(_) => self.count_acked(
+                        &mut t,
+                        b.slot,
+                        &b.intended,
+                        ack_ns,
+                        b.payload_bytes,
+                        b.batch_bytes as u64,
+                    ),
+                    Err(e) => failed.push((b.intended.len() as u64, e)),
                 }
             }
         }
@@ -454,6 +464,11 @@ pub struct Producer {
     gathering: Vec<Gathering>,
 }
 
+/// A record's timestamp (ms) for a message intended at `ns`.
+fn timestamp_ms(ns: u64) -> i64 {
+    i64::try_from(ns / NANOS_PER_MILLI).unwrap_or(i64::MAX)
+}
+
 /// The intended send time stamped at the start of a payload.
 pub fn payload_timestamp(payload: &[u8]) -> Option<u64> {
     let head: [u8; TIMESTAMP_BYTES] = payload.get(..TIMESTAMP_BYTES)?.try_into().ok()?;
@@ -566,7 +581,7 @@ impl Producer {
     fn append(&mut self, intended_ns: u64, now_ns: u64) {
         let q = self.next_route;
         self.next_route = (q + 1) % self.open.len();
-        let ts_ms = i64::try_from(intended_ns / NANOS_PER_MILLI).unwrap_or(i64::MAX);
+        let ts_ms = timestamp_ms(intended_ns);
         let size = self.spec.message_size;
         let record_bytes = |b: &OpenBatch| {
             let n = i32::try_from(b.intended.len()).unwrap_or(i32::MAX);
@@ -616,8 +631,7 @@ impl Producer {
         }
         let mut builder = BatchBuilder::with_capacity(self.spec.compression, b.bytes);
         for &i in &b.intended {
-            let ts_ms = i64::try_from(i / NANOS_PER_MILLI).unwrap_or(i64::MAX);
-            builder.push(ts_ms, None, Some(self.spec.payloads.next(i)), &[]);
+            builder.push(timestamp_ms(i), None, Some(self.spec.payloads.next(i)), &[]);
         }
         debug_assert_eq!(builder.estimated_bytes(), b.bytes);
         let batch = builder.build();

@@ -923,7 +923,6 @@ fn put_unsigned(buf: &mut Vec<u8>, mut value: u64) {
     buf.push(value as u8);
 }
 
-/// Bytes `put_varint` writes for `value`.
 /// Bytes a record with no key and no headers and a value of `value_len`
 /// bytes takes in an uncompressed batch, `timestamp_delta` ms and
 /// `offset_delta` records after the batch's first: what
@@ -938,11 +937,13 @@ pub fn value_record_bytes(timestamp_delta: i64, offset_delta: i32, value_len: us
     varint_bytes(len_i32(body)) + body
 }
 
+/// Bytes `put_varlong` writes for `value`.
 fn varlong_bytes(value: i64) -> usize {
     let zigzag = ((value << 1) ^ (value >> 63)) as u64;
     (64 - zigzag.leading_zeros() as usize).max(1).div_ceil(7)
 }
 
+/// Bytes `put_varint` writes for `value`.
 fn varint_bytes(value: i32) -> usize {
     let zigzag = ((value << 1) ^ (value >> 31)) as u32;
     (32 - zigzag.leading_zeros() as usize).max(1).div_ceil(7)

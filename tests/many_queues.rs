@@ -199,6 +199,25 @@ fn fetch_many_gathers_min_bytes_before_it_answers() {
     assert_eq!(parts.len(), 2, "{parts:?}");
     assert_eq!(values(&parts[0]), ["first"]);
     assert_eq!(values(&parts[1]), ["second"]);
+    // A queue already in the reply that gets more is read again whole:
+    // its part grows until the reply holds min_bytes.
+    let (more, most) = (batch("more"), batch("most"));
+    let grown = (batch("first").len() + more.len() + most.len()) as u32;
+    let req = FetchMany {
+        max_wait_ms: 20_000,
+        min_bytes: grown,
+        max_bytes: 1 << 20,
+        entries: vec![want("a", 0)],
+    };
+    let parked = conn.send(&Request::FetchMany(req)).unwrap();
+    for b in [more, most] {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(conn.produce_many(vec![entry("a", 0, b)]).unwrap()[0].is_ok());
+    }
+    let parts =
+        coremq::client::many::fetch_parts(parked.wait(Duration::from_secs(60)).unwrap()).unwrap();
+    assert_eq!(parts.len(), 1, "{parts:?}");
+    assert_eq!(values(&parts[0]), ["first", "more", "most"]);
     // More than there will ever be: after max_wait it answers with what there is.
     let req = FetchMany {
         max_wait_ms: 100,

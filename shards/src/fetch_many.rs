@@ -47,14 +47,12 @@ impl Shard {
     ) -> FetchedMany {
         let deadline = Instant::now() + max_wait;
         let mut hurry = pin!(hurry);
-        let mut found = self.fetch_pass(wants, max_bytes);
+        let mut got = self.fetch_pass(wants, max_bytes);
         let ready = ReadySet::default();
         let mut watching = false;
         loop {
-            let failed = found.iter().any(|(_, r)| r.is_err());
-            let enough = failed || (!found.is_empty() && fetched_bytes(&found) >= min_bytes);
             let now = Instant::now();
-            if enough || now >= deadline {
+            if got.enough(min_bytes) || now >= deadline {
                 break;
             }
             if !watching {
@@ -70,7 +68,11 @@ impl Shard {
             let mut queues = self.queues.borrow_mut();
             for i in ready.take() {
                 let q = crate::shard::queue_state(&mut queues, wants[i].key, &self.spill);
-                self.fetch_again(q, i, &wants[i], max_bytes, &mut found);
+                // Read again from the wanted offset: its part, if any, is replaced.
+                got.remove(i);
+                if let Some(r) = self.fetch_one(q, &wants[i], max_bytes, got.bytes) {
+                    got.add(i, r);
+                }
                 if !last {
                     ready.watch(&q.arrived, i);
                 }
@@ -79,6 +81,7 @@ impl Shard {
                 break;
             }
         }
+        let mut found = got.found;
         found.sort_unstable_by_key(|(i, _)| *i);
         found
     }
@@ -95,35 +98,16 @@ impl Shard {
     }
 
     /// One look at every wanted queue: what it has now.
-    fn fetch_pass(&self, wants: &[FetchWant], max_bytes: usize) -> FetchedMany {
-        let mut found = Vec::new();
-        let mut total = 0usize;
+    fn fetch_pass(&self, wants: &[FetchWant], max_bytes: usize) -> Gathered {
+        let mut got = Gathered::new(wants.len());
         let mut queues = self.queues.borrow_mut();
         for (i, w) in wants.iter().enumerate() {
             let q = crate::shard::queue_state(&mut queues, w.key, &self.spill);
-            if let Some(r) = self.fetch_one(q, w, max_bytes, total) {
-                total += r.as_ref().map_or(0, batch_bytes);
-                found.push((i, r));
+            if let Some(r) = self.fetch_one(q, w, max_bytes, got.bytes) {
+                got.add(i, r);
             }
         }
-        found
-    }
-
-    /// Reads queue `i` again after it got data, replacing what `found`
-    /// already holds of it.
-    fn fetch_again(
-        &self,
-        q: &QueueState,
-        i: usize,
-        want: &FetchWant,
-        max_bytes: usize,
-        found: &mut FetchedMany,
-    ) {
-        found.retain(|(j, _)| *j != i);
-        let total = fetched_bytes(found);
-        if let Some(r) = self.fetch_one(q, want, max_bytes, total) {
-            found.push((i, r));
-        }
+        got
     }
 
     /// What queue `q` has for `want` with `total` bytes already in the
@@ -175,15 +159,53 @@ impl Shard {
     }
 }
 
-fn batch_bytes(f: &Fetched) -> usize {
-    f.batches.iter().map(|b| b.len()).sum()
+/// What a fetch over many holds so far, with its totals kept as it goes
+/// (a wake may replace many queues' parts; none of it rescans the rest).
+struct Gathered {
+    found: FetchedMany,
+    /// Batch bytes in `found`.
+    bytes: usize,
+    /// Entries of `found` that are errors.
+    errors: usize,
+    /// Whether want i has a part in `found`.
+    held: Vec<bool>,
 }
 
-/// Batch bytes of the queues with data.
-fn fetched_bytes(found: &FetchedMany) -> usize {
-    found
-        .iter()
-        .filter_map(|(_, r)| r.as_ref().ok())
-        .map(batch_bytes)
-        .sum()
+impl Gathered {
+    fn new(wants: usize) -> Gathered {
+        Gathered {
+            found: Vec::new(),
+            bytes: 0,
+            errors: 0,
+            held: vec![false; wants],
+        }
+    }
+
+    /// Answer now: an error, or data of at least `min_bytes` (any when ≤ 1).
+    fn enough(&self, min_bytes: usize) -> bool {
+        self.errors > 0 || (!self.found.is_empty() && self.bytes >= min_bytes)
+    }
+
+    fn add(&mut self, i: usize, r: Result<Fetched>) {
+        self.bytes += part_bytes(&r);
+        self.errors += usize::from(r.is_err());
+        self.held[i] = true;
+        self.found.push((i, r));
+    }
+
+    fn remove(&mut self, i: usize) {
+        if !std::mem::take(&mut self.held[i]) {
+            return;
+        }
+        if let Some(at) = self.found.iter().position(|(j, _)| *j == i) {
+            let (_, r) = self.found.swap_remove(at);
+            self.bytes -= part_bytes(&r);
+            self.errors -= usize::from(r.is_err());
+        }
+    }
+}
+
+fn part_bytes(r: &Result<Fetched>) -> usize {
+    r.as_ref()
+        .map_or(0, |f| f.batches.iter().map(|b| b.len()).sum())
 }

@@ -195,16 +195,17 @@ impl ShardCtx {
         let max_bytes = self.reply_bytes(req.max_bytes);
         let mut failed = Vec::new();
         let mut shares: Shares<(FetchEntry, QueueKey)> = BTreeMap::new();
-        for (i, e) in req.entries.into_iter().enumerate() {
-            match queue_of(&meta, &e.topic, e.queue) {
-                Ok((key, owner, _)) => {
-                    let share = shares.entry(owner).or_default();
+        let resolved = self.fetch_lists.borrow_mut().resolve(&meta, &req.entries);
+        for ((i, e), r) in req.entries.into_iter().enumerate().zip(resolved.iter()) {
+            match r {
+                Ok((key, owner)) => {
+                    let share = shares.entry(*owner).or_default();
                     share.0.push(i);
-                    share.1.push((e, key));
+                    share.1.push((e, *key));
                 }
                 Err(err) => failed.push(FetchPart {
                     index: i as u32,
-                    result: Err(err),
+                    result: Err(err.clone()),
                 }),
             }
         }

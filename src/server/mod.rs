@@ -11,6 +11,7 @@
 
 pub mod connection;
 pub mod dead_letters;
+mod fetch_lists;
 pub mod groups;
 pub mod many;
 mod read_buffer;
@@ -268,6 +269,7 @@ async fn shard_main(
         shard_ports: ports,
         groups: Default::default(),
         this: Default::default(),
+        fetch_lists: Default::default(),
     });
     *ctx.this.borrow_mut() = Rc::downgrade(&ctx);
     for rx in mesh.receivers {

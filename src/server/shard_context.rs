@@ -43,6 +43,8 @@ pub struct ShardCtx {
     pub groups: RefCell<GroupCoordinator>,
     /// This context itself, for `on_shard` calls that land here.
     pub this: RefCell<Weak<ShardCtx>>,
+    /// Recent FetchMany lists, resolved (`fetch_lists.rs`).
+    pub fetch_lists: RefCell<super::fetch_lists::FetchLists>,
 }
 
 pub fn shard_error(e: ShardError) -> ErrorReply {

@@ -219,7 +219,8 @@ impl ShardCtx {
         let mut hurries = Vec::new();
         let mut pending = Vec::with_capacity(shares.len());
         for (owner, (positions, entries)) in shares {
-            // A local share keeps its lookups; across the mesh the owner redoes them.
+            // A local share keeps its lookups; across the mesh the owner looks its
+            // share up again (in its own cache of repeated lists).
             let (entries, keys): (Vec<_>, Vec<_>) =
                 entries.into_iter().map(|(e, key)| (e, Ok(key))).unzip();
             let share = FetchMany {
@@ -309,11 +310,14 @@ impl ShardCtx {
         req: FetchMany,
         hurry: impl Future<Output = ()> + 'static,
     ) -> LocalBoxFuture<'static, Response> {
+        // A forwarded share repeats as its request does: the same cache.
         let meta = self.meta.snapshot();
-        let keys = req
-            .entries
+        let keys = self
+            .fetch_lists
+            .borrow_mut()
+            .resolve(&meta, &req.entries)
             .iter()
-            .map(|e| queue_of(&meta, &e.topic, e.queue).map(|(key, _, _)| key))
+            .map(|r| r.clone().map(|(key, _)| key))
             .collect();
         self.fetch_resolved(req, keys, hurry)
     }

@@ -28,7 +28,7 @@ fn entry(topic: &str, queue: u32, batch: Bytes) -> ProduceEntry {
         topic: topic.into(),
         queue,
         options: ProduceOptions::default(),
-        batch,
+        batch: batch.into(),
     }
 }
 

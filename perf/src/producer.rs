@@ -697,7 +697,7 @@ impl Producer {
             topic,
             queue: route.queue,
             options: ProduceOptions::default(),
-            batch,
+            batch: batch.into(),
         });
     }
 

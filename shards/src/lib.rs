@@ -12,6 +12,7 @@
 
 pub mod assignment;
 pub mod batch;
+pub mod batch_buf;
 pub mod commit_log;
 pub mod consume_queue;
 pub mod copy_slab;

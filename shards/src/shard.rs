@@ -10,6 +10,7 @@
 //! queue still needs them.
 
 use crate::batch::{self, BatchHeader};
+use crate::batch_buf::BatchBuf;
 use crate::commit_log::{CommitLog, LogConfig, Recovery};
 use crate::consume_queue::{ConsumeQueue, IndexEntry};
 use crate::copy_slab::CopySlab;
@@ -40,13 +41,15 @@ use std::time::Duration;
 /// 591-675 MiB; 367-374 at 32 MiB, same msg/s; 16 MiB cost ~7% of it).
 pub const UNWRITTEN_BYTES_MAX: u64 = 32 << 20;
 
-/// Smallest batch a produce stores in its own buffer instead of copying it.
-/// A `Bytes`' capacity counts only from the batch's first byte, so a small
-/// batch at the end of a large buffer looks "about its own size" and would
-/// keep the whole buffer alive in the tail cache (the last batch of every
-/// 1 MiB ProduceMany frame did, ~1 MiB each). A batch this large comes from
-/// a frame read into a buffer of its own (the connection does that from
-/// 16 KiB); copying smaller ones costs little.
+/// Smallest shared batch (`BatchBuf::Shared`) a produce stores in its own
+/// buffer, when nothing else holds it, instead of copying it. A `Bytes`'
+/// capacity counts only from the batch's first byte, so a small batch at
+/// the end of a large buffer looks "about its own size" and would keep the
+/// whole buffer alive in the tail cache (the last batch of every 1 MiB
+/// ProduceMany frame did, ~1 MiB each, before frames were cut into owned
+/// pieces). A batch this large comes from a frame read into a buffer of its
+/// own (the connection does that from 16 KiB); copying smaller ones costs
+/// little.
 pub const IN_PLACE_MIN_BYTES: usize = 16 << 10;
 
 /// The leader epoch stamped into stored batches: a single node is always epoch 0.
@@ -307,10 +310,11 @@ impl Shard {
     pub fn produce_with(
         &self,
         key: QueueKey,
-        batch: Bytes,
+        batch: impl Into<BatchBuf>,
         policy: QueuePolicy,
         opts: ProduceOptions,
     ) -> Result<Produced> {
+        let batch = batch.into();
         if opts.priority > PRIORITY_MAX {
             return Err(ShardError::InvalidOption(format!(
                 "priority must be 0..={PRIORITY_MAX}, not {}",
@@ -360,13 +364,17 @@ impl Shard {
         let delayed = opts.delay_ms > 0;
         // A delayed batch gets its offset when it comes due.
         let base_offset = if delayed { -1 } else { q.index.next_offset() };
-        let mut owned = match batch.try_into_mut() {
-            // Large, unique and about its own size: patched in place.
-            Ok(m) if m.len() >= IN_PLACE_MIN_BYTES && m.capacity() <= 2 * m.len() => m,
-            // Anything else may be cut from a larger buffer (a read buffer, a
-            // ProduceMany frame) that the tail cache would pin: keep a copy.
-            Ok(m) => self.copies.borrow_mut().copy(&m),
-            Err(shared) => self.copies.borrow_mut().copy(&shared),
+        let mut owned = match batch {
+            // A piece of memory given to this batch alone: patched in place.
+            BatchBuf::Owned(m) => m,
+            BatchBuf::Shared(b) => match b.try_into_mut() {
+                // Large, unique and about its own size: patched in place.
+                Ok(m) if m.len() >= IN_PLACE_MIN_BYTES && m.capacity() <= 2 * m.len() => m,
+                // Anything else may be cut from a larger buffer (a read
+                // buffer) that the tail cache would pin: keep a copy.
+                Ok(m) => self.copies.borrow_mut().copy(&m),
+                Err(shared) => self.copies.borrow_mut().copy(&shared),
+            },
         };
         batch::set_base_offset(&mut owned, base_offset.max(0));
         batch::set_leader_epoch(&mut owned, LEADER_EPOCH);

@@ -5,14 +5,17 @@
 //! the same reason). docs/protocol.md §5 has the layouts.
 //!
 //! Entries succeed or fail on their own: the reply carries a result per
-//! entry, and one bad entry never fails the others. Batches stay `Bytes`
-//! both ways: slices of the request frame going in, and stored batches
-//! written to the socket after the reply's table coming out (no copy).
+//! entry, and one bad entry never fails the others. Batches are never
+//! copied either way: going in, pieces of the request frame (owned pieces
+//! when the frame's buffer is the request's alone, see `own_batches`);
+//! coming out, stored batches written to the socket after the reply's
+//! table.
 
 use super::error_code::ErrorCode;
 use super::messages::{put_string, DecodeError, ErrorReply, Reader, TOPIC_NAME_BYTES_MAX};
 use super::splice::Splices;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use coremq_shards::batch_buf::BatchBuf;
 use coremq_shards::shard::ProduceOptions;
 
 /// Most entries one ProduceMany carries.
@@ -27,7 +30,7 @@ pub struct ProduceEntry {
     pub queue: u32,
     pub options: ProduceOptions,
     /// One Kafka RecordBatch v2.
-    pub batch: Bytes,
+    pub batch: BatchBuf,
 }
 
 /// A stored batch's acknowledgement (as a Produce reply).
@@ -121,7 +124,10 @@ pub(crate) fn encode_produce_many(
         out.put_u8(e.options.priority);
         out.put_i64(e.options.delay_ms);
         out.put_u32(e.batch.len() as u32);
-        splices.put(out, &e.batch);
+        match &e.batch {
+            BatchBuf::Shared(b) => splices.put(out, b),
+            BatchBuf::Owned(m) => out.put_slice(m),
+        }
     }
 }
 
@@ -139,10 +145,52 @@ pub(crate) fn decode_produce_many(r: &mut Reader) -> Result<Vec<ProduceEntry>, D
             topic,
             queue,
             options: ProduceOptions { priority, delay_ms },
-            batch,
+            batch: batch.into(),
         });
     }
     Ok(entries)
+}
+
+/// Gives each entry's batch a piece of `body`'s memory of its own
+/// (`BatchBuf::Owned`, cut with `split_to`: no copy) when nothing else
+/// holds `body`: the connection read the frame into a buffer of its own.
+/// The shard then stores the batches where they are instead of copying
+/// each (see `coremq_shards::batch_buf`). Otherwise (a frame that shares a
+/// read buffer with the next) they stay views of it.
+pub(crate) fn own_batches(body: Bytes, entries: &mut [ProduceEntry]) {
+    let base = body.as_ptr() as usize;
+    // Each batch's place in `body` (entries are in frame order); taking
+    // the views leaves `body` the only holder if it was the frame's.
+    let mut end = 0;
+    let spans: Vec<(usize, usize)> = entries
+        .iter_mut()
+        .map(|e| {
+            let b = std::mem::take(&mut e.batch);
+            // An empty batch may not point into `body` at all.
+            let start = if b.is_empty() {
+                end
+            } else {
+                b.as_ptr() as usize - base
+            };
+            end = start + b.len();
+            (start, b.len())
+        })
+        .collect();
+    match body.try_into_mut() {
+        Ok(mut rest) => {
+            let mut at = 0;
+            for (e, (start, len)) in entries.iter_mut().zip(spans) {
+                let _ = rest.split_to(start - at);
+                e.batch = BatchBuf::Owned(rest.split_to(len));
+                at = start + len;
+            }
+        }
+        Err(body) => {
+            for (e, (start, len)) in entries.iter_mut().zip(spans) {
+                e.batch = BatchBuf::Shared(body.slice(start..start + len));
+            }
+        }
+    }
 }
 
 pub(crate) fn encode_fetch_many(req: &FetchMany, out: &mut BytesMut) {
@@ -318,7 +366,7 @@ mod tests {
                         priority: (i % 4) as u8,
                         delay_ms: i as i64,
                     },
-                    batch: Bytes::from(vec![i as u8; i + 1]),
+                    batch: Bytes::from(vec![i as u8; i + 1]).into(),
                 })
                 .collect(),
         )
@@ -367,6 +415,37 @@ mod tests {
         };
         let inside = frame.as_ptr_range();
         assert!(entries.iter().all(|e| inside.contains(&e.batch.as_ptr())));
+        // The caller still holds the frame: the batches are shared views.
+        assert!(entries.iter().all(|e| !e.batch.is_owned()));
+    }
+
+    #[test]
+    fn a_frame_nothing_else_holds_is_cut_into_owned_batches() {
+        let mut req = produce_many(4);
+        if let Request::ProduceMany(entries) = &mut req {
+            entries[2].batch = Bytes::new().into(); // empty: points nowhere
+        }
+        let frame = body(&req);
+        let inside = frame.as_ptr_range();
+        let Request::ProduceMany(mut entries) =
+            Request::decode(ApiKey::ProduceMany as u16, frame).unwrap()
+        else {
+            panic!("not a ProduceMany");
+        };
+        assert_eq!(Request::ProduceMany(entries.clone()), req);
+        // Each batch owns a piece of the frame's own memory (no copy) ...
+        assert!(entries.iter().all(|e| e.batch.is_owned()));
+        assert!(entries
+            .iter()
+            .filter(|e| !e.batch.is_empty())
+            .all(|e| inside.contains(&e.batch.as_ptr())));
+        // ... and may patch it without touching its neighbours.
+        let BatchBuf::Owned(first) = &mut entries[0].batch else {
+            unreachable!()
+        };
+        first[0] = 0xEE;
+        assert_eq!(&entries[1].batch[..], &[1, 1]);
+        assert_eq!(&entries[3].batch[..], &[3, 3, 3, 3]);
     }
 
     #[test]

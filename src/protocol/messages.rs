@@ -11,6 +11,7 @@ use super::frame::API_VERSION;
 use super::many::{self, FetchMany, FetchPart, ProduceEntry, ProduceResult};
 use super::splice::Splices;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use coremq_shards::batch_buf::BatchBuf;
 
 /// Longest topic name, in bytes (Kafka's limit).
 pub const TOPIC_NAME_BYTES_MAX: usize = 249;
@@ -608,7 +609,13 @@ impl Request {
             Request::ProduceMany(entries) => {
                 4 + entries
                     .iter()
-                    .map(|e| many::produce_entry_bytes(e) - e.batch.len() + copied(&e.batch))
+                    .map(|e| {
+                        let batch_copied = match &e.batch {
+                            BatchBuf::Shared(b) => copied(b),
+                            BatchBuf::Owned(m) => m.len(),
+                        };
+                        many::produce_entry_bytes(e) - e.batch.len() + batch_copied
+                    })
                     .sum::<usize>()
             }
             _ => SMALL_FIELDS_BYTES,
@@ -748,7 +755,13 @@ impl Request {
                 topic: r.string("topic", TOPIC_NAME_BYTES_MAX)?,
                 queue: r.u32("queue")?,
             },
-            ApiKey::ProduceMany => Request::ProduceMany(many::decode_produce_many(&mut r)?),
+            ApiKey::ProduceMany => {
+                let body = r.buf.clone();
+                let mut entries = many::decode_produce_many(&mut r)?;
+                r.finish()?;
+                many::own_batches(body, &mut entries);
+                return Ok(Request::ProduceMany(entries));
+            }
             ApiKey::FetchMany => Request::FetchMany(many::decode_fetch_many(&mut r)?),
         };
         r.finish()?;

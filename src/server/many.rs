@@ -23,7 +23,8 @@ use crate::protocol::{
     ErrorCode, ErrorReply, FetchEntry, FetchMany, FetchPart, FetchedQueue, ProduceAck,
     ProduceEntry, ProduceResult, Reply, Request, Response,
 };
-use bytes::Bytes;
+use bytes::BytesMut;
+use coremq_shards::batch_buf::BatchBuf;
 use coremq_shards::fetch_many::FetchWant;
 use coremq_shards::shard::{QueuePolicy, IN_PLACE_MIN_BYTES};
 use coremq_shards::QueueKey;
@@ -410,17 +411,21 @@ pub fn trim_to(parts: Vec<FetchPart>, max_bytes: usize) -> Vec<FetchPart> {
     out
 }
 
-/// Gives each large batch of a multi-entry request a buffer of its own.
-/// They are slices of one frame, and the shard stores a large batch it
-/// owns alone in place: the last one would keep the whole frame alive in
-/// the tail cache. Small batches the shard copies anyway (`IN_PLACE_MIN_BYTES`).
+/// Gives each large shared batch of a multi-entry request a buffer of its
+/// own. They are slices of one frame that shares its read buffer (a frame
+/// with a buffer of its own arrives cut into owned pieces), and the shard
+/// stores a large batch it holds alone in place: the last one would keep
+/// the whole buffer alive in the tail cache. Small batches the shard
+/// copies anyway (`IN_PLACE_MIN_BYTES`).
 fn own_large_batches(entries: &mut [ProduceEntry]) {
     if entries.len() < 2 {
         return;
     }
     for e in entries {
-        if e.batch.len() >= IN_PLACE_MIN_BYTES {
-            e.batch = Bytes::copy_from_slice(&e.batch);
+        if let BatchBuf::Shared(b) = &e.batch {
+            if b.len() >= IN_PLACE_MIN_BYTES {
+                e.batch = BatchBuf::Owned(BytesMut::from(&b[..]));
+            }
         }
     }
 }
@@ -428,6 +433,7 @@ fn own_large_batches(entries: &mut [ProduceEntry]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn part(index: u32, sizes: &[usize]) -> FetchPart {
         FetchPart {
@@ -472,22 +478,22 @@ mod tests {
     }
 
     #[test]
-    fn large_batches_of_a_frame_get_their_own_buffers() {
+    fn large_shared_batches_of_a_frame_get_their_own_buffers() {
         let frame = Bytes::from(vec![7u8; 4 * IN_PLACE_MIN_BYTES]);
-        let inside = |b: &Bytes| frame.as_ptr_range().contains(&b.as_ptr());
+        let inside = |b: &BatchBuf| frame.as_ptr_range().contains(&b.as_ptr());
         let entry = |range: std::ops::Range<usize>| ProduceEntry {
             topic: "t".into(),
             queue: 0,
             options: Default::default(),
-            batch: frame.slice(range),
+            batch: frame.slice(range).into(),
         };
         let (small, large) = (IN_PLACE_MIN_BYTES - 1, IN_PLACE_MIN_BYTES);
         let mut entries = vec![entry(0..small), entry(small..small + large)];
         own_large_batches(&mut entries);
         // The small one the shard copies itself; the large one is copied here.
-        assert!(inside(&entries[0].batch));
-        assert!(!inside(&entries[1].batch));
-        assert_eq!(entries[1].batch, frame.slice(small..small + large));
+        assert!(inside(&entries[0].batch) && !entries[0].batch.is_owned());
+        assert!(!inside(&entries[1].batch) && entries[1].batch.is_owned());
+        assert_eq!(&entries[1].batch[..], &frame[small..small + large]);
         // A frame with one batch is that batch's own buffer: no copy.
         let mut one = vec![entry(0..large)];
         own_large_batches(&mut one);

@@ -225,7 +225,7 @@ pub async fn serve(ctx: Rc<ShardCtx>, stream: TcpStream) {
             }
             _ => READ_CHUNK_BYTES.max(buf.capacity() - buf.len()),
         };
-        match buf.read_from(&mut reader, want).await {
+        match buf.read_from(&mut reader, sock, want).await {
             Ok(0) | Err(_) => {
                 if !buf.is_empty() {
                     tracing::debug!(?peer, bytes = buf.len(), "client left mid-frame");

@@ -231,7 +231,7 @@ struct FetchGroup {
 pub fn fetch_groups(cursors: usize) -> Vec<Vec<usize>> {
     let all: Vec<FetchEntry> = (0..cursors)
         .map(|i| FetchEntry {
-            topic: String::new(),
+            topic: String::new().into(),
             queue: i as u32,
             offset: 0,
             max_bytes: 0,
@@ -375,7 +375,7 @@ impl Fetcher {
                 .cursors
                 .iter()
                 .map(|&c| FetchEntry {
-                    topic: self.cursors[c].spec.topic.clone(),
+                    topic: self.cursors[c].spec.topic.clone().into(),
                     queue: self.cursors[c].spec.queue,
                     offset: 0,
                     max_bytes: 0,

@@ -15,6 +15,7 @@ use super::error_code::ErrorCode;
 use super::messages::{put_string, DecodeError, ErrorReply, Reader, TOPIC_NAME_BYTES_MAX};
 use super::splice::Splices;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
 use coremq_shards::batch_buf::BatchBuf;
 use coremq_shards::shard::ProduceOptions;
 
@@ -47,7 +48,9 @@ pub type ProduceResult = Result<ProduceAck, ErrorReply>;
 /// One queue a FetchMany reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchEntry {
-    pub topic: String,
+    /// A view of the request frame when decoded: a poll names up to 1,024
+    /// queues, and an allocation per name was 2.5% of the broker's CPU.
+    pub topic: ByteString,
     pub queue: u32,
     pub offset: i64,
     /// This queue's share (the first batch of the reply is always whole).
@@ -214,7 +217,7 @@ pub(crate) fn decode_fetch_many(r: &mut Reader) -> Result<FetchMany, DecodeError
     let mut entries = Vec::with_capacity(n);
     for _ in 0..n {
         entries.push(FetchEntry {
-            topic: r.string("topic", TOPIC_NAME_BYTES_MAX)?,
+            topic: r.byte_string("topic", TOPIC_NAME_BYTES_MAX)?,
             queue: r.u32("queue")?,
             offset: r.i64("offset")?,
             max_bytes: r.u32("max_bytes")?,
@@ -379,7 +382,7 @@ mod tests {
             max_bytes: 1 << 20,
             entries: (0..n)
                 .map(|i| FetchEntry {
-                    topic: format!("t{i}"),
+                    topic: format!("t{i}").into(),
                     queue: 0,
                     offset: i as i64 * 10,
                     max_bytes: 4096,
@@ -501,6 +504,15 @@ mod tests {
         for cut in 0..whole.len() {
             assert!(Request::decode(ApiKey::ProduceMany as u16, whole.slice(..cut)).is_err());
         }
+        // A topic name that is not UTF-8 (names are views of the frame,
+        // checked as they are cut).
+        let mut bad = BytesMut::from(&body(&fetch_many(1))[..]);
+        let at = 16 + 2; // max_wait, min_bytes, max_bytes, count; the name's length
+        bad[at] = 0xFF;
+        assert_eq!(
+            Request::decode(ApiKey::FetchMany as u16, bad.freeze()),
+            Err(DecodeError::BadUtf8("topic"))
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::frame::API_VERSION;
 use super::many::{self, FetchMany, FetchPart, ProduceEntry, ProduceResult};
 use super::splice::Splices;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytestring::ByteString;
 use coremq_shards::batch_buf::BatchBuf;
 
 /// Longest topic name, in bytes (Kafka's limit).
@@ -494,6 +495,19 @@ impl Reader {
         self.need(len, what)?;
         let raw = self.buf.split_to(len);
         String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::BadUtf8(what))
+    }
+    /// A string that is a view of the frame (no allocation, no copy).
+    pub(crate) fn byte_string(
+        &mut self,
+        what: &'static str,
+        max: usize,
+    ) -> Result<ByteString, DecodeError> {
+        let len = self.u16(what)? as usize;
+        if len > max {
+            return Err(DecodeError::TooLong { what, len, max });
+        }
+        self.need(len, what)?;
+        ByteString::try_from(self.buf.split_to(len)).map_err(|_| DecodeError::BadUtf8(what))
     }
     fn rest(&mut self) -> Bytes {
         std::mem::take(&mut self.buf)

@@ -64,7 +64,7 @@ impl List {
         entries.len() == self.ends.len()
             && entries.iter().enumerate().all(|(i, e)| {
                 let start = if i == 0 { 0 } else { self.ends[i - 1] };
-                self.queues[i] == e.queue && self.names[start..self.ends[i]] == e.topic
+                self.queues[i] == e.queue && self.names[start..self.ends[i]] == *e.topic
             })
     }
 }

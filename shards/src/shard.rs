@@ -689,7 +689,7 @@ impl Shard {
             log_start: self.log.start(),
         };
         let oldest_delayed = self.delayed.borrow().oldest_pos();
-        for (base, stats) in self.log.sealed_segments() {
+        while let Some((base, stats)) = self.log.oldest_sealed_segment() {
             // A segment holding a pending delayed batch stays until it is delivered.
             if oldest_delayed.is_some_and(|p| p < self.log.segment_end(base)) {
                 break;
@@ -716,6 +716,10 @@ impl Shard {
             // emptied by retention keeps counting from where it was.
             self.save_checkpoint().await?;
             let start = self.log.delete_oldest(base).await?;
+            if start <= base {
+                // Not deleted (not the oldest file, or still being written).
+                break;
+            }
             for q in self.queues.borrow_mut().values_mut() {
                 q.index.truncate_before(start);
             }

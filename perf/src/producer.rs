@@ -694,7 +694,7 @@ impl Producer {
             batch_bytes: batch.len(),
         });
         g.builder.push(ProduceEntry {
-            topic,
+            topic: topic.into(),
             queue: route.queue,
             options: ProduceOptions::default(),
             batch: batch.into(),

@@ -18,6 +18,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 use coremq_shards::batch_buf::BatchBuf;
 use coremq_shards::shard::ProduceOptions;
+use std::ops::Range;
 
 /// Most entries one ProduceMany carries.
 pub const PRODUCE_MANY_ENTRIES_MAX: usize = 1024;
@@ -27,7 +28,8 @@ pub const FETCH_MANY_QUEUES_MAX: usize = 1024;
 /// One batch of a ProduceMany: as a Produce v2.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProduceEntry {
-    pub topic: String,
+    /// A piece of the request frame when decoded (see `FetchEntry::topic`).
+    pub topic: ByteString,
     pub queue: u32,
     pub options: ProduceOptions,
     /// One Kafka RecordBatch v2.
@@ -138,7 +140,7 @@ pub(crate) fn decode_produce_many(r: &mut Reader) -> Result<Vec<ProduceEntry>, D
     let n = count(r, "produce entries", PRODUCE_MANY_ENTRIES_MAX)?;
     let mut entries = Vec::with_capacity(n);
     for _ in 0..n {
-        let topic = r.string("topic", TOPIC_NAME_BYTES_MAX)?;
+        let topic = r.byte_string("topic", TOPIC_NAME_BYTES_MAX)?;
         let queue = r.u32("queue")?;
         let priority = r.u8("priority")?;
         let delay_ms = r.i64("delay_ms")?;
@@ -158,42 +160,58 @@ pub(crate) fn decode_produce_many(r: &mut Reader) -> Result<Vec<ProduceEntry>, D
 /// (`BatchBuf::Owned`, cut with `split_to`: no copy) when nothing else
 /// holds `body`: the connection read the frame into a buffer of its own.
 /// The shard then stores the batches where they are instead of copying
-/// each (see `coremq_shards::batch_buf`). Otherwise (a frame that shares a
-/// read buffer with the next) they stay views of it.
+/// each (see `coremq_shards::batch_buf`); topic names become read-only
+/// pieces of the same memory. Otherwise (a frame that shares a read buffer
+/// with the next) names and batches stay views of it.
 pub(crate) fn own_batches(body: Bytes, entries: &mut [ProduceEntry]) {
     let base = body.as_ptr() as usize;
-    // Each batch's place in `body` (entries are in frame order); taking
-    // the views leaves `body` the only holder if it was the frame's.
     let mut end = 0;
-    let spans: Vec<(usize, usize)> = entries
+    // Where a view is in `body`; an empty one may point anywhere.
+    let mut place = |b: &[u8]| {
+        let start = if b.is_empty() {
+            end
+        } else {
+            b.as_ptr() as usize - base
+        };
+        end = start + b.len();
+        start..end
+    };
+    // Each entry's name and batch, in frame order; taking the views leaves
+    // `body` the only holder if it was the frame's.
+    let spans: Vec<(Range<usize>, Range<usize>)> = entries
         .iter_mut()
         .map(|e| {
-            let b = std::mem::take(&mut e.batch);
-            // An empty batch may not point into `body` at all.
-            let start = if b.is_empty() {
-                end
-            } else {
-                b.as_ptr() as usize - base
-            };
-            end = start + b.len();
-            (start, b.len())
+            let topic = std::mem::take(&mut e.topic);
+            let batch = std::mem::take(&mut e.batch);
+            (place(topic.as_bytes()), place(&batch))
         })
         .collect();
     match body.try_into_mut() {
         Ok(mut rest) => {
             let mut at = 0;
-            for (e, (start, len)) in entries.iter_mut().zip(spans) {
-                let _ = rest.split_to(start - at);
-                e.batch = BatchBuf::Owned(rest.split_to(len));
-                at = start + len;
+            let mut cut = |r: Range<usize>| {
+                let _ = rest.split_to(r.start - at);
+                at = r.end;
+                rest.split_to(r.len())
+            };
+            for (e, (topic, batch)) in entries.iter_mut().zip(spans) {
+                e.topic = checked_name(cut(topic).freeze());
+                e.batch = BatchBuf::Owned(cut(batch));
             }
         }
         Err(body) => {
-            for (e, (start, len)) in entries.iter_mut().zip(spans) {
-                e.batch = BatchBuf::Shared(body.slice(start..start + len));
+            for (e, (topic, batch)) in entries.iter_mut().zip(spans) {
+                e.topic = checked_name(body.slice(topic));
+                e.batch = BatchBuf::Shared(body.slice(batch));
             }
         }
     }
+}
+
+/// A name `Reader::byte_string` already checked, back from its bytes.
+fn checked_name(b: Bytes) -> ByteString {
+    // SAFETY: the same bytes were valid UTF-8 when decoded.
+    unsafe { ByteString::from_bytes_unchecked(b) }
 }
 
 pub(crate) fn encode_fetch_many(req: &FetchMany, out: &mut BytesMut) {
@@ -363,7 +381,7 @@ mod tests {
         Request::ProduceMany(
             (0..n)
                 .map(|i| ProduceEntry {
-                    topic: format!("t{i}"),
+                    topic: format!("t{i}").into(),
                     queue: i as u32,
                     options: ProduceOptions {
                         priority: (i % 4) as u8,
@@ -436,12 +454,14 @@ mod tests {
             panic!("not a ProduceMany");
         };
         assert_eq!(Request::ProduceMany(entries.clone()), req);
-        // Each batch owns a piece of the frame's own memory (no copy) ...
+        // Each batch owns a piece of the frame's own memory (no copy), and
+        // the names are pieces of it too ...
         assert!(entries.iter().all(|e| e.batch.is_owned()));
         assert!(entries
             .iter()
             .filter(|e| !e.batch.is_empty())
             .all(|e| inside.contains(&e.batch.as_ptr())));
+        assert!(entries.iter().all(|e| inside.contains(&e.topic.as_ptr())));
         // ... and may patch it without touching its neighbours.
         let BatchBuf::Owned(first) = &mut entries[0].batch else {
             unreachable!()

@@ -148,7 +148,7 @@ mod tests {
                 .iter()
                 .enumerate()
                 .map(|(i, &len)| ProduceEntry {
-                    topic: format!("topic-{i}"),
+                    topic: format!("topic-{i}").into(),
                     queue: i as u32,
                     options: Default::default(),
                     batch: Bytes::from(vec![i as u8 + 1; len]).into(),

@@ -25,14 +25,6 @@ pub enum BatchBuf {
 }
 
 impl BatchBuf {
-    /// The bytes, frozen (no copy either way).
-    pub fn into_bytes(self) -> Bytes {
-        match self {
-            BatchBuf::Owned(m) => m.freeze(),
-            BatchBuf::Shared(b) => b,
-        }
-    }
-
     pub fn is_owned(&self) -> bool {
         matches!(self, BatchBuf::Owned(_))
     }
@@ -93,7 +85,6 @@ mod tests {
         assert_eq!(&shared[..], b"abc");
         assert!(owned.is_owned() && !shared.is_owned());
         assert_eq!(owned, shared);
-        assert_eq!(owned.into_bytes(), shared.into_bytes());
         assert_eq!(format!("{:?}", BatchBuf::default()), "Shared(0 bytes)");
     }
 }

@@ -75,7 +75,7 @@ impl ShardCtx {
             return ready(Err(empty_request("ProduceMany"))).boxed_local();
         }
         let mut entries = entries;
-        own_large_batches(&mut entries);
+        copy_large_shared_batches(&mut entries);
         let meta = self.meta.snapshot();
         let mut results: Vec<Option<ProduceResult>> = entries.iter().map(|_| None).collect();
         let mut shares: Shares<(ProduceEntry, QueueKey, QueuePolicy)> = BTreeMap::new();
@@ -417,7 +417,7 @@ pub fn trim_to(parts: Vec<FetchPart>, max_bytes: usize) -> Vec<FetchPart> {
 /// stores a large batch it holds alone in place: the last one would keep
 /// the whole buffer alive in the tail cache. Small batches the shard
 /// copies anyway (`IN_PLACE_MIN_BYTES`).
-fn own_large_batches(entries: &mut [ProduceEntry]) {
+fn copy_large_shared_batches(entries: &mut [ProduceEntry]) {
     if entries.len() < 2 {
         return;
     }
@@ -489,14 +489,14 @@ mod tests {
         };
         let (small, large) = (IN_PLACE_MIN_BYTES - 1, IN_PLACE_MIN_BYTES);
         let mut entries = vec![entry(0..small), entry(small..small + large)];
-        own_large_batches(&mut entries);
+        copy_large_shared_batches(&mut entries);
         // The small one the shard copies itself; the large one is copied here.
         assert!(inside(&entries[0].batch) && !entries[0].batch.is_owned());
         assert!(!inside(&entries[1].batch) && entries[1].batch.is_owned());
         assert_eq!(&entries[1].batch[..], &frame[small..small + large]);
         // A frame with one batch is that batch's own buffer: no copy.
         let mut one = vec![entry(0..large)];
-        own_large_batches(&mut one);
+        copy_large_shared_batches(&mut one);
         assert!(inside(&one[0].batch));
     }
 }

@@ -56,6 +56,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use bytestring::ByteString;
 use coremq::client::{ClientError, Connection, ProduceManyBuilder, Timeouts};
 use coremq::protocol::messages::ProduceOptions;
 use coremq::protocol::{ProduceEntry, Reply, Request};
@@ -390,8 +391,9 @@ pub fn interleave_routes(producers: &[(usize, Vec<(u32, usize)>)]) -> Vec<Route>
 /// Everything a producer thread needs.
 #[derive(Debug)]
 pub struct ProducerSpec {
-    /// Name of each topic slot.
-    pub topics: Vec<String>,
+    /// Name of each topic slot (cloned per ProduceMany entry: a refcount,
+    /// not an allocation).
+    pub topics: Vec<ByteString>,
     pub routes: Vec<Route>,
     pub conns: Vec<Connection>,
     pub pacing: Pacing,
@@ -647,7 +649,7 @@ impl Producer {
             return;
         }
         let req = Request::Produce {
-            topic: self.spec.topics[route.topic].clone(),
+            topic: self.spec.topics[route.topic].to_string(),
             queue: route.queue,
             batch,
         };
@@ -694,7 +696,7 @@ impl Producer {
             batch_bytes: batch.len(),
         });
         g.builder.push(ProduceEntry {
-            topic: topic.into(),
+            topic,
             queue: route.queue,
             options: ProduceOptions::default(),
             batch: batch.into(),

@@ -702,7 +702,7 @@ fn run_on_topics(
             !opts.single_queue_requests && use_produce_many(pt.routes.len(), pt.conns.len());
         let spec = ProducerSpec {
             multi_queue,
-            topics: pt.names,
+            topics: pt.names.into_iter().map(Into::into).collect(),
             routes: pt.routes,
             conns: pt.conns,
             pacing: thread_pacing(w, start_ns, i, pt.producers),

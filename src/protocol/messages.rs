@@ -487,14 +487,9 @@ impl Reader {
         self.need(1, what)?;
         Ok(self.buf.get_u8())
     }
+    /// A string of its own (a copy of the frame's bytes).
     pub(crate) fn string(&mut self, what: &'static str, max: usize) -> Result<String, DecodeError> {
-        let len = self.u16(what)? as usize;
-        if len > max {
-            return Err(DecodeError::TooLong { what, len, max });
-        }
-        self.need(len, what)?;
-        let raw = self.buf.split_to(len);
-        String::from_utf8(raw.to_vec()).map_err(|_| DecodeError::BadUtf8(what))
+        self.byte_string(what, max).map(String::from)
     }
     /// A string that is a view of the frame (no allocation, no copy).
     pub(crate) fn byte_string(

@@ -23,12 +23,12 @@ use crate::read_ahead::ReadAhead;
 use crate::segment::{
     self, align_down, align_up, EntryMeta, Segment, BLOCK_BYTES, ENTRY_HEADER_BYTES,
 };
-use crate::{QueueKey, QueueMap};
+use crate::QueueKey;
 use bytes::Bytes;
 use futures::channel::oneshot;
 use glommio::io::DmaFile;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -48,17 +48,21 @@ pub struct LogConfig {
     pub batch_bytes_max: usize,
 }
 
-/// Per segment and queue: what retention needs to know.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SegmentQueueStats {
-    pub bytes: u64,
-    pub max_timestamp: i64,
+/// Where an append went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Log position of the batch.
+    pub batch_pos: u64,
+    /// Base of the segment holding it.
+    pub segment_base: u64,
 }
 
 /// An entry found valid at start-up.
 #[derive(Debug, Clone, Copy)]
 pub struct RecoveredEntry {
     pub key: QueueKey,
+    /// Base of the segment holding the entry.
+    pub segment_base: u64,
     pub meta: EntryMeta,
     /// Log position of the entry header.
     pub entry_pos: u64,
@@ -89,7 +93,11 @@ struct Pending {
 
 struct LogState {
     segments: BTreeMap<u64, Segment>,
-    stats: BTreeMap<u64, QueueMap<SegmentQueueStats>>,
+    /// Every segment's base, including segments appended to whose files
+    /// the writer has not opened yet. (What each queue has in a segment
+    /// is the queue's to know: a per-segment map of 10,000 queues was a
+    /// hash lookup per append.)
+    bases: BTreeSet<u64>,
     end: u64,
     written: u64,
     synced: u64,
@@ -155,7 +163,6 @@ impl CommitLog {
         bases.sort_unstable();
         let mut rec = Recovery::default();
         let mut segments = BTreeMap::new();
-        let mut stats: BTreeMap<u64, QueueMap<SegmentQueueStats>> = BTreeMap::new();
         let mut end = 0u64;
         let mut tail_block = Vec::new();
         let mut file = None;
@@ -174,13 +181,10 @@ impl CommitLog {
             };
             let mut seg = Segment::map(base, &path, map_len)?;
             let scan = segment::scan(&seg.map[..written as usize], cfg.batch_bytes_max);
-            let seg_stats = stats.entry(base).or_default();
             for e in &scan.entries {
-                let s = seg_stats.entry(e.key).or_default();
-                s.bytes += e.header.total_bytes() as u64;
-                s.max_timestamp = s.max_timestamp.max(e.header.max_timestamp);
                 rec.entries.push(RecoveredEntry {
                     key: e.key,
+                    segment_base: base,
                     meta: e.meta,
                     entry_pos: base + e.entry_rel,
                     batch_pos: base + e.batch_rel,
@@ -256,8 +260,8 @@ impl CommitLog {
         let active_base = bases.last().copied().unwrap_or(0);
         let log = CommitLog {
             state: RefCell::new(LogState {
+                bases: segments.keys().copied().chain([active_base]).collect(),
                 segments,
-                stats,
                 end,
                 written: end,
                 synced: end,
@@ -289,17 +293,17 @@ impl CommitLog {
         Ok((Rc::new(log), rec))
     }
 
-    /// Queues `batch` for `key` and returns the log position of the batch
-    /// bytes (its entry header sits `ENTRY_HEADER_BYTES` before). `roll_bytes`
-    /// is the topic's segment size: the active segment rolls once it holds that much.
+    /// Queues `batch` for `key` and returns where it went: the log position
+    /// of the batch bytes (its entry header sits `ENTRY_HEADER_BYTES`
+    /// before) and its segment. `roll_bytes` is the topic's segment size:
+    /// the active segment rolls once it holds that much.
     pub fn append(
         &self,
         key: QueueKey,
         meta: EntryMeta,
         batch: Bytes,
         roll_bytes: u64,
-        max_timestamp: i64,
-    ) -> Result<u64> {
+    ) -> Result<Appended> {
         if self.stopping.get() {
             return Err(ShardError::ShuttingDown);
         }
@@ -313,6 +317,8 @@ impl CommitLog {
         {
             st.active_base = st.end;
             st.active_roll_bytes = self.cfg.segment_bytes;
+            let base = st.active_base;
+            st.bases.insert(base);
         }
         if roll_bytes > 0 {
             st.active_roll_bytes = st.active_roll_bytes.min(roll_bytes);
@@ -321,14 +327,6 @@ impl CommitLog {
         let batch_pos = pos + ENTRY_HEADER_BYTES as u64;
         st.end += entry_bytes;
         let seg_base = st.active_base;
-        let s = st
-            .stats
-            .entry(seg_base)
-            .or_default()
-            .entry(key)
-            .or_default();
-        s.bytes += batch.len() as u64;
-        s.max_timestamp = s.max_timestamp.max(max_timestamp);
         st.tail_cache_bytes += batch.len();
         st.tail_cache.push_back((batch_pos, batch.clone()));
         let was_idle = st.pending.is_empty();
@@ -347,7 +345,10 @@ impl CommitLog {
         if wake_writer {
             self.work.notify_all();
         }
-        Ok(batch_pos)
+        Ok(Appended {
+            batch_pos,
+            segment_base: seg_base,
+        })
     }
 
     /// Completes once every byte before `end` is written and synced.
@@ -449,27 +450,21 @@ impl CommitLog {
     /// segment's base, or the log end for the last one.
     pub fn segment_end(&self, base: u64) -> u64 {
         let st = self.state.borrow();
-        st.stats
-            .range(base + 1..)
-            .next()
-            .map_or(st.end, |(b, _)| *b)
+        st.bases.range(base + 1..).next().map_or(st.end, |b| *b)
     }
 
-    /// The oldest sealed segment, with its per-queue statistics. Retention
-    /// looks at one at a time: cloning every sealed segment's statistics
-    /// (10,000 queues each with 10,000 topics) every check was megabytes of
-    /// copying for the one or two it deletes.
-    pub fn oldest_sealed_segment(&self) -> Option<(u64, QueueMap<SegmentQueueStats>)> {
+    /// The base of the oldest sealed segment: retention's candidate.
+    pub fn oldest_sealed_segment(&self) -> Option<u64> {
         let st = self.state.borrow();
         let active = st
             .file
             .as_ref()
             .map_or(st.active_base, |(b, _)| *b)
             .min(st.active_base);
-        st.stats
+        st.bases
             .range(..active)
-            .find(|(b, _)| st.segments.contains_key(b))
-            .map(|(b, s)| (*b, s.clone()))
+            .find(|b| st.segments.contains_key(b))
+            .copied()
     }
 
     /// Deletes the oldest segment, which must be sealed; returns the new log start.
@@ -481,7 +476,7 @@ impl CommitLog {
             if oldest != Some(base) || st.file.as_ref().is_some_and(|(b, _)| *b == base) {
                 return Ok(self.start_locked(&st));
             }
-            st.stats.remove(&base);
+            st.bases.remove(&base);
             st.segments.remove(&base)
         };
         if let Some(seg) = seg {
@@ -925,8 +920,9 @@ mod tests {
             // No writer task yet: nothing can be written.
             let b = batch(1000);
             let pos = log
-                .append(K, EntryMeta::default(), b.clone(), 0, 0)
-                .unwrap();
+                .append(K, EntryMeta::default(), b.clone(), 0)
+                .unwrap()
+                .batch_pos;
             assert_eq!(log.written(), 0);
             assert!(pos + b.len() as u64 <= log.end());
             assert_eq!(log.read(pos, b.len()).unwrap(), b);
@@ -950,14 +946,12 @@ mod tests {
                 .await
                 .unwrap();
             glommio::spawn_local(log.clone().run_writer()).detach();
-            log.append(K, EntryMeta::default(), batch(1000), 0, 0)
-                .unwrap();
+            log.append(K, EntryMeta::default(), batch(1000), 0).unwrap();
             glommio::timer::sleep(Duration::from_millis(50)).await;
             assert!(log.written() > 0);
             assert_eq!(log.synced(), 0, "below flush_bytes nothing is synced yet");
             for _ in 0..100 {
-                log.append(K, EntryMeta::default(), batch(1000), 0, 0)
-                    .unwrap();
+                log.append(K, EntryMeta::default(), batch(1000), 0).unwrap();
             }
             let deadline = Instant::now() + Duration::from_secs(10);
             while log.synced() == 0 && Instant::now() < deadline {
@@ -982,8 +976,9 @@ mod tests {
             let b = batch(64 << 10);
             let positions: Vec<u64> = (0..64)
                 .map(|_| {
-                    log.append(K, EntryMeta::default(), b.clone(), 0, 0)
+                    log.append(K, EntryMeta::default(), b.clone(), 0)
                         .unwrap()
+                        .batch_pos
                 })
                 .collect();
             let before = glommio::executor().io_stats();
@@ -1028,8 +1023,9 @@ mod tests {
                 glommio::spawn_local(log.clone().run_writer()).detach();
                 for _ in 0..5 {
                     positions.push(
-                        log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                            .unwrap(),
+                        log.append(K, EntryMeta::default(), b.clone(), 0)
+                            .unwrap()
+                            .batch_pos,
                     );
                 }
                 log.wait_written(log.end()).await.unwrap();
@@ -1056,8 +1052,7 @@ mod tests {
             let (log, _) = CommitLog::open(cfg.clone()).await.unwrap();
             glommio::spawn_local(log.clone().run_writer()).detach();
             for _ in 0..3 {
-                log.append(K, EntryMeta::default(), batch(1000), 0, 0)
-                    .unwrap();
+                log.append(K, EntryMeta::default(), batch(1000), 0).unwrap();
             }
             let end = log.end();
             log.stop().await;
@@ -1077,8 +1072,7 @@ mod tests {
             assert_eq!(rec.dropped.len(), 1, "the stale copy is reported");
             assert_eq!(rec.dropped[0].at_pos, end);
             glommio::spawn_local(log.clone().run_writer()).detach();
-            log.append(K, EntryMeta::default(), batch(1000), 0, 0)
-                .unwrap();
+            log.append(K, EntryMeta::default(), batch(1000), 0).unwrap();
             log.stop().await;
             assert_eq!(std::fs::metadata(&seg).unwrap().len(), cfg.segment_bytes);
             let (_, rec) = CommitLog::open(cfg.clone()).await.unwrap();
@@ -1100,8 +1094,9 @@ mod tests {
             let mut positions = Vec::new();
             while log.end() < (3 << 20) / 2 {
                 positions.push(
-                    log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                        .unwrap(),
+                    log.append(K, EntryMeta::default(), b.clone(), 0)
+                        .unwrap()
+                        .batch_pos,
                 );
             }
             log.stop().await;
@@ -1142,8 +1137,7 @@ mod tests {
             let b = batch(64 << 10);
             let mut appended = 0;
             while log.end() < 48 << 20 {
-                log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                    .unwrap();
+                log.append(K, EntryMeta::default(), b.clone(), 0).unwrap();
                 appended += 1;
                 if log.unwritten_bytes() > 8 << 20 {
                     log.wait_written(log.end()).await.unwrap();
@@ -1176,8 +1170,7 @@ mod tests {
                 .unwrap();
             glommio::spawn_local(log.clone().run_writer()).detach();
             let b = batch(64 << 10);
-            log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                .unwrap();
+            log.append(K, EntryMeta::default(), b.clone(), 0).unwrap();
             log.wait_written(log.end()).await.unwrap();
             glommio::timer::sleep(Duration::from_millis(50)).await;
             assert!(!next.exists(), "nothing is prepared below half a segment");
@@ -1185,8 +1178,9 @@ mod tests {
             let mut positions = Vec::new();
             while log.end() < (1 << 20) / 2 + (64 << 10) {
                 positions.push(
-                    log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                        .unwrap(),
+                    log.append(K, EntryMeta::default(), b.clone(), 0)
+                        .unwrap()
+                        .batch_pos,
                 );
             }
             log.wait_written(log.end()).await.unwrap();
@@ -1198,8 +1192,9 @@ mod tests {
             // Fill the segment, roll, and fill most of the next one.
             while log.end() < (7 << 20) / 4 {
                 positions.push(
-                    log.append(K, EntryMeta::default(), b.clone(), 0, 0)
-                        .unwrap(),
+                    log.append(K, EntryMeta::default(), b.clone(), 0)
+                        .unwrap()
+                        .batch_pos,
                 );
             }
             log.wait_written(log.end()).await.unwrap();

@@ -32,6 +32,7 @@ pub mod producer_state;
 pub mod push_delivery;
 pub mod read_ahead;
 pub mod segment;
+pub mod segment_shares;
 pub mod shard;
 pub mod time_wheel;
 

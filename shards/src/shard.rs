@@ -23,6 +23,7 @@ use crate::index_spill::IndexSpill;
 use crate::notify::Notify;
 use crate::producer_state::{ProducerTable, SequenceCheck};
 use crate::segment::{EntryKind, EntryMeta, ENTRY_HEADER_BYTES, PRIORITY_MAX};
+use crate::segment_shares::SegmentShares;
 use crate::time_wheel::TimeWheel;
 use crate::{QueueKey, QueueMap};
 use bytes::Bytes;
@@ -134,6 +135,8 @@ pub(crate) struct QueueState {
     /// queue: with thousands of queues on a shard, a shard-wide signal woke
     /// every parked fetch on every append.
     pub(crate) arrived: Rc<Notify>,
+    /// What the queue holds in each segment, for retention.
+    segments: SegmentShares,
 }
 
 impl QueueState {
@@ -142,6 +145,7 @@ impl QueueState {
             index: ConsumeQueue::spilling(0, spill.clone()),
             producers: ProducerTable::default(),
             arrived: Rc::default(),
+            segments: SegmentShares::default(),
         }
     }
 }
@@ -230,6 +234,11 @@ impl Shard {
         let mut delayed = DelayQueue::default();
         for e in &recovery.entries {
             let q = queue_state(&mut queues, e.key, &spill);
+            q.segments.add(
+                e.segment_base,
+                e.header.total_bytes() as u64,
+                e.header.max_timestamp,
+            );
             match e.meta.kind {
                 EntryKind::Delayed { deliver_at_ms } => {
                     q.producers.record(&e.header, -1);
@@ -389,13 +398,10 @@ impl Shard {
                 EntryKind::Normal
             },
         };
-        let batch_pos = self.log.append(
-            key,
-            meta,
-            stored,
-            policy.segment_bytes,
-            header.max_timestamp,
-        )?;
+        let appended = self.log.append(key, meta, stored, policy.segment_bytes)?;
+        let batch_pos = appended.batch_pos;
+        q.segments
+            .add(appended.segment_base, len as u64, header.max_timestamp);
         let mut h = header;
         h.base_offset = base_offset;
         if delayed {
@@ -525,16 +531,19 @@ impl Shard {
                 origin_pos: entry_pos,
             },
         };
-        match self.log.append(
-            r.key,
-            meta,
-            owned.freeze(),
-            policy.segment_bytes,
-            h.max_timestamp,
-        ) {
-            Ok(batch_pos) => {
+        match self
+            .log
+            .append(r.key, meta, owned.freeze(), policy.segment_bytes)
+        {
+            Ok(appended) => {
+                q.segments.add(
+                    appended.segment_base,
+                    u64::from(r.batch_len),
+                    h.max_timestamp,
+                );
                 h.base_offset = base_offset;
-                q.index.push(index_entry(&h, batch_pos, r.priority));
+                q.index
+                    .push(index_entry(&h, appended.batch_pos, r.priority));
                 q.arrived.notify_all();
                 true
             }
@@ -689,23 +698,24 @@ impl Shard {
             log_start: self.log.start(),
         };
         let oldest_delayed = self.delayed.borrow().oldest_pos();
-        while let Some((base, stats)) = self.log.oldest_sealed_segment() {
+        while let Some(base) = self.log.oldest_sealed_segment() {
             // A segment holding a pending delayed batch stays until it is delivered.
             if oldest_delayed.is_some_and(|p| p < self.log.segment_end(base)) {
                 break;
             }
             let expired = {
                 let queues = self.queues.borrow();
-                stats.iter().all(|(key, s)| {
+                queues.iter().all(|(key, q)| {
+                    let Some(s) = q.segments.oldest(base) else {
+                        return true;
+                    };
                     let Some(p) = policy_of(*key) else {
                         return true;
                     };
                     let by_time = p.retention_ms > 0
                         && now_ms.saturating_sub(s.max_timestamp) > p.retention_ms as i64;
                     let by_size = p.retention_bytes > 0
-                        && queues.get(key).is_some_and(|q| {
-                            q.index.bytes_from(base).saturating_sub(s.bytes) >= p.retention_bytes
-                        });
+                        && q.index.bytes_from(base).saturating_sub(s.bytes) >= p.retention_bytes;
                     by_time || by_size
                 })
             };
@@ -722,6 +732,7 @@ impl Shard {
             }
             for q in self.queues.borrow_mut().values_mut() {
                 q.index.truncate_before(start);
+                q.segments.forget_before(start);
             }
             self.spill.forget_before(start);
             report.segments_deleted += 1;
@@ -1087,6 +1098,61 @@ mod tests {
             let p = shard.produce(K, batch(&["z"], 0), policy).unwrap();
             assert_eq!(p.base_offset, 161);
             shard.durable(&p).await.unwrap();
+            shard.stop().await;
+        });
+    }
+
+    #[test]
+    fn a_segment_goes_only_when_every_queue_with_data_in_it_allows() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            const OTHER: QueueKey = QueueKey {
+                topic_id: 2,
+                queue: 0,
+            };
+            let small = QueuePolicy {
+                sync_flush: true,
+                segment_bytes: 4096,
+                retention_ms: 0,
+                retention_bytes: 4096,
+            };
+            let keep = QueuePolicy {
+                retention_bytes: 0,
+                ..small
+            };
+            let policy_of = |k: QueueKey| Some(if k == K { small } else { keep });
+            let produce = |key: QueueKey, n: usize| {
+                let shard = shard.clone();
+                async move {
+                    for i in 0..n {
+                        let p = shard
+                            .produce(key, batch(&[&"s".repeat(500)], i as i64), small)
+                            .unwrap();
+                        shard.durable(&p).await.unwrap();
+                    }
+                }
+            };
+            // OTHER's one batch, kept forever, sits in the first segment.
+            produce(OTHER, 1).await;
+            produce(K, 40).await;
+            let r = shard.enforce_retention(0, policy_of).await.unwrap();
+            assert_eq!(r.segments_deleted, 0, "OTHER holds the first segment");
+            // Once OTHER's topic is gone, K's own retention decides; the
+            // later segments hold nothing of OTHER's and never asked it.
+            let r = shard
+                .enforce_retention(0, |k| (k == K).then_some(small))
+                .await
+                .unwrap();
+            assert!(r.segments_deleted > 3, "{r:?}");
+            let (start, next) = shard.queue_offsets(K);
+            assert!(start > 0 && next == 40, "{start} {next}");
+            // Its shares of the deleted segments are forgotten with them.
+            produce(OTHER, 1).await;
+            let r = shard.enforce_retention(0, policy_of).await.unwrap();
+            assert_eq!(r.segments_deleted, 0, "nothing more of K's to let go");
             shard.stop().await;
         });
     }

@@ -136,6 +136,9 @@ struct RunArgs {
     /// Closed loop (rate 0): unacknowledged batches per producer [default: the workload's producerWindow, else 16]
     #[arg(long, value_name = "BATCHES")]
     window: Option<usize>,
+    /// Closed loop: unacknowledged bytes per producer thread, however many producers it carries [default: --window times batchBytes, one producer's window of full batches]
+    #[arg(long, value_name = "BYTES")]
+    window_bytes: Option<usize>,
     /// Send everything through the shared port instead of each queue's shard port
     #[arg(long)]
     no_shard_direct: bool,
@@ -192,6 +195,11 @@ impl RunArgs {
                 "--drain-s must be between 0 and {DRAIN_S_MAX}"
             )));
         }
+        if self.window_bytes == Some(0) {
+            return Err(PerfError::Invalid(
+                "--window-bytes must be at least 1 (a single batch always goes)".into(),
+            ));
+        }
         if let Some(n) = self.producer_threads {
             if n == 0 || n > THREADS_MAX as usize {
                 return Err(PerfError::Invalid(format!(
@@ -217,6 +225,7 @@ impl RunArgs {
             broker_pid: self.broker_pid,
             drain: Duration::from_secs_f64(self.drain_s),
             window,
+            window_bytes: self.window_bytes,
             shard_direct: !self.no_shard_direct,
             single_queue_requests: self.single_queue_requests,
             fetch_min_bytes: self.fetch_min_bytes,
@@ -329,6 +338,12 @@ mod tests {
     #[test]
     fn bad_values_are_usage_errors() {
         assert!(parse(&["--window", "0"]).options().unwrap_err().is_usage());
+        assert!(parse(&["--window-bytes", "0"])
+            .options()
+            .unwrap_err()
+            .is_usage());
+        let o = parse(&["--window-bytes", "4096"]).options().unwrap();
+        assert_eq!(o.window_bytes, Some(4096));
         assert!(parse(&["--drain-s=-1"]).options().unwrap_err().is_usage());
         assert!(parse(&["--workload", "/nonexistent.yaml"])
             .options()

@@ -89,14 +89,34 @@ pub const PRODUCE_MANY_GATHER: Duration = Duration::from_millis(1);
 /// Nanoseconds per millisecond (record timestamps are in ms).
 const NANOS_PER_MILLI: u64 = 1_000_000;
 
-/// How many unacknowledged requests a producer may have.
+/// How much a producer thread may have unacknowledged: at most `batches`
+/// batches and at most `bytes` bytes of them. A single batch always goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Window {
-    /// At most this many batches (closed loop).
-    Batches(usize),
-    /// At most this many bytes of batches (open loop safety cap); a single
-    /// batch is always let through.
-    Bytes(usize),
+pub struct Window {
+    pub batches: usize,
+    pub bytes: usize,
+}
+
+impl Window {
+    /// At most `n` batches, of any size.
+    pub const fn batches(n: usize) -> Window {
+        Window {
+            batches: n,
+            bytes: usize::MAX,
+        }
+    }
+
+    /// At most `max` bytes (the open loop's safety cap), in any number of batches.
+    pub const fn bytes(max: usize) -> Window {
+        Window {
+            batches: usize::MAX,
+            bytes: max,
+        }
+    }
+
+    fn fits(&self, f: &Flight, bytes: usize) -> bool {
+        f.batches == 0 || (f.batches < self.batches && f.bytes.saturating_add(bytes) <= self.bytes)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -157,24 +177,13 @@ impl ProducerShared {
 
     /// Whether a batch of `bytes` fits the window now.
     pub(crate) fn has_room(&self, window: Window, bytes: usize) -> bool {
-        let f = lock(&self.flight);
-        match window {
-            Window::Batches(n) => f.batches < n.max(1),
-            Window::Bytes(max) => f.batches == 0 || f.bytes + bytes <= max,
-        }
+        window.fits(&lock(&self.flight), bytes)
     }
 
     /// Blocks until a batch of `bytes` fits the window, then counts it in.
     pub(crate) fn acquire(&self, window: Window, bytes: usize) {
         let mut f = lock(&self.flight);
-        loop {
-            let fits = match window {
-                Window::Batches(n) => f.batches < n.max(1),
-                Window::Bytes(max) => f.batches == 0 || f.bytes + bytes <= max,
-            };
-            if fits {
-                break;
-            }
+        while !window.fits(&f, bytes) {
             f = self.room.wait(f).unwrap_or_else(|p| p.into_inner());
         }
         f.batches += 1;
@@ -808,8 +817,8 @@ mod tests {
     #[test]
     fn acks_are_counted_per_topic() {
         let s = ProducerShared::for_topics(vec![7, 3]);
-        s.acquire(Window::Batches(4), 10);
-        s.acquire(Window::Batches(4), 10);
+        s.acquire(Window::batches(4), 10);
+        s.acquire(Window::batches(4), 10);
         let ok = || {
             Ok(Reply::Produce {
                 base_offset: 0,
@@ -869,7 +878,7 @@ mod tests {
             },
         ];
         for b in &sent {
-            s.acquire(Window::Batches(8), b.batch_bytes);
+            s.acquire(Window::batches(8), b.batch_bytes);
         }
         let ack = ProduceAck {
             base_offset: 0,
@@ -890,7 +899,7 @@ mod tests {
         assert_eq!(s.in_flight(), 0);
         // A failed request fails every batch in it.
         for b in &sent {
-            s.acquire(Window::Batches(8), b.batch_bytes);
+            s.acquire(Window::batches(8), b.batch_bytes);
         }
         s.complete_many(Err(ClientError::Disconnected), &sent, 6 * ms);
         assert_eq!(s.tally.snapshot().errors, 1 + 4);
@@ -907,25 +916,43 @@ mod tests {
     #[test]
     fn window_counts_batches_and_bytes() {
         let s = ProducerShared::new(0);
-        s.acquire(Window::Batches(2), 10);
-        s.acquire(Window::Batches(2), 10);
+        s.acquire(Window::batches(2), 10);
+        s.acquire(Window::batches(2), 10);
         assert_eq!(s.in_flight(), 2);
         s.release(10);
-        s.acquire(Window::Batches(2), 10);
+        s.acquire(Window::batches(2), 10);
         // A single batch bigger than the byte cap still goes through.
         let t = ProducerShared::new(0);
-        t.acquire(Window::Bytes(5), 100);
+        t.acquire(Window::bytes(5), 100);
         assert_eq!(t.in_flight(), 1);
         t.release(100);
         assert!(t.wait_idle(Duration::from_millis(1)));
         assert!(!s.wait_idle(Duration::from_millis(1)));
+        // Both limits at once: room for batches is not room for bytes.
+        let both = Window {
+            batches: 10,
+            bytes: 250,
+        };
+        let u = ProducerShared::new(0);
+        u.acquire(both, 100);
+        u.acquire(both, 100);
+        assert!(!u.has_room(both, 100), "300 bytes would pass the cap");
+        assert!(u.has_room(both, 50));
+        u.release(100);
+        assert!(u.has_room(both, 100));
+        let few = Window {
+            batches: 2,
+            bytes: 1 << 20,
+        };
+        u.acquire(few, 1);
+        assert!(!u.has_room(few, 1), "two batches fill a window of two");
     }
 
     #[test]
     fn completion_records_every_message() {
         let s = ProducerShared::new(0);
-        s.acquire(Window::Batches(4), 100);
-        s.acquire(Window::Batches(4), 100);
+        s.acquire(Window::batches(4), 100);
+        s.acquire(Window::batches(4), 100);
         let ms = NANOS_PER_MILLI;
         s.complete(
             0,
@@ -952,7 +979,7 @@ mod tests {
         assert_eq!(t.stored_bytes, 100);
         // A peer's ack counts nothing as stored.
         let peer = ProducerShared::new(0);
-        peer.acquire(Window::Batches(4), 1024);
+        peer.acquire(Window::batches(4), 1024);
         peer.acked(&[10 * ms], 11 * ms, 1024, 1024);
         assert_eq!(peer.tally.snapshot().stored_bytes, 0);
         assert_eq!(t.latency.summary().count, 3);

@@ -137,19 +137,17 @@ pub fn messages_per_batch(w: &Workload) -> usize {
 /// batches' worth of messages.
 pub fn peer_window(w: &Workload, closed_loop_batches: usize) -> Window {
     if w.open_loop() {
-        Window::Bytes(OPEN_LOOP_IN_FLIGHT_BYTES_MAX)
+        Window::bytes(OPEN_LOOP_IN_FLIGHT_BYTES_MAX)
     } else {
-        Window::Batches(closed_loop_batches.saturating_mul(messages_per_batch(w)))
+        Window::batches(closed_loop_batches.saturating_mul(messages_per_batch(w)))
     }
 }
 
 /// Most messages `window` lets through at once (for a client's own cap,
 /// which must never be the tighter one).
 pub fn max_in_flight_messages(window: Window, message_size: usize) -> usize {
-    match window {
-        Window::Batches(n) => n.max(1),
-        Window::Bytes(bytes) => bytes / message_size.max(1) + 1,
-    }
+    let by_bytes = (window.bytes / message_size.max(1)).saturating_add(1);
+    window.batches.max(1).min(by_bytes)
 }
 
 /// A port out of `HOST:PORT`, for clients that take them apart.
@@ -389,17 +387,17 @@ mod tests {
         // 1 KiB messages: a 64 KiB batch holds 62 of them (with record overhead).
         let closed = workload(0.0, 1024, 65536);
         assert_eq!(messages_per_batch(&closed), 62);
-        assert_eq!(peer_window(&closed, 16), Window::Batches(16 * 62));
+        assert_eq!(peer_window(&closed, 16), Window::batches(16 * 62));
         assert_eq!(max_in_flight_messages(peer_window(&closed, 16), 1024), 992);
         // Batches smaller than a message: one message each.
         let single = workload(0.0, 1024, 1);
         assert_eq!(messages_per_batch(&single), 1);
-        assert_eq!(peer_window(&single, 16), Window::Batches(16));
+        assert_eq!(peer_window(&single, 16), Window::batches(16));
         // Open loop: coremq's byte cap, whatever the batch size.
         let open = workload(5000.0, 1024, 1);
         assert_eq!(
             peer_window(&open, 16),
-            Window::Bytes(OPEN_LOOP_IN_FLIGHT_BYTES_MAX)
+            Window::bytes(OPEN_LOOP_IN_FLIGHT_BYTES_MAX)
         );
         assert_eq!(
             max_in_flight_messages(peer_window(&open, 16), 1024),

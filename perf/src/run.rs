@@ -1049,10 +1049,11 @@ pub fn summary_text(r: &Report) -> String {
 /// producer it carries, and at most the bytes of one producer's window of
 /// full batches in all (or `--window-bytes`). Without the byte cap a
 /// thread carrying 2,500 of 10,000 topics' producers had hundreds of MB
-/// in flight: ~0.3 s publish latency and, with data that cold, 20-30%
-/// more CPU per message in both processes than with the 1 MiB a
-/// single-topic producer thread has (docs/benchmarks.md); a Kafka
-/// producer's buffer.memory is per client, not per partition, too.
+/// in flight: ~0.3 s publish latency and, with data that cold, ~10% more
+/// CPU per message in both processes and 20-30% fewer messages a second
+/// than with the 1 MiB a single-topic producer thread has
+/// (docs/benchmarks.md); a Kafka producer's buffer.memory is per client,
+/// not per partition, too.
 fn closed_loop_window(opts: &RunOptions, producers: usize) -> Window {
     let w = &opts.workload;
     Window {

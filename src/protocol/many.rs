@@ -17,7 +17,7 @@ use super::splice::Splices;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use bytestring::ByteString;
 use coremq_shards::batch_buf::BatchBuf;
-use coremq_shards::shard::ProduceOptions;
+use coremq_shards::shard::{ProduceOptions, IN_PLACE_MIN_BYTES};
 use std::ops::Range;
 
 /// Most entries one ProduceMany carries.
@@ -162,7 +162,10 @@ pub(crate) fn decode_produce_many(r: &mut Reader) -> Result<Vec<ProduceEntry>, D
 /// The shard then stores the batches where they are instead of copying
 /// each (see `coremq_shards::batch_buf`); topic names become read-only
 /// pieces of the same memory. Otherwise (a frame that shares a read buffer
-/// with the next) names and batches stay views of it.
+/// with the next) names and batches stay views of it, except that with
+/// more than one entry a batch the shard would store in place
+/// (`IN_PLACE_MIN_BYTES`) gets a copy of its own: the last one would keep
+/// the whole shared buffer alive in the tail cache.
 pub(crate) fn own_batches(body: Bytes, entries: &mut [ProduceEntry]) {
     let base = body.as_ptr() as usize;
     let mut end = 0;
@@ -200,9 +203,14 @@ pub(crate) fn own_batches(body: Bytes, entries: &mut [ProduceEntry]) {
             }
         }
         Err(body) => {
+            let several = entries.len() > 1;
             for (e, (topic, batch)) in entries.iter_mut().zip(spans) {
                 e.topic = checked_name(body.slice(topic));
-                e.batch = BatchBuf::Shared(body.slice(batch));
+                e.batch = if several && batch.len() >= IN_PLACE_MIN_BYTES {
+                    BatchBuf::Owned(BytesMut::from(&body[batch]))
+                } else {
+                    BatchBuf::Shared(body.slice(batch))
+                };
             }
         }
     }
@@ -438,6 +446,45 @@ mod tests {
         assert!(entries.iter().all(|e| inside.contains(&e.batch.as_ptr())));
         // The caller still holds the frame: the batches are shared views.
         assert!(entries.iter().all(|e| !e.batch.is_owned()));
+    }
+
+    #[test]
+    fn large_batches_of_a_shared_frame_get_their_own_buffers() {
+        let sized = |sizes: &[usize]| {
+            Request::ProduceMany(
+                sizes
+                    .iter()
+                    .map(|&n| ProduceEntry {
+                        topic: "t".into(),
+                        queue: 0,
+                        options: Default::default(),
+                        batch: Bytes::from(vec![7u8; n]).into(),
+                    })
+                    .collect(),
+            )
+        };
+        let (small, large) = (IN_PLACE_MIN_BYTES - 1, IN_PLACE_MIN_BYTES);
+        let req = sized(&[small, large]);
+        let frame = body(&req);
+        let inside = |b: &BatchBuf| frame.as_ptr_range().contains(&b.as_ptr());
+        let Request::ProduceMany(entries) =
+            Request::decode(ApiKey::ProduceMany as u16, frame.clone()).unwrap()
+        else {
+            panic!("not a ProduceMany");
+        };
+        assert_eq!(Request::ProduceMany(entries.clone()), req);
+        // The small one the shard copies itself; the large one is copied here.
+        assert!(inside(&entries[0].batch) && !entries[0].batch.is_owned());
+        assert!(!inside(&entries[1].batch) && entries[1].batch.is_owned());
+        // A frame with one batch is that batch's own buffer: no copy.
+        let one = body(&sized(&[large]));
+        let Request::ProduceMany(entries) =
+            Request::decode(ApiKey::ProduceMany as u16, one.clone()).unwrap()
+        else {
+            panic!("not a ProduceMany");
+        };
+        assert!(one.as_ptr_range().contains(&entries[0].batch.as_ptr()));
+        assert!(!entries[0].batch.is_owned());
     }
 
     #[test]

@@ -23,10 +23,8 @@ use crate::protocol::{
     ErrorCode, ErrorReply, FetchEntry, FetchMany, FetchPart, FetchedQueue, ProduceAck,
     ProduceEntry, ProduceResult, Reply, Request, Response,
 };
-use bytes::BytesMut;
-use coremq_shards::batch_buf::BatchBuf;
 use coremq_shards::fetch_many::FetchWant;
-use coremq_shards::shard::{QueuePolicy, IN_PLACE_MIN_BYTES};
+use coremq_shards::shard::QueuePolicy;
 use coremq_shards::QueueKey;
 use futures::channel::oneshot;
 use futures::future::{ready, FutureExt, LocalBoxFuture};
@@ -74,8 +72,6 @@ impl ShardCtx {
         if entries.is_empty() {
             return ready(Err(empty_request("ProduceMany"))).boxed_local();
         }
-        let mut entries = entries;
-        copy_large_shared_batches(&mut entries);
         let meta = self.meta.snapshot();
         let mut results: Vec<Option<ProduceResult>> = entries.iter().map(|_| None).collect();
         let mut shares: Shares<(ProduceEntry, QueueKey, QueuePolicy)> = BTreeMap::new();
@@ -411,25 +407,6 @@ pub fn trim_to(parts: Vec<FetchPart>, max_bytes: usize) -> Vec<FetchPart> {
     out
 }
 
-/// Gives each large shared batch of a multi-entry request a buffer of its
-/// own. They are slices of one frame that shares its read buffer (a frame
-/// with a buffer of its own arrives cut into owned pieces), and the shard
-/// stores a large batch it holds alone in place: the last one would keep
-/// the whole buffer alive in the tail cache. Small batches the shard
-/// copies anyway (`IN_PLACE_MIN_BYTES`).
-fn copy_large_shared_batches(entries: &mut [ProduceEntry]) {
-    if entries.len() < 2 {
-        return;
-    }
-    for e in entries {
-        if let BatchBuf::Shared(b) = &e.batch {
-            if b.len() >= IN_PLACE_MIN_BYTES {
-                e.batch = BatchBuf::Owned(BytesMut::from(&b[..]));
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,28 +452,5 @@ mod tests {
         let got = trim_to(vec![part(0, &[500, 1]), part(1, &[1])], 100);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].batch_bytes(), 500);
-    }
-
-    #[test]
-    fn large_shared_batches_of_a_frame_get_their_own_buffers() {
-        let frame = Bytes::from(vec![7u8; 4 * IN_PLACE_MIN_BYTES]);
-        let inside = |b: &BatchBuf| frame.as_ptr_range().contains(&b.as_ptr());
-        let entry = |range: std::ops::Range<usize>| ProduceEntry {
-            topic: "t".into(),
-            queue: 0,
-            options: Default::default(),
-            batch: frame.slice(range).into(),
-        };
-        let (small, large) = (IN_PLACE_MIN_BYTES - 1, IN_PLACE_MIN_BYTES);
-        let mut entries = vec![entry(0..small), entry(small..small + large)];
-        copy_large_shared_batches(&mut entries);
-        // The small one the shard copies itself; the large one is copied here.
-        assert!(inside(&entries[0].batch) && !entries[0].batch.is_owned());
-        assert!(!inside(&entries[1].batch) && entries[1].batch.is_owned());
-        assert_eq!(&entries[1].batch[..], &frame[small..small + large]);
-        // A frame with one batch is that batch's own buffer: no copy.
-        let mut one = vec![entry(0..large)];
-        copy_large_shared_batches(&mut one);
-        assert!(inside(&one[0].batch));
     }
 }

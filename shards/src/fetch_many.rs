@@ -1,13 +1,14 @@
-//! A fetch over many queues of one shard: one pass over all of them, then
-//! (when that is not enough to answer) a watch on all their `arrived`
-//! signals at once, after which only the queues that got data are looked
-//! at again. A consumer of thousands of small queues parks one request
-//! instead of one per queue, and a wake costs the queues that woke it, not
-//! a pass over all of them: with 10,000 topics at a fixed rate, polls that
-//! each passed over 1,024 queues to return a batch or two took a core.
+//! A fetch over many queues of one shard: one pass over the queues its
+//! session does not know to be empty, then (when that is not enough to
+//! answer) a wait on the session's watches, after which only the queues
+//! that got data are looked at again. A consumer of thousands of small
+//! queues parks one request instead of one per queue, and neither a wake
+//! nor the next poll of the same list costs a look at every queue: with
+//! 10,000 topics at a fixed rate, polls that each passed over 1,024 queues
+//! to return a batch or two took a core.
 
 use crate::error::{Result, ShardError};
-use crate::notify::ReadySet;
+use crate::fetch_session::FetchSession;
 use crate::shard::{Fetched, QueueState, Shard};
 use crate::QueueKey;
 use futures::future::{select, Either};
@@ -32,13 +33,15 @@ impl Shard {
     /// Reads `wants` in one pass and returns the queues with data or an
     /// error, as (index in `wants`, result), in `wants` order. The total
     /// stays ≤ `max_bytes` (the reply's first batch is always whole). With
-    /// nothing to return, or less than `min_bytes`, it watches every
-    /// queue and reads again each queue that gets a batch, until it holds
-    /// `min_bytes` (any data when `min_bytes` ≤ 1), `max_wait` passes or
-    /// `hurry` completes (a gatherer that has data from another shard). An
-    /// error answers at once.
+    /// nothing to return, or less than `min_bytes`, it waits for a batch
+    /// on any of the queues and reads again each queue that gets one, until
+    /// it holds `min_bytes` (any data when `min_bytes` ≤ 1), `max_wait`
+    /// passes or `hurry` completes (a gatherer that has data from another
+    /// shard). An error answers at once. `session` is what earlier polls of
+    /// the same list learnt (a new or other list's session starts over).
     pub async fn fetch_many(
         &self,
+        session: &mut FetchSession,
         wants: &[FetchWant],
         min_bytes: usize,
         max_bytes: usize,
@@ -47,35 +50,24 @@ impl Shard {
     ) -> FetchedMany {
         let deadline = Instant::now() + max_wait;
         let mut hurry = pin!(hurry);
-        let mut got = self.fetch_pass(wants, max_bytes);
-        let ready = ReadySet::default();
-        let mut watching = false;
+        session.begin(wants);
+        let mut got = self.fetch_pass(session, wants, max_bytes);
         loop {
             let now = Instant::now();
             if got.enough(min_bytes) || now >= deadline {
                 break;
             }
-            if !watching {
-                // No await since the pass: no append can slip between it and the watch.
-                self.watch_all(wants, &ready);
-                watching = true;
-            }
             let timer = glommio::timer::sleep(deadline - now);
             let last = !matches!(
-                select(pin!(ready.fired()), select(pin!(timer), hurry.as_mut())).await,
+                select(pin!(session.arrival()), select(pin!(timer), hurry.as_mut())).await,
                 Either::Left(_)
             );
             let mut queues = self.queues.borrow_mut();
-            for i in ready.take() {
+            for i in session.fired() {
                 let q = crate::shard::queue_state(&mut queues, wants[i].key, &self.spill);
                 // Read again from the wanted offset: its part, if any, is replaced.
                 got.remove(i);
-                if let Some(r) = self.fetch_one(q, &wants[i], max_bytes, got.bytes) {
-                    got.add(i, r);
-                }
-                if !last {
-                    ready.watch(&q.arrived, i);
-                }
+                self.look(session, i, q, &wants[i], max_bytes, &mut got);
             }
             if last {
                 break;
@@ -86,50 +78,61 @@ impl Shard {
         found
     }
 
-    /// Watches every wanted queue's `arrived` signal, as its index.
-    fn watch_all(&self, wants: &[FetchWant], ready: &ReadySet) {
-        let mut queues = self.queues.borrow_mut();
-        for (i, w) in wants.iter().enumerate() {
-            ready.watch(
-                &crate::shard::queue_state(&mut queues, w.key, &self.spill).arrived,
-                i,
-            );
-        }
-    }
-
-    /// One look at every wanted queue: what it has now.
-    fn fetch_pass(&self, wants: &[FetchWant], max_bytes: usize) -> Gathered {
+    /// One look at every wanted queue the session does not know to be empty.
+    fn fetch_pass(
+        &self,
+        session: &mut FetchSession,
+        wants: &[FetchWant],
+        max_bytes: usize,
+    ) -> Gathered {
         let mut got = Gathered::new(wants.len());
         let mut queues = self.queues.borrow_mut();
         for (i, w) in wants.iter().enumerate() {
-            let q = crate::shard::queue_state(&mut queues, w.key, &self.spill);
-            if let Some(r) = self.fetch_one(q, w, max_bytes, got.bytes) {
-                got.add(i, r);
+            if session.has_nothing(i, w.offset) {
+                continue;
             }
+            let q = crate::shard::queue_state(&mut queues, w.key, &self.spill);
+            self.look(session, i, q, w, max_bytes, &mut got);
         }
         got
     }
 
-    /// What queue `q` has for `want` with `total` bytes already in the
-    /// reply: an error, batches, or nothing (no new data, or no room left).
-    fn fetch_one(
+    /// Looks at want `i`'s queue: its part goes into `got`, and the session
+    /// learns whether it is caught up and watches it. No await between the
+    /// look and the watch, so no batch can slip between them.
+    fn look(
         &self,
+        session: &mut FetchSession,
+        i: usize,
         q: &QueueState,
         want: &FetchWant,
         max_bytes: usize,
-        total: usize,
-    ) -> Option<Result<Fetched>> {
+        got: &mut Gathered,
+    ) {
+        let found = self.fetch_one(q, want, max_bytes, got.bytes);
+        session.saw(i, matches!(found, Found::CaughtUp).then_some(want.offset));
+        session.watch(i, &q.arrived);
+        if let Found::Part(r) = found {
+            got.add(i, r);
+        }
+    }
+
+    /// What queue `q` has for `want` with `total` bytes already in the reply.
+    fn fetch_one(&self, q: &QueueState, want: &FetchWant, max_bytes: usize, total: usize) -> Found {
         let visible = self.log.end();
         let (start, next) = (q.index.start_offset(), q.index.visible_next_offset(visible));
         if want.offset < start || want.offset > next {
-            return Some(Err(ShardError::OffsetOutOfRange {
+            return Found::Part(Err(ShardError::OffsetOutOfRange {
                 offset: want.offset,
                 start,
                 next,
             }));
         }
-        if want.offset == next || (total > 0 && total >= max_bytes) {
-            return None;
+        if want.offset == next {
+            return Found::CaughtUp;
+        }
+        if total > 0 && total >= max_bytes {
+            return Found::Nothing;
         }
         let room = if total == 0 {
             want.max_bytes.min(max_bytes)
@@ -151,12 +154,25 @@ impl Shard {
                 None => break,
             }
         }
-        (!batches.is_empty()).then_some(Ok(Fetched {
+        if batches.is_empty() {
+            return Found::Nothing;
+        }
+        Found::Part(Ok(Fetched {
             log_start: start,
             next_offset: next,
             batches,
         }))
     }
+}
+
+/// What one look at a queue found.
+enum Found {
+    /// Nothing past the wanted offset.
+    CaughtUp,
+    /// Data, but no room for it in this reply (or not readable now).
+    Nothing,
+    /// Batches, or an error.
+    Part(Result<Fetched>),
 }
 
 /// What a fetch over many holds so far, with its totals kept as it goes
@@ -208,4 +224,138 @@ impl Gathered {
 fn part_bytes(r: &Result<Fetched>) -> usize {
     r.as_ref()
         .map_or(0, |f| f.batches.iter().map(|b| b.len()).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::tests::{batch, cfg, run, ASYNC, K};
+
+    const K2: QueueKey = QueueKey {
+        topic_id: 1,
+        queue: 1,
+    };
+
+    fn want(key: QueueKey, offset: i64) -> FetchWant {
+        FetchWant {
+            key,
+            offset,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    /// The wants that got batches, as (index, batches); errors fail the test.
+    async fn poll(
+        shard: &Shard,
+        session: &mut FetchSession,
+        wants: &[FetchWant],
+        max_bytes: usize,
+        wait: Duration,
+    ) -> Vec<(usize, usize)> {
+        let found = shard
+            .fetch_many(
+                session,
+                wants,
+                1,
+                max_bytes,
+                wait,
+                futures::future::pending(),
+            )
+            .await;
+        found
+            .into_iter()
+            .map(|(i, r)| (i, r.unwrap().batches.len()))
+            .collect()
+    }
+
+    async fn produce(shard: &Shard, key: QueueKey, value: &str) {
+        let p = shard.produce(key, batch(&[value], 0), ASYNC).unwrap();
+        shard.durable(&p).await.unwrap();
+    }
+
+    #[test]
+    fn a_session_sees_what_arrived_between_polls_and_after_a_rewind() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            let mut s = FetchSession::default();
+            produce(&shard, K, "a").await;
+            let now = Duration::ZERO;
+            let got = poll(&shard, &mut s, &[want(K, 0), want(K2, 0)], 1 << 20, now).await;
+            assert_eq!(got, vec![(0, 1)]);
+            // Both caught up now; the session knows it.
+            let caught_up = [want(K, 1), want(K2, 0)];
+            assert!(poll(&shard, &mut s, &caught_up, 1 << 20, now)
+                .await
+                .is_empty());
+            assert!(s.has_nothing(0, 1) && s.has_nothing(1, 0));
+            produce(&shard, K2, "b").await;
+            assert_eq!(
+                poll(&shard, &mut s, &caught_up, 1 << 20, now).await,
+                vec![(1, 1)],
+                "a queue known empty got a batch"
+            );
+            // A consumer that moves back is answered from where it asks.
+            assert_eq!(
+                poll(&shard, &mut s, &[want(K, 0), want(K2, 1)], 1 << 20, now).await,
+                vec![(0, 1)]
+            );
+        });
+    }
+
+    #[test]
+    fn a_parked_poll_wakes_for_a_queue_its_session_knew_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            let mut s = FetchSession::default();
+            let wants = [want(K, 0), want(K2, 0)];
+            assert!(poll(&shard, &mut s, &wants, 1 << 20, Duration::ZERO)
+                .await
+                .is_empty());
+            let later = shard.clone();
+            glommio::spawn_local(async move {
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+                produce(&later, K2, "b").await;
+            })
+            .detach();
+            // Without the watches this waits the whole minute and finds nothing.
+            let got = poll(&shard, &mut s, &wants, 1 << 20, Duration::from_secs(60)).await;
+            assert_eq!(got, vec![(1, 1)]);
+        });
+    }
+
+    #[test]
+    fn a_session_starts_over_for_another_list_and_remembers_no_room_as_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            let mut s = FetchSession::default();
+            let now = Duration::ZERO;
+            assert!(poll(&shard, &mut s, &[want(K, 0)], 1 << 20, now)
+                .await
+                .is_empty());
+            produce(&shard, K2, "b").await;
+            // K2 stands where K stood, at the same offset: another list.
+            assert_eq!(
+                poll(&shard, &mut s, &[want(K2, 0)], 1 << 20, now).await,
+                vec![(0, 1)]
+            );
+            produce(&shard, K, "a").await;
+            // One byte of room: K's batch fills the reply; K2 has data but no room.
+            let wants = [want(K, 0), want(K2, 0)];
+            assert_eq!(poll(&shard, &mut s, &wants, 1, now).await, vec![(0, 1)]);
+            assert!(!s.has_nothing(1, 0));
+            assert_eq!(
+                poll(&shard, &mut s, &[want(K, 1), want(K2, 0)], 1, now).await,
+                vec![(1, 1)]
+            );
+        });
+    }
 }

@@ -21,6 +21,7 @@ pub mod delivery;
 pub mod durable_file;
 pub mod error;
 pub mod fetch_many;
+pub mod fetch_session;
 pub mod file_map;
 pub mod file_reaper;
 pub mod group_coordinator;

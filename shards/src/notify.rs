@@ -150,6 +150,14 @@ impl Future for Fired<'_> {
     }
 }
 
+impl Drop for Fired<'_> {
+    /// A set outlives its waits (a fetch session keeps it between polls):
+    /// a signal that fires later must not wake, or keep alive, a finished task.
+    fn drop(&mut self) {
+        self.set.ready.waker.borrow_mut().take();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

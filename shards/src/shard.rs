@@ -809,7 +809,7 @@ fn read_checkpoint(path: &std::path::Path) -> Result<Vec<(QueueKey, i64, i64)>> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::batch::{BatchBuilder, Compression};
     use crate::segment;
@@ -834,7 +834,7 @@ mod tests {
         segment_paths(dir).len()
     }
 
-    fn cfg(dir: &std::path::Path) -> ShardConfig {
+    pub(crate) fn cfg(dir: &std::path::Path) -> ShardConfig {
         ShardConfig {
             dir: dir.to_path_buf(),
             segment_bytes: 1 << 20,
@@ -847,7 +847,7 @@ mod tests {
         }
     }
 
-    fn batch(values: &[&str], ts: i64) -> Bytes {
+    pub(crate) fn batch(values: &[&str], ts: i64) -> Bytes {
         let mut b = BatchBuilder::new(Compression::None);
         for v in values {
             b.push(ts, None, Some(v.as_bytes()), &[]);
@@ -861,16 +861,18 @@ mod tests {
         retention_ms: 0,
         retention_bytes: 0,
     };
-    const ASYNC: QueuePolicy = QueuePolicy {
+    pub(crate) const ASYNC: QueuePolicy = QueuePolicy {
         sync_flush: false,
         ..SYNC
     };
-    const K: QueueKey = QueueKey {
+    pub(crate) const K: QueueKey = QueueKey {
         topic_id: 1,
         queue: 0,
     };
 
-    fn run<F: std::future::Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
+    pub(crate) fn run<F: std::future::Future<Output = ()> + 'static>(
+        f: impl FnOnce() -> F + Send + 'static,
+    ) {
         glommio::LocalExecutorBuilder::default()
             .spawn(f)
             .unwrap()

@@ -7,12 +7,16 @@
 //! 10,000 topics. A list seen before under the same snapshot reuses its
 //! resolution after one hash of its names and one compare with the names
 //! it keeps side by side; any topic change makes a new snapshot, so a
-//! list is resolved afresh after it.
+//! list is resolved afresh after it. A list also keeps its fetch session
+//! (`coremq_shards::fetch_session`): what its last poll learnt of which
+//! queues have nothing new.
 
 use super::shard_context::queue_of;
 use crate::metadata::Metadata;
 use crate::protocol::{ErrorReply, FetchEntry};
+use coremq_shards::fetch_session::FetchSession;
 use coremq_shards::QueueKey;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::rc::Rc;
@@ -23,6 +27,10 @@ pub const FETCH_LISTS_MAX: usize = 32;
 
 /// An entry's queue and owning shard, or why it has none.
 pub type Resolved = Result<(QueueKey, u32), ErrorReply>;
+
+/// A list's fetch session, taken by the poll that uses it and put back
+/// after: a second poll of the same list at the same time starts its own.
+pub type SessionSlot = Rc<Cell<Option<FetchSession>>>;
 
 type Hasher64 = foldhash::fast::FixedState;
 
@@ -38,6 +46,7 @@ struct List {
     ends: Vec<usize>,
     queues: Vec<u32>,
     resolved: Rc<[Resolved]>,
+    session: SessionSlot,
 }
 
 impl List {
@@ -56,6 +65,7 @@ impl List {
             ends,
             queues: entries.iter().map(|e| e.queue).collect(),
             resolved,
+            session: SessionSlot::default(),
         }
     }
 
@@ -70,12 +80,17 @@ impl List {
 }
 
 impl FetchLists {
-    /// Each entry's queue and owner under `meta`, in entry order.
-    pub fn resolve(&mut self, meta: &Arc<Metadata>, entries: &[FetchEntry]) -> Rc<[Resolved]> {
+    /// Each entry's queue and owner under `meta`, in entry order, and the
+    /// list's fetch session.
+    pub fn resolve(
+        &mut self,
+        meta: &Arc<Metadata>,
+        entries: &[FetchEntry],
+    ) -> (Rc<[Resolved]>, SessionSlot) {
         let key = fingerprint(entries);
         if let Some(l) = self.lists.get(&key) {
             if Arc::ptr_eq(&l.meta, meta) && l.is(entries) {
-                return l.resolved.clone();
+                return (l.resolved.clone(), l.session.clone());
             }
         }
         let resolved: Rc<[Resolved]> = entries
@@ -85,9 +100,10 @@ impl FetchLists {
         if self.lists.len() >= FETCH_LISTS_MAX {
             self.lists.clear();
         }
-        self.lists
-            .insert(key, List::new(meta.clone(), entries, resolved.clone()));
-        resolved
+        let list = List::new(meta.clone(), entries, resolved.clone());
+        let session = list.session.clone();
+        self.lists.insert(key, list);
+        (resolved, session)
     }
 }
 
@@ -144,12 +160,13 @@ mod tests {
         let mut lists = FetchLists::default();
         let (m1, m2) = (Arc::new(Metadata::default()), Arc::new(Metadata::default()));
         let entries = [entry("nope", 0)];
-        let a = lists.resolve(&m1, &entries);
+        let (a, session) = lists.resolve(&m1, &entries);
         assert!(a[0].is_err());
-        assert!(Rc::ptr_eq(&a, &lists.resolve(&m1, &entries)), "reused");
-        assert!(
-            !Rc::ptr_eq(&a, &lists.resolve(&m2, &entries)),
-            "new snapshot"
-        );
+        let (again, same_session) = lists.resolve(&m1, &entries);
+        assert!(Rc::ptr_eq(&a, &again), "reused");
+        assert!(Rc::ptr_eq(&session, &same_session), "with its session");
+        let (fresh, new_session) = lists.resolve(&m2, &entries);
+        assert!(!Rc::ptr_eq(&a, &fresh), "new snapshot");
+        assert!(!Rc::ptr_eq(&session, &new_session), "and a new session");
     }
 }

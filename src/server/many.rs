@@ -17,6 +17,7 @@
 //! answer at once, so the request still completes when ANY listed queue
 //! has data. The reply's total byte limit is applied again while gathering.
 
+use super::fetch_lists::SessionSlot;
 use super::router::ShardMsg;
 use super::shard_context::{queue_of, shard_error, shutting_down, ShardCtx, FETCH_WAIT_MS_MAX};
 use crate::protocol::{
@@ -192,7 +193,7 @@ impl ShardCtx {
         let max_bytes = self.reply_bytes(req.max_bytes);
         let mut failed = Vec::new();
         let mut shares: Shares<(FetchEntry, QueueKey)> = BTreeMap::new();
-        let resolved = self.fetch_lists.borrow_mut().resolve(&meta, &req.entries);
+        let (resolved, session) = self.fetch_lists.borrow_mut().resolve(&meta, &req.entries);
         for ((i, e), r) in req.entries.into_iter().enumerate().zip(resolved.iter()) {
             match r {
                 Ok((key, owner)) => {
@@ -229,7 +230,7 @@ impl ShardCtx {
             let local = owner == self.id;
             let fut = if !several {
                 if local {
-                    self.fetch_resolved(share, keys, futures::future::pending())
+                    self.fetch_resolved(share, keys, session.clone(), futures::future::pending())
                 } else {
                     self.forward(owner, Request::FetchMany(share)).await
                 }
@@ -237,7 +238,7 @@ impl ShardCtx {
                 let (hurry_tx, hurry_rx) = oneshot::channel::<()>();
                 hurries.push(hurry_tx);
                 if local {
-                    self.fetch_resolved(share, keys, hurry_rx.map(|_| ()))
+                    self.fetch_resolved(share, keys, session.clone(), hurry_rx.map(|_| ()))
                 } else {
                     self.forward_fetch_many(owner, share, hurry_rx).await
                 }
@@ -309,22 +310,22 @@ impl ShardCtx {
     ) -> LocalBoxFuture<'static, Response> {
         // A forwarded share repeats as its request does: the same cache.
         let meta = self.meta.snapshot();
-        let keys = self
-            .fetch_lists
-            .borrow_mut()
-            .resolve(&meta, &req.entries)
+        let (resolved, session) = self.fetch_lists.borrow_mut().resolve(&meta, &req.entries);
+        let keys = resolved
             .iter()
             .map(|r| r.clone().map(|(key, _)| key))
             .collect();
-        self.fetch_resolved(req, keys, hurry)
+        self.fetch_resolved(req, keys, session, hurry)
     }
 
     /// A FetchMany share for queues this shard owns, with each entry's
-    /// queue already looked up (`keys`, in entry order).
+    /// queue already looked up (`keys`, in entry order) and its list's
+    /// fetch session.
     fn fetch_resolved(
         self: &Rc<Self>,
         req: FetchMany,
         keys: Vec<Result<QueueKey, ErrorReply>>,
+        session: SessionSlot,
         hurry: impl Future<Output = ()> + 'static,
     ) -> LocalBoxFuture<'static, Response> {
         let shard = self.shard.clone();
@@ -360,10 +361,12 @@ impl ShardCtx {
                 Duration::ZERO
             };
             let min_bytes = (req.min_bytes as usize).min(max_bytes);
-            for (k, r) in shard
-                .fetch_many(&wants, min_bytes, max_bytes, wait, hurry)
-                .await
-            {
+            let mut mine = session.take().unwrap_or_default();
+            let found = shard
+                .fetch_many(&mut mine, &wants, min_bytes, max_bytes, wait, hurry)
+                .await;
+            session.set(Some(mine));
+            for (k, r) in found {
                 parts.push(FetchPart {
                     index: positions[k] as u32,
                     result: r

@@ -230,6 +230,7 @@ fn part_bytes(r: &Result<Fetched>) -> usize {
 mod tests {
     use super::*;
     use crate::shard::tests::{batch, cfg, run, ASYNC, K};
+    use std::rc::Rc;
 
     const K2: QueueKey = QueueKey {
         topic_id: 1,
@@ -268,6 +269,19 @@ mod tests {
             .collect()
     }
 
+    /// Runs `test` on a fresh shard with its log writer.
+    fn with_shard<F: Future<Output = ()> + 'static>(
+        test: impl FnOnce(Rc<Shard>) -> F + Send + 'static,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            test(shard).await;
+        });
+    }
+
     async fn produce(shard: &Shard, key: QueueKey, value: &str) {
         let p = shard.produce(key, batch(&[value], 0), ASYNC).unwrap();
         shard.durable(&p).await.unwrap();
@@ -275,11 +289,7 @@ mod tests {
 
     #[test]
     fn a_session_sees_what_arrived_between_polls_and_after_a_rewind() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        run(move || async move {
-            let shard = Shard::open(cfg(&d)).await.unwrap();
-            glommio::spawn_local(shard.writer()).detach();
+        with_shard(|shard| async move {
             let mut s = FetchSession::default();
             produce(&shard, K, "a").await;
             let now = Duration::ZERO;
@@ -307,11 +317,7 @@ mod tests {
 
     #[test]
     fn a_parked_poll_wakes_for_a_queue_its_session_knew_empty() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        run(move || async move {
-            let shard = Shard::open(cfg(&d)).await.unwrap();
-            glommio::spawn_local(shard.writer()).detach();
+        with_shard(|shard| async move {
             let mut s = FetchSession::default();
             let wants = [want(K, 0), want(K2, 0)];
             assert!(poll(&shard, &mut s, &wants, 1 << 20, Duration::ZERO)
@@ -331,11 +337,7 @@ mod tests {
 
     #[test]
     fn a_session_starts_over_for_another_list_and_remembers_no_room_as_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        run(move || async move {
-            let shard = Shard::open(cfg(&d)).await.unwrap();
-            glommio::spawn_local(shard.writer()).detach();
+        with_shard(|shard| async move {
             let mut s = FetchSession::default();
             let now = Duration::ZERO;
             assert!(poll(&shard, &mut s, &[want(K, 0)], 1 << 20, now)

@@ -28,6 +28,10 @@ pub const MAX_FRAME_BYTES_LIMIT: usize = 64 << 20;
 pub const MAX_MESSAGE_BYTES_DEFAULT: usize = 1 << 20;
 /// Default memory per shard for recently written batches served to consumers.
 pub const TAIL_CACHE_BYTES_DEFAULT: usize = 64 << 20;
+/// Default memory touched at start, per shard, in tail caches' worth: the
+/// caches fill under any sustained load, and about as much again is in
+/// flight in read buffers and write buffers.
+pub const PRETOUCH_TAIL_CACHES_DEFAULT: usize = 2;
 /// Default tick of each shard's time wheel (delayed messages).
 pub const TICK_MS_DEFAULT: u64 = 10;
 /// Default period of the retention check.
@@ -71,6 +75,11 @@ pub struct ServeArgs {
     /// Memory per shard for recent batches served to consumers [default: 64 MiB].
     #[arg(long, value_name = "BYTES")]
     pub tail_cache_bytes: Option<usize>,
+    /// Memory touched once at start and kept, so that the first traffic does not wait
+    /// for the kernel (or a VM's host) to back fresh pages; 0 = none
+    /// [default: 2 x shards x --tail-cache-bytes, 256 MiB with 2 shards]. At most half of RAM.
+    #[arg(long, value_name = "BYTES")]
+    pub pretouch_bytes: Option<usize>,
     /// Tick of each shard's time wheel: delayed messages are delivered within one tick [default: 10].
     #[arg(long, value_name = "MS")]
     pub tick_ms: Option<u64>,
@@ -96,6 +105,7 @@ struct FileConfig {
     max_frame_bytes: Option<usize>,
     max_message_bytes: Option<usize>,
     tail_cache_bytes: Option<usize>,
+    pretouch_bytes: Option<usize>,
     retention_check_ms: Option<u64>,
     tick_ms: Option<u64>,
     spin_us: Option<u64>,
@@ -114,6 +124,7 @@ pub struct Config {
     pub max_frame_bytes: usize,
     pub max_message_bytes: usize,
     pub tail_cache_bytes: usize,
+    pub pretouch_bytes: usize,
     pub retention_check: Duration,
     pub tick: Duration,
     pub spin: Duration,
@@ -162,6 +173,11 @@ impl Config {
                 "--listen {listen_text:?} is not an IP:PORT address"
             ))
         })?;
+        let shards = args.shards.or(file.shards).unwrap_or_else(available_cpus);
+        let tail_cache_bytes = args
+            .tail_cache_bytes
+            .or(file.tail_cache_bytes)
+            .unwrap_or(TAIL_CACHE_BYTES_DEFAULT);
         let cfg = Config {
             data_dir: args
                 .data_dir
@@ -173,7 +189,7 @@ impl Config {
                 .shard_port_base
                 .or(file.shard_port_base)
                 .unwrap_or(SHARD_PORT_BASE_DEFAULT),
-            shards: args.shards.or(file.shards).unwrap_or_else(available_cpus),
+            shards,
             segment_bytes: args
                 .segment_bytes
                 .or(file.segment_bytes)
@@ -196,10 +212,12 @@ impl Config {
                 .max_message_bytes
                 .or(file.max_message_bytes)
                 .unwrap_or(MAX_MESSAGE_BYTES_DEFAULT),
-            tail_cache_bytes: args
-                .tail_cache_bytes
-                .or(file.tail_cache_bytes)
-                .unwrap_or(TAIL_CACHE_BYTES_DEFAULT),
+            tail_cache_bytes,
+            pretouch_bytes: args.pretouch_bytes.or(file.pretouch_bytes).unwrap_or(
+                PRETOUCH_TAIL_CACHES_DEFAULT
+                    .saturating_mul(shards)
+                    .saturating_mul(tail_cache_bytes),
+            ),
             retention_check: Duration::from_millis(
                 args.retention_check_ms
                     .or(file.retention_check_ms)
@@ -248,6 +266,15 @@ impl Config {
             && usize::from(self.shard_port_base) + self.shards > usize::from(u16::MAX)
         {
             return invalid("--shard-port-base + --shards exceeds the port range".into());
+        }
+        let ram = crate::pretouch::ram_bytes();
+        if self.pretouch_bytes > ram / 2 {
+            return invalid(format!(
+                "--pretouch-bytes ({}) must be at most half of this machine's memory ({} MiB); \
+                 with many shards or a large --tail-cache-bytes, set it explicitly",
+                self.pretouch_bytes,
+                ram >> 20
+            ));
         }
         Ok(())
     }

@@ -10,5 +10,6 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod metadata;
+pub mod pretouch;
 pub mod protocol;
 pub mod server;

@@ -66,6 +66,14 @@ pub fn run(mut config: Config) -> Result<(), ServerError> {
     // glommio resolves relative directory paths wrongly; work with absolute ones.
     config.data_dir = std::fs::canonicalize(&config.data_dir)?;
     let meta = Arc::new(MetaStore::open(&config.data_dir, config.shards)?);
+    if config.pretouch_bytes > 0 {
+        let (bytes, took) = crate::pretouch::pretouch(config.pretouch_bytes);
+        tracing::info!(
+            mib = bytes >> 20,
+            ms = took.as_millis() as u64,
+            "memory pre-touched (--pretouch-bytes)"
+        );
+    }
     let cpus: Vec<usize> = core_affinity::get_core_ids()
         .map(|ids| ids.into_iter().map(|c| c.id).collect())
         .filter(|ids: &Vec<usize>| !ids.is_empty())

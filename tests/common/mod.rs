@@ -30,11 +30,18 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on `data_dir` with free ports and `extra` flags.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Broker {
+        // Pre-touching memory only makes a start slower here (tests/pretouch.rs tests it).
+        let pretouch: &[&str] = if extra.contains(&"--pretouch-bytes") {
+            &[]
+        } else {
+            &["--pretouch-bytes", "0"]
+        };
         let mut child = Command::new(bin())
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--shard-port-base", "0"])
+            .args(pretouch)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

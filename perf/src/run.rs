@@ -54,7 +54,7 @@ use crate::producer::{
 };
 use crate::rss::RssSampler;
 use crate::schedule::{Clock, EndTime, Pacing, Schedule};
-use crate::stats::{check, merge_all, rates, Report, Tally, BYTES_PER_MB};
+use crate::stats::{check, merge_all, rates, Latency, Report, Tally, BYTES_PER_MB};
 use crate::workload::Workload;
 
 /// Time from spawning the producers to the first intended send, so every
@@ -769,6 +769,7 @@ pub fn supervise(
     let interval_ns = to_ns(PROGRESS_INTERVAL);
     let mut next_progress = start_ns + interval_ns;
     let mut last = (start_ns, 0u64, 0u64, 0u64);
+    let mut last_latency = Latency::new();
     clock.sleep_until(start_ns);
     loop {
         let now = clock.now_ns();
@@ -826,16 +827,21 @@ pub fn supervise(
             );
             let (pub_rate, pub_mb) = rates(c.acked - last.1, c.acked_bytes - last.2, secs);
             let (con_rate, _) = rates(c.consumed - last.3, 0, secs);
+            // The interval's own tail shows when a stall happened; the run's hides it.
+            let recent = tally.latency.since(&last_latency);
             eprintln!(
                 "[{:6.1}s] publish {pub_rate:9.0} msg/s {pub_mb:7.1} MB/s | consume {con_rate:9.0} msg/s | \
-                 publish p99 {} us | sent {} acked {} consumed {}",
+                 publish p99 {} us, max {} us (run p99 {} us) | sent {} acked {} consumed {}",
                 since_start(now),
+                recent.quantile(0.99),
+                recent.max(),
                 tally.latency.quantile(0.99),
                 c.sent,
                 c.acked,
                 c.consumed,
             );
             last = (now, c.acked, c.acked_bytes, c.consumed);
+            last_latency = tally.latency;
             next_progress += interval_ns;
         }
         let mut wake = next_progress.min(end_ns);

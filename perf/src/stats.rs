@@ -64,6 +64,27 @@ impl Latency {
         }
     }
 
+    /// The samples recorded since `earlier`, a copy of this histogram
+    /// taken before: what one progress interval saw.
+    pub fn since(&self, earlier: &Latency) -> Latency {
+        let mut recent = self.clone();
+        // `earlier` holds a subset of these samples, so this cannot fail;
+        // if it ever did, the whole run's histogram is the honest answer.
+        if recent.hist.subtract(&earlier.hist).is_err() {
+            return self.clone();
+        }
+        recent
+    }
+
+    /// The largest sample, 0 when empty.
+    pub fn max(&self) -> u64 {
+        if self.hist.is_empty() {
+            0
+        } else {
+            self.hist.max()
+        }
+    }
+
     /// The value at quantile `q` (0..=1), 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.hist.is_empty() {
@@ -80,7 +101,7 @@ impl Latency {
             p99: self.quantile(0.99),
             p999: self.quantile(0.999),
             p9999: self.quantile(0.9999),
-            max: if empty { 0 } else { self.hist.max() },
+            max: self.max(),
             mean: if empty { 0.0 } else { self.hist.mean() },
             count: self.hist.len(),
         }
@@ -359,6 +380,24 @@ pub(crate) fn test_report() -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interval_holds_only_what_came_after_its_start() {
+        let mut run = Latency::new();
+        for us in [10, 20, 30_000] {
+            run.record_us(us);
+        }
+        let start = run.clone();
+        for us in [100, 200, 300] {
+            run.record_us(us);
+        }
+        let interval = run.since(&start);
+        assert_eq!(interval.summary().count, 3);
+        assert_eq!(interval.max(), 300);
+        assert_eq!(interval.quantile(0.0), 100);
+        assert!(run.max() >= 30_000, "the run keeps everything");
+        assert_eq!(Latency::new().max(), 0);
+    }
 
     #[test]
     fn percentiles_of_a_known_distribution() {

@@ -76,8 +76,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES")]
     pub tail_cache_bytes: Option<usize>,
     /// Memory touched once at start and kept, so that the first traffic does not wait
-    /// for the kernel (or a VM's host) to back fresh pages; 0 = none
-    /// [default: 2 x shards x --tail-cache-bytes, 256 MiB with 2 shards]. At most half of RAM.
+    /// for the kernel (or a VM's host) to back fresh pages; 0 = none [default: 2 x shards
+    /// x --tail-cache-bytes (256 MiB with 2 shards), at most a quarter of RAM]. At most half of RAM.
     #[arg(long, value_name = "BYTES")]
     pub pretouch_bytes: Option<usize>,
     /// Tick of each shard's time wheel: delayed messages are delivered within one tick [default: 10].
@@ -141,6 +141,15 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
+}
+
+/// Two tail caches per shard, but never more than a quarter of RAM: many
+/// shards on a small machine must not make the defaults invalid.
+fn default_pretouch_bytes(shards: usize, tail_cache_bytes: usize) -> usize {
+    PRETOUCH_TAIL_CACHES_DEFAULT
+        .saturating_mul(shards)
+        .saturating_mul(tail_cache_bytes)
+        .min(crate::pretouch::ram_bytes() / 4)
 }
 
 /// CPUs this process may run on.
@@ -213,11 +222,10 @@ impl Config {
                 .or(file.max_message_bytes)
                 .unwrap_or(MAX_MESSAGE_BYTES_DEFAULT),
             tail_cache_bytes,
-            pretouch_bytes: args.pretouch_bytes.or(file.pretouch_bytes).unwrap_or(
-                PRETOUCH_TAIL_CACHES_DEFAULT
-                    .saturating_mul(shards)
-                    .saturating_mul(tail_cache_bytes),
-            ),
+            pretouch_bytes: args
+                .pretouch_bytes
+                .or(file.pretouch_bytes)
+                .unwrap_or_else(|| default_pretouch_bytes(shards, tail_cache_bytes)),
             retention_check: Duration::from_millis(
                 args.retention_check_ms
                     .or(file.retention_check_ms)
@@ -309,6 +317,24 @@ mod tests {
         std::fs::write(&path, "shardz = 3\n").unwrap();
         let err = Config::resolve(&args).unwrap_err().to_string();
         assert!(err.contains("shardz"), "{err}");
+    }
+
+    #[test]
+    fn the_default_pre_touch_is_two_tail_caches_a_shard_within_a_quarter_of_ram() {
+        let c = Config::resolve(&ServeArgs {
+            shards: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.pretouch_bytes, 2 * 2 * TAIL_CACHE_BYTES_DEFAULT);
+        // So many tail caches that they pass any machine's memory: clamped, not refused.
+        let c = Config::resolve(&ServeArgs {
+            shards: Some(256),
+            tail_cache_bytes: Some(1 << 40),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.pretouch_bytes, crate::pretouch::ram_bytes() / 4);
     }
 
     #[test]

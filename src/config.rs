@@ -76,8 +76,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES")]
     pub tail_cache_bytes: Option<usize>,
     /// Memory touched once at start and kept, so that the first traffic does not wait
-    /// for the kernel (or a VM's host) to back fresh pages; 0 = none [default: 2 x shards
-    /// x --tail-cache-bytes (256 MiB with 2 shards), at most a quarter of RAM]. At most half of RAM.
+    /// for the kernel (or a VM's host) to back fresh pages; 0 = none, at most half of
+    /// memory [default: 2 x shards x --tail-cache-bytes (256 MiB with 2 shards), at most
+    /// a quarter of memory (RAM, or the cgroup's limit if lower)].
     #[arg(long, value_name = "BYTES")]
     pub pretouch_bytes: Option<usize>,
     /// Tick of each shard's time wheel: delayed messages are delivered within one tick [default: 10].
@@ -143,13 +144,14 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// Two tail caches per shard, but never more than a quarter of RAM: many
-/// shards on a small machine must not make the defaults invalid.
+/// Two tail caches per shard, but never more than a quarter of memory: many
+/// shards on a small machine (or in a small container) must not make the
+/// defaults invalid.
 fn default_pretouch_bytes(shards: usize, tail_cache_bytes: usize) -> usize {
     PRETOUCH_TAIL_CACHES_DEFAULT
         .saturating_mul(shards)
         .saturating_mul(tail_cache_bytes)
-        .min(crate::pretouch::ram_bytes() / 4)
+        .min(crate::pretouch::memory_bytes() / 4)
 }
 
 /// CPUs this process may run on.
@@ -275,13 +277,12 @@ impl Config {
         {
             return invalid("--shard-port-base + --shards exceeds the port range".into());
         }
-        let ram = crate::pretouch::ram_bytes();
-        if self.pretouch_bytes > ram / 2 {
+        let memory = crate::pretouch::memory_bytes();
+        if self.pretouch_bytes > memory / 2 {
             return invalid(format!(
-                "--pretouch-bytes ({}) must be at most half of this machine's memory ({} MiB); \
-                 with many shards or a large --tail-cache-bytes, set it explicitly",
+                "--pretouch-bytes ({}) must be at most half of the memory this process may use ({} MiB)",
                 self.pretouch_bytes,
-                ram >> 20
+                memory >> 20
             ));
         }
         Ok(())
@@ -320,7 +321,7 @@ mod tests {
     }
 
     #[test]
-    fn the_default_pre_touch_is_two_tail_caches_a_shard_within_a_quarter_of_ram() {
+    fn the_default_pre_touch_is_two_tail_caches_a_shard_within_a_quarter_of_memory() {
         let c = Config::resolve(&ServeArgs {
             shards: Some(2),
             ..Default::default()
@@ -334,7 +335,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(c.pretouch_bytes, crate::pretouch::ram_bytes() / 4);
+        assert_eq!(c.pretouch_bytes, crate::pretouch::memory_bytes() / 4);
     }
 
     #[test]

@@ -26,8 +26,9 @@ pub fn pretouch(bytes: usize) -> (usize, Duration) {
     (chunks.len() * CHUNK_BYTES, started.elapsed())
 }
 
-/// This machine's physical memory.
-pub fn ram_bytes() -> usize {
+/// The memory this process may use: physical memory, or its cgroup's
+/// limit when that is lower (a container's `memory.max`).
+pub fn memory_bytes() -> usize {
     // SAFETY: sysconf reads a system constant; no memory is passed.
     let (pages, page_bytes) = unsafe {
         (
@@ -35,9 +36,29 @@ pub fn ram_bytes() -> usize {
             libc::sysconf(libc::_SC_PAGESIZE),
         )
     };
-    usize::try_from(pages)
+    let ram = usize::try_from(pages)
         .unwrap_or(0)
-        .saturating_mul(usize::try_from(page_bytes).unwrap_or(0))
+        .saturating_mul(usize::try_from(page_bytes).unwrap_or(0));
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    cgroups
+        .lines()
+        .filter_map(cgroup_limit_file)
+        .filter_map(|file| std::fs::read_to_string(file).ok()?.trim().parse().ok())
+        .fold(ram, usize::min)
+}
+
+/// Where the memory limit of a `/proc/self/cgroup` line's group is, if the
+/// line is the unified (v2) hierarchy or v1's memory controller.
+fn cgroup_limit_file(line: &str) -> Option<String> {
+    let mut fields = line.splitn(3, ':');
+    let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+    if controllers.is_empty() {
+        Some(format!("/sys/fs/cgroup{path}/memory.max"))
+    } else if controllers.split(',').any(|c| c == "memory") {
+        Some(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -50,6 +71,24 @@ mod tests {
         assert_eq!(pretouch(1).0, CHUNK_BYTES);
         assert_eq!(pretouch(3 * CHUNK_BYTES).0, 3 * CHUNK_BYTES);
         // Anything that runs these tests has more than 64 MiB.
-        assert!(ram_bytes() > 64 << 20);
+        assert!(memory_bytes() > 64 << 20);
+    }
+
+    #[test]
+    fn finds_the_memory_limit_of_either_cgroup_version() {
+        assert_eq!(
+            cgroup_limit_file("0::/user.slice/a").as_deref(),
+            Some("/sys/fs/cgroup/user.slice/a/memory.max")
+        );
+        assert_eq!(
+            cgroup_limit_file("4:memory:/box").as_deref(),
+            Some("/sys/fs/cgroup/memory/box/memory.limit_in_bytes")
+        );
+        assert_eq!(
+            cgroup_limit_file("5:cpu,memory:/b").as_deref(),
+            Some("/sys/fs/cgroup/memory/b/memory.limit_in_bytes")
+        );
+        assert_eq!(cgroup_limit_file("1:cpu:/"), None);
+        assert_eq!(cgroup_limit_file("garbage"), None);
     }
 }

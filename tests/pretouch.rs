@@ -46,7 +46,7 @@ fn a_broker_keeps_the_memory_it_pre_touched() {
 }
 
 #[test]
-fn more_than_half_the_machines_memory_is_refused_before_anything_starts() {
+fn more_than_half_the_memory_is_refused_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--shard-port-base", "0"])
@@ -58,6 +58,9 @@ fn more_than_half_the_machines_memory_is_refused_before_anything_starts() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--pretouch-bytes"), "{err}");
-    assert!(err.contains("half of this machine's memory"), "{err}");
+    assert!(
+        err.contains("half of the memory this process may use"),
+        "{err}"
+    );
     assert!(!dir.path().join("data").exists(), "nothing created");
 }

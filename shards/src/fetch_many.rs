@@ -229,8 +229,7 @@ fn part_bytes(r: &Result<Fetched>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::tests::{batch, cfg, run, ASYNC, K};
-    use std::rc::Rc;
+    use crate::shard::tests::{batch, with_shard, ASYNC, K};
 
     const K2: QueueKey = QueueKey {
         topic_id: 1,
@@ -267,19 +266,6 @@ mod tests {
             .into_iter()
             .map(|(i, r)| (i, r.unwrap().batches.len()))
             .collect()
-    }
-
-    /// Runs `test` on a fresh shard with its log writer.
-    fn with_shard<F: Future<Output = ()> + 'static>(
-        test: impl FnOnce(Rc<Shard>) -> F + Send + 'static,
-    ) {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        run(move || async move {
-            let shard = Shard::open(cfg(&d)).await.unwrap();
-            glommio::spawn_local(shard.writer()).detach();
-            test(shard).await;
-        });
     }
 
     async fn produce(shard: &Shard, key: QueueKey, value: &str) {

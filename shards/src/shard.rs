@@ -880,6 +880,19 @@ pub(crate) mod tests {
             .unwrap();
     }
 
+    /// Runs `test` on a fresh shard with its log writer.
+    pub(crate) fn with_shard<F: std::future::Future<Output = ()> + 'static>(
+        test: impl FnOnce(Rc<Shard>) -> F + Send + 'static,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        run(move || async move {
+            let shard = Shard::open(cfg(&d)).await.unwrap();
+            glommio::spawn_local(shard.writer()).detach();
+            test(shard).await;
+        });
+    }
+
     async fn values(shard: &Shard, key: QueueKey, from: i64) -> Vec<String> {
         let mut out = Vec::new();
         let mut offset = from;

@@ -1119,11 +1119,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_segment_goes_only_when_every_queue_with_data_in_it_allows() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().to_path_buf();
-        run(move || async move {
-            let shard = Shard::open(cfg(&d)).await.unwrap();
-            glommio::spawn_local(shard.writer()).detach();
+        with_shard(|shard| async move {
             const OTHER: QueueKey = QueueKey {
                 topic_id: 2,
                 queue: 0,
